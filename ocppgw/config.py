@@ -1,0 +1,877 @@
+"""
+ocppgw's configuration: one INI file read into typed, validated, frozen settings.
+
+Everything about an option lives in one row of :data:`SECTIONS`: its key, how
+its value is read and checked (its *kind*), its default and a one-line
+description.  That table drives parsing, the defaults, the error messages,
+the shipped ``etc/ocppgw.ini`` (``python -m ocppgw.config --ini``) and the
+README's reference table (``--markdown``), so the documentation cannot drift
+from the code.  Adding a key is one :class:`Option` row plus one field on its
+section's dataclass; adding a section is one dataclass, one :class:`Section`
+row and one field on :class:`Settings`.
+
+Why so strict: the gateway is started by operators who may have a typo in a
+key or a value.  A typo that silently falls back to a default (a charger
+queue TTL, an exchange name) is far worse than a refusal at start, so every
+problem is reported as ``section.key: reason`` and unknown sections and keys
+are errors.  All problems are reported at once, so an operator fixes the file
+in one go.
+
+Two more rules: the AMQP URL's password never appears in an error, and this
+module imports nothing from ``twisted.internet``, autobahn or pika, so that
+tools and tests can read a configuration without starting anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+import string
+import sys
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+__all__ = [
+    "AmqpSettings",
+    "ConfigError",
+    "ListenerSettings",
+    "OcppSettings",
+    "Option",
+    "QueueSettings",
+    "SECTIONS",
+    "Section",
+    "Settings",
+    "WebSocketSettings",
+    "defaults",
+    "load",
+    "main",
+    "mask_url",
+    "parse",
+    "render_ini",
+    "render_markdown",
+    "settings_from_dict",
+]
+
+
+class ConfigError(ValueError):
+    """
+    The configuration cannot be used.
+
+    Each problem is one line starting with ``section.key: `` (or
+    ``section: `` for a whole section, or ``<file>: `` when the file itself
+    is unreadable), so an operator can find it in the file.
+
+    :ivar problems: every problem found: unknown sections first, then
+        section by section in the order of :data:`SECTIONS`.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        self.problems: tuple[str, ...] = problems
+        super().__init__("\n".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# Settings: what the rest of ocppgw reads.  Field names are the keys with
+# "." and "-" turned into "_" (Option.field).  Defaults and descriptions live
+# in SECTIONS below, not here, so that they exist exactly once.
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    """Where chargers connect, and what the opening handshake accepts."""
+
+    tcp_ip: str
+    tcp_port: int
+    ws_path: str
+    vhost: str
+    subprotocols: tuple[str, ...]
+    max_connections: int
+    max_identity_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    """Limits and keep-alive of each charger's WebSocket connection."""
+
+    ws_opts_max_frame_size: int
+    ws_opts_idle_timeout: float
+    ping_timeout: float
+    handshake_timeout: float
+    close_timeout: float
+    max_bad_frames: int
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpSettings:
+    """
+    The broker connection shared by all chargers.
+
+    ``url`` is left out of ``repr`` because it holds the broker password and
+    settings end up in logs; use :func:`mask_url` to show it.
+    """
+
+    url: str = field(repr=False)
+    exchange: str
+    prefetch_count: int
+    heartbeat: int
+    connect_timeout: float
+    confirm_window: int
+    publish_channels: int
+    consumer_channels: int
+    declare_channels: int
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """Arguments of the per-charger queues (see :meth:`Settings.queue_arguments`)."""
+
+    x_queue_type: str
+    x_message_ttl: int
+    x_expires: int
+    x_dead_letter_exchange: str
+
+
+@dataclass(frozen=True, slots=True)
+class OcppSettings:
+    """How the gateway behaves on the OCPP level."""
+
+    call_timeout: float
+    offline_status: bool
+    presence_events: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The whole configuration, one attribute per INI section."""
+
+    listener: ListenerSettings
+    websocket: WebSocketSettings
+    amqp: AmqpSettings
+    queue: QueueSettings
+    ocpp: OcppSettings
+
+    def queue_arguments(self) -> dict[str, str | int]:
+        """
+        The ``arguments`` table for declaring a charger queue.
+
+        Every ``[queue]`` key is named after the queue argument it sets, so a
+        new argument needs only a new row.  ``0`` and an empty value mean
+        "not set" and are left out, because RabbitMQ gives an absent argument
+        the meaning we document (no TTL, no expiry, no dead-lettering) while
+        ``x-expires = 0`` would be refused.
+        """
+        return {
+            option.key: value
+            for option in _section("queue").options
+            if (value := getattr(self.queue, option.field)) not in (0, "")
+        }
+
+
+# ---------------------------------------------------------------------------
+# Kinds: how one value is read and checked.  A kind takes the INI text, or an
+# already typed value (settings_from_dict), and returns the typed value or
+# raises _Invalid with the reason; the caller adds "section.key: ".
+
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class _Invalid(ValueError):
+    """A value a kind refuses; the message is the reason alone."""
+
+
+class Kind(Protocol[_T_co]):
+    """Reads and checks the value of one option."""
+
+    @property
+    def allowed(self) -> str:
+        """What the option accepts, as a noun phrase ("an integer >= 1")."""
+        ...
+
+    def __call__(self, value: object) -> _T_co:
+        """Return the typed value, or raise :class:`_Invalid` with the reason."""
+        ...
+
+
+def _show(value: object) -> str:
+    """
+    Show a refused value in an error: short, and visible even when empty
+    or full of control characters.
+    """
+    if value == "":
+        return "empty value"
+    text = value if isinstance(value, str) and value.isprintable() else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _refuse(value: object, kind: Kind[object]) -> _Invalid:
+    """The standard reason: ``<value> is not <what the kind allows>``."""
+    return _Invalid(f"{_show(value)} is not {kind.allowed}")
+
+
+def _text(value: object, kind: Kind[object]) -> str:
+    """The value as stripped text; typed callers must pass a ``str``."""
+    if not isinstance(value, str):
+        raise _refuse(value, kind)
+    return value.strip()
+
+
+_INTEGER = re.compile(r"[-+]?[0-9]+")
+# Plain decimals only: "1e3", "inf" and "nan" are not durations anyone means.
+_DECIMAL = re.compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Integer:
+    """A whole number in ``minimum..maximum`` (no upper bound when ``None``)."""
+
+    minimum: int
+    maximum: int | None = None
+    #: Replaces the generated description when the range needs explaining.
+    noun: str | None = None
+
+    @property
+    def allowed(self) -> str:
+        if self.noun is not None:
+            return self.noun
+        if self.maximum is None:
+            return f"an integer >= {self.minimum}"
+        return f"an integer from {self.minimum} to {self.maximum}"
+
+    def __call__(self, value: object) -> int:
+        if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+            number = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            raise _refuse(value, self)
+        if number < self.minimum or (self.maximum is not None and number > self.maximum):
+            raise _refuse(value, self)
+        return number
+
+
+@dataclass(frozen=True, slots=True)
+class Seconds:
+    """
+    A duration in seconds, fractions allowed.  Never negative; zero only
+    where it has a meaning (such as "no pings"), because a zero timeout
+    would fire before anything could happen.
+    """
+
+    zero_allowed: bool = False
+
+    @property
+    def allowed(self) -> str:
+        return f"a number of seconds {'>=' if self.zero_allowed else '>'} 0"
+
+    def __call__(self, value: object) -> float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            number = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            raise _refuse(value, self)
+        if not math.isfinite(number) or number < 0 or (number == 0 and not self.zero_allowed):
+            raise _refuse(value, self)
+        return number
+
+
+@dataclass(frozen=True, slots=True)
+class Boolean:
+    """A switch, spelled any way configparser understands."""
+
+    allowed: ClassVar[str] = "a boolean (true/false, yes/no, on/off, 1/0)"
+
+    def __call__(self, value: object) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            state = configparser.ConfigParser.BOOLEAN_STATES.get(value.strip().lower())
+            if state is not None:
+                return state
+        raise _refuse(value, self)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One word out of a fixed set (compared exactly: RabbitMQ does)."""
+
+    choices: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:
+        return "one of " + ", ".join(self.choices)
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if text not in self.choices:
+            raise _refuse(value, self)
+        return text
+
+
+# RFC 1123 host name label; the last label must not be all digits, so that a
+# mistyped address ("10.0.0.300") is not taken for a host name.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """An address to listen on: an IPv4/IPv6 literal (no brackets) or a host name."""
+
+    allowed: ClassVar[str] = "an IP address (IPv6 without brackets) or a host name"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            labels = text.split(".")
+            if (
+                len(text) > 253
+                or not all(_HOST_LABEL.fullmatch(label) for label in labels)
+                or labels[-1].isdigit()
+            ):
+                raise _refuse(value, self) from None
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class UrlPath:
+    """
+    The URL path chargers connect under (``/ocpp``).
+
+    It is matched against the raw request path before the identity, so it
+    must be spelled the one way a charger sends it: no trailing ``/``, no
+    empty segment, and no ``.`` (dot segments may be normalised by proxies),
+    ``#`` (fragment) or ``%`` (encoded characters have two spellings).
+    """
+
+    allowed: ClassVar[str] = "a URL path such as /ocpp"
+    characters: ClassVar[frozenset[str]] = frozenset(
+        string.ascii_letters + string.digits + "-_~!$&'()*+,;=:@"
+    )
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if not text.startswith("/"):
+            raise _Invalid(f"{_show(text)} does not start with '/'")
+        if text.endswith("/"):
+            raise _Invalid(f"{_show(text)} ends with '/'")
+        if "//" in text:
+            raise _Invalid(f"{_show(text)} has an empty segment ('//')")
+        for char in text:
+            if char != "/" and char not in self.characters:
+                raise _Invalid(
+                    f"{_show(text)} contains {char!r}; a path segment may hold "
+                    "letters, digits and - _ ~ ! $ & ' ( ) * + , ; = : @"
+                )
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class ShortText:
+    """
+    Free text that ends up in the AMQP protocol (a vhost name, a header
+    value): printable, and at most 255 characters, the limit of an AMQP
+    short string.  Empty is allowed; the option's description says what
+    it means.
+    """
+
+    allowed: ClassVar[str] = "printable text of at most 255 characters"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if len(text) > 255 or not text.isprintable():
+            raise _refuse(value, self)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class NodeName:
+    """The gateway's name in message headers; empty means this host's name."""
+
+    allowed: ClassVar[str] = ShortText.allowed
+
+    def __call__(self, value: object) -> str:
+        return ShortText()(value) or socket.gethostname()
+
+
+# The exchange name grammar of the AMQP 0-9-1 specification: RabbitMQ
+# accepts more, but these names are safe with every client library.
+_EXCHANGE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeName:
+    """
+    An exchange name.  ``declared`` exchanges are created by ocppgw, and
+    RabbitMQ refuses to declare names starting with ``amq.``; exchanges that
+    are only published to (dead-lettering) may be ``amq.*`` or empty (none).
+    """
+
+    declared: bool
+
+    @property
+    def allowed(self) -> str:
+        base = "an exchange name (letters, digits, - _ . :)"
+        return base if self.declared else f"empty or {base}"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if text == "" and not self.declared:
+            return text
+        if not _EXCHANGE_NAME.fullmatch(text):
+            raise _refuse(value, self)
+        if self.declared and text.startswith("amq."):
+            raise _Invalid(f"{text} is reserved by RabbitMQ (amq.*)")
+        return text
+
+
+def mask_url(url: str) -> str:
+    """
+    Return *url* with its password replaced by ``****``, for logs and errors.
+
+    The user information is taken to end at the *last* ``@``, so a password
+    containing an unencoded ``@`` or ``/`` is masked too, and when the URL
+    is too mangled to tell the user from the password both are masked: more
+    is hidden than needed rather than less.
+    """
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    scheme, separator, userinfo = head.partition("://")
+    if not separator:
+        return f"****@{host}"
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}://{user}:****@{host}" if colon else url
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpUrl:
+    """
+    A broker URL in pika's syntax.  Only its shape is checked here (pika
+    checks the query options when connecting); errors show it masked.
+    """
+
+    allowed: ClassVar[str] = "an amqp:// or amqps:// URL"
+
+    def __call__(self, value: object) -> str:
+        if not isinstance(value, str):
+            # Not shown at all: its repr could hold the password unmasked.
+            raise _Invalid(f"a {type(value).__name__} is not {self.allowed}")
+        text = value.strip()
+        shown = _show(mask_url(text))
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError:
+            raise _Invalid(f"{shown} is not a valid URL") from None
+        if parts.scheme not in ("amqp", "amqps"):
+            raise _Invalid(f"{shown} is not {self.allowed}")
+        if not parts.hostname:
+            raise _Invalid(f"{shown} names no host")
+        if port == 0:
+            raise _Invalid(f"{shown} has port 0")
+        return text
+
+
+#: Every OCPP-J version ocppgw speaks, as WebSocket subprotocol names.
+OCPP_J_SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1")
+#: Versions that exist only as OCPP-S (SOAP): named so the error can say so.
+SOAP_ONLY_SUBPROTOCOLS = ("ocpp1.2", "ocpp1.5")
+
+
+@dataclass(frozen=True, slots=True)
+class Subprotocols:
+    """
+    A non-empty list of OCPP-J subprotocols, separated by commas and/or
+    spaces.  The order does not matter: the charger's preference decides.
+    """
+
+    known: ClassVar[str] = ", ".join(OCPP_J_SUBPROTOCOLS)
+    allowed: ClassVar[str] = f"a list of {known}"
+
+    def __call__(self, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            names = value.replace(",", " ").split()
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            names = list(value)
+        else:
+            raise _refuse(value, self)
+        if not names:
+            raise _refuse(value, self)
+        for index, name in enumerate(names):
+            if name in SOAP_ONLY_SUBPROTOCOLS:
+                raise _Invalid(f"{name} is SOAP-only, not OCPP-J")
+            if name not in OCPP_J_SUBPROTOCOLS:
+                raise _Invalid(f"{_show(name)} is not an OCPP-J subprotocol ({self.known})")
+            if name in names[:index]:
+                raise _Invalid(f"{name} is listed twice")
+        return tuple(names)
+
+
+# ---------------------------------------------------------------------------
+# The table.
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """
+    One configuration key.
+
+    :ivar key: the INI key, spelled like rabbitmq_web_ocpp / Web MQTT where
+        the concept exists there.
+    :ivar kind: reads and checks the value.
+    :ivar default: the default *as INI text*, so that it is validated like
+        any value and printed exactly as an operator would write it.
+    :ivar doc: one line for the shipped INI file and the README.
+    """
+
+    key: str
+    kind: Kind[object]
+    default: str
+    doc: str
+
+    @property
+    def field(self) -> str:
+        """The attribute name on the section's settings dataclass."""
+        return self.key.replace(".", "_").replace("-", "_")
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """One INI section: its settings dataclass, what it is for, its keys."""
+
+    name: str
+    settings: type
+    doc: str
+    options: tuple[Option, ...]
+
+    def option(self, key: str) -> Option | None:
+        """The option named *key*, or ``None``."""
+        return next((option for option in self.options if option.key == key), None)
+
+
+#: Every section and key ocppgw reads, in the order they are documented.
+SECTIONS: tuple[Section, ...] = (
+    Section("listener", ListenerSettings,
+            "Where chargers connect: the plain ws:// listener and what its "
+            "opening handshake accepts.", (
+        Option("tcp.ip", Host(), "127.0.0.1",
+               "Address of the plain ws:// listener."),
+        Option("tcp.port", Integer(0, 65535, "a port (1-65535, or 0 for any free port)"), "19520",
+               "Port of the plain ws:// listener; 0 picks a free port (for tests)."),
+        Option("ws_path", UrlPath(), "/ocpp",
+               "URL path before the charger identity: chargers connect to <ws_path>/<identity>."),
+        Option("vhost", ShortText(), "",
+               "When set, <ws_path>/<vhost>/<identity> is accepted too (compatibility form); "
+               "the vhost as a name, not percent-encoded."),
+        Option("subprotocols", Subprotocols(), ", ".join(OCPP_J_SUBPROTOCOLS),
+               "OCPP versions offered, separated by commas or spaces; the charger's "
+               "preference decides among them."),
+        Option("max_connections", Integer(1), "100000",
+               "Open charger connections; more are refused with HTTP 503 before the upgrade."),
+        Option("max_identity_length", Integer(1, 255), "48",
+               "Longest charger identity accepted."),
+    )),
+    Section("websocket", WebSocketSettings,
+            "Limits and keep-alive of each charger's WebSocket connection.", (
+        Option("ws_opts.max_frame_size", Integer(1024), "1048576",
+               "Largest message in bytes; a larger one closes the connection with 1009."),
+        Option("ws_opts.idle_timeout", Seconds(zero_allowed=True), "60",
+               "Seconds between server pings to a charger (0 = no pings)."),
+        Option("ping_timeout", Seconds(), "30",
+               "Seconds to wait for the pong before the connection is dropped."),
+        Option("handshake_timeout", Seconds(), "30",
+               "Seconds a charger has to complete the opening handshake."),
+        Option("close_timeout", Seconds(), "5",
+               "Seconds to wait for the charger's close frame before dropping TCP."),
+        Option("max_bad_frames", Integer(1), "10",
+               "Malformed frames tolerated per connection before closing it with 1002."),
+    )),
+    Section("amqp", AmqpSettings,
+            "The RabbitMQ connection shared by all chargers.", (
+        Option("url", AmqpUrl(), "amqp://guest:guest@127.0.0.1:5672/%2F",
+               "Broker URL (pika URL syntax; %2F is the default vhost /)."),
+        Option("exchange", ExchangeName(declared=True), "ocpp",
+               "Durable topic exchange that carries all OCPP traffic; declared at start."),
+        Option("prefetch_count", Integer(1, 65535), "10",
+               "Unacknowledged commands per charger (bounds the CSMS CALLs held for it)."),
+        # pika wants whole seconds here.
+        Option("heartbeat", Integer(0, 65535), "60",
+               "AMQP heartbeat in seconds (0 = off)."),
+        Option("connect_timeout", Seconds(), "10",
+               "Seconds to connect to the broker and open the AMQP connection."),
+        Option("confirm_window", Integer(1), "1000",
+               "Publishes awaiting broker confirmation per channel before later ones wait."),
+        Option("publish_channels", Integer(1, 64), "1",
+               "Channels that carry charger frames, with publisher confirms."),
+        Option("consumer_channels", Integer(1, 256), "4",
+               "Channels the per-charger consumers are spread over."),
+        Option("declare_channels", Integer(1, 64), "4",
+               "Channels for declaring and binding charger queues, kept apart so that a "
+               "failing declare closes no one else's channel."),
+        Option("node", NodeName(), "",
+               "Name of this gateway in message headers (empty = the host name)."),
+    )),
+    Section("queue", QueueSettings,
+            "Arguments of the per-charger queues ocpp.<identity>, passed to queue.declare "
+            "under the key's name; 0 or empty leaves the argument out. RabbitMQ refuses "
+            "to redeclare an existing queue with other arguments: change them for "
+            "existing queues with a policy.", (
+        Option("x-queue-type", Choice(("classic", "quorum")), "classic",
+               "Type of the charger queues."),
+        # RabbitMQ refuses timer values above 2^32-1 ms (MAX_EXPIRY_TIMER).
+        Option("x-message-ttl", Integer(0, 2**32 - 1), "300000",
+               "Milliseconds a command waits in a charger's queue (0 = no TTL)."),
+        Option("x-expires", Integer(0, 2**32 - 1), "604800000",
+               "Milliseconds an unused charger queue is kept (0 = forever)."),
+        Option("x-dead-letter-exchange", ExchangeName(declared=False), "",
+               "Exchange for expired or rejected commands (empty = none)."),
+    )),
+    Section("ocpp", OcppSettings,
+            "What the gateway does on the OCPP level.", (
+        Option("call_timeout", Seconds(), "30",
+               "Seconds a charger has to answer a CSMS CALL before a timeout CALLERROR "
+               "is published."),
+        Option("offline_status", Boolean(), "true",
+               "Publish the offline StatusNotification when a charger goes away."),
+        Option("presence_events", Boolean(), "true",
+               "Publish connected/disconnected events."),
+    )),
+)
+
+
+def _section(name: str) -> Section:
+    """The section called *name* (which must exist)."""
+    return next(section for section in SECTIONS if section.name == name)
+
+
+# ---------------------------------------------------------------------------
+# Building settings.
+
+
+def _unknown(name: str, known: Sequence[str]) -> str:
+    """A "did you mean" hint for a misspelt section or key, or nothing."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _build_section(
+    section: Section, given: Mapping[str, object]
+) -> tuple[object | None, list[str]]:
+    """
+    Read one section from *given* (missing keys take their default).
+
+    :return: the section's settings, or ``None`` when there are problems,
+        and the problems.
+    """
+    keys = [option.key for option in section.options]
+    problems = [
+        f"{section.name}.{key}: unknown key{_unknown(key, keys)}"
+        for key in given
+        if section.option(key) is None
+    ]
+    values = {}
+    for option in section.options:
+        try:
+            values[option.field] = option.kind(given.get(option.key, option.default))
+        except _Invalid as reason:
+            problems.append(f"{section.name}.{option.key}: {reason}")
+    return (None if problems else section.settings(**values)), problems
+
+
+def settings_from_dict(values: Mapping[str, Mapping[str, object]]) -> Settings:
+    """
+    Build settings from ``{section: {key: value}}``, every key optional.
+
+    Values may be INI text (``"19520"``) or already typed (``19520``,
+    ``("ocpp1.6",)``), so tests and embedding code can write
+    ``settings_from_dict({"listener": {"tcp.port": 0}})``.
+
+    :raises ConfigError: listing every problem.
+    """
+    names = [section.name for section in SECTIONS]
+    problems = [
+        f"{name}: unknown section{_unknown(name, names)}" for name in values if name not in names
+    ]
+    built = {}
+    for section in SECTIONS:
+        built[section.name], found = _build_section(section, values.get(section.name, {}))
+        problems += found
+    if problems:
+        raise ConfigError(*problems)
+    return Settings(**built)
+
+
+def defaults() -> Settings:
+    """The settings of an empty configuration file."""
+    return settings_from_dict({})
+
+
+def _ini_parser() -> configparser.ConfigParser:
+    """
+    A parser for ``key = value`` lines, exactly as written.
+
+    No interpolation (``%2F`` in URLs is literal), case-sensitive keys,
+    ``=`` as the only delimiter (``:`` appears in URLs and IPv6 addresses),
+    ``#``/``;`` comments also after a value when preceded by whitespace, and
+    no DEFAULT section: its keys would silently apply to every section,
+    so ``[DEFAULT]`` is reported as an unknown section instead.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        delimiters=("=",),
+        inline_comment_prefixes=("#", ";"),
+        empty_lines_in_values=False,
+        # "[]" cannot be written, so no section is ever the DEFAULT one.
+        default_section="",
+    )
+    parser.optionxform = str  # type: ignore[assignment, method-assign]
+    return parser
+
+
+def _syntax_problems(error: configparser.Error, source: str) -> list[str]:
+    """
+    Turn a configparser error into problems.  The offending line is never
+    quoted: it may hold the broker password.
+    """
+    if isinstance(error, configparser.DuplicateOptionError):
+        return [f"{error.section}.{error.option}: duplicate key (line {error.lineno})"]
+    if isinstance(error, configparser.DuplicateSectionError):
+        return [f"{error.section}: duplicate section (line {error.lineno})"]
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return [f"{source}:{error.lineno}: a key before the first [section]"]
+    if isinstance(error, configparser.ParsingError):
+        return [f"{source}:{lineno}: not a 'key = value' line" for lineno, _line in error.errors]
+    return [f"{source}: {error.message}"]
+
+
+def parse(text: str, source: str = "<string>") -> Settings:
+    """
+    Read settings from INI *text*.
+
+    :param source: where the text comes from, used in syntax errors.
+    :raises ConfigError: listing every problem.
+    """
+    parser = _ini_parser()
+    try:
+        parser.read_string(text, source)
+    except configparser.Error as error:
+        raise ConfigError(*_syntax_problems(error, source)) from None
+    return settings_from_dict({name: dict(parser.items(name)) for name in parser.sections()})
+
+
+def load(path: str | os.PathLike[str]) -> Settings:
+    """
+    Read settings from the INI file at *path* (UTF-8, a BOM is allowed).
+
+    :raises ConfigError: when the file cannot be read (``<path>: cannot
+        read: <reason>``) or lists problems.
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8-sig") as file:
+            text = file.read()
+    except OSError as error:
+        raise ConfigError(f"{name}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{name}: cannot read: not UTF-8 (byte {error.start})") from None
+    return parse(text, source=name)
+
+
+# ---------------------------------------------------------------------------
+# Documentation generated from the table.
+
+_INI_HEADER = """\
+# ocppgw configuration.
+#
+# Every key is listed with its default, commented out: uncomment a line to
+# change it. Unknown sections and keys are errors, so that a typo cannot
+# silently fall back to a default. Check a file with
+#   python -m ocppgw.config --check <file>
+#
+# This file is generated by `python -m ocppgw.config --ini` from the option
+# table in ocppgw/config.py; a test keeps the two equal.
+"""
+
+
+def _comment(text: str) -> str:
+    """*text* as wrapped ``#`` comment lines."""
+    return textwrap.fill(text, width=78, initial_indent="# ", subsequent_indent="# ") + "\n"
+
+
+def render_ini() -> str:
+    """The fully commented INI file with every default (``etc/ocppgw.ini``)."""
+    parts = [_INI_HEADER]
+    for section in SECTIONS:
+        parts.append(f"\n[{section.name}]\n" + _comment(section.doc))
+        for option in section.options:
+            parts.append("\n" + _comment(f"{option.doc} Allowed: {option.kind.allowed}."))
+            parts.append(f"#{option.key} = {option.default}".rstrip() + "\n")
+    return "".join(parts)
+
+
+def _markdown(text: str) -> str:
+    """
+    *text* made safe for Markdown: ``|`` would end a table cell and
+    ``<identity>`` would be swallowed as an HTML tag.
+    """
+    return text.replace("|", "\\|").replace("<", "\\<")
+
+
+def render_markdown() -> str:
+    """The README's reference table, one table per section."""
+    parts = []
+    for section in SECTIONS:
+        parts.append(f"### `[{section.name}]`\n\n{_markdown(section.doc)}\n\n")
+        parts.append("| key | default | allowed | description |\n|---|---|---|---|\n")
+        for option in section.options:
+            default = f"`{option.default}`" if option.default else "(empty)"
+            parts.append(
+                f"| `{option.key}` | {default} | {_markdown(option.kind.allowed)} "
+                f"| {_markdown(option.doc)} |\n"
+            )
+        parts.append("\n")
+    return "".join(parts).rstrip("\n") + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    ``python -m ocppgw.config`` (installed as ``ocppgw-config``): print the
+    INI file or the README table, or check a configuration file before a
+    restart.
+
+    :return: the exit status: 1 when the checked file has problems.
+    """
+    arguments = argparse.ArgumentParser(description="ocppgw configuration reference and check.")
+    action = arguments.add_mutually_exclusive_group(required=True)
+    action.add_argument("--ini", action="store_true", help="print an INI file with every default")
+    action.add_argument("--markdown", action="store_true", help="print the reference table")
+    action.add_argument("--check", metavar="FILE", help="check FILE and report every problem")
+    options = arguments.parse_args(argv)
+    if options.ini:
+        sys.stdout.write(render_ini())
+    elif options.markdown:
+        sys.stdout.write(render_markdown())
+    else:
+        try:
+            load(options.check)
+        except ConfigError as error:
+            print(error, file=sys.stderr)
+            return 1
+        print(f"{options.check}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
