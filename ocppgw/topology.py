@@ -1,0 +1,74 @@
+"""
+The names ocppgw uses in RabbitMQ: the one place that spells them.
+
+Back-end workers in any language depend on these strings (see the README's
+"AMQP contract"), so they are defined once here and nowhere else:
+
+- every charger frame goes to the OCPP exchange with routing key
+  ``<version>.<Action>.<kind>`` (``ocpp16.BootNotification.req``);
+- an answer from the charger whose CALL is unknown (timed out, or sent by
+  another gateway process) is routed with the action ``response``;
+- each charger has a durable queue ``ocpp.<identity>`` bound with the
+  binding key ``<identity>``, which is how the back end addresses it;
+- presence events use ``ocppgw.connected`` and ``ocppgw.disconnected``;
+  they cannot collide with a charger's binding key because an identity never
+  contains a ``.``.
+"""
+
+from __future__ import annotations
+
+#: Kind word of a charger's CALL and SEND.
+KIND_REQUEST = "req"
+#: Kind word of a charger's CALLRESULT.
+KIND_CONFIRMATION = "conf"
+#: Kind word of a charger's CALLERROR and CALLRESULTERROR.
+KIND_ERROR = "error"
+
+#: Action word used when the CALL an answer belongs to is not known.
+UNKNOWN_ACTION = "response"
+
+QUEUE_PREFIX = "ocpp."
+
+ROUTING_KEY_CONNECTED = "ocppgw.connected"
+ROUTING_KEY_DISCONNECTED = "ocppgw.disconnected"
+
+#: Header names set on every message ocppgw publishes for a charger.
+HEADER_IDENTITY = "x-ocpp-identity"
+HEADER_VERSION = "x-ocpp-version"
+HEADER_NODE = "x-ocppgw-node"
+#: Set (to ``true``) on the CALLERROR ocppgw publishes when a charger did
+#: not answer a CSMS CALL in time, so workers can tell it from a real one.
+HEADER_TIMEOUT = "x-ocppgw-timeout"
+#: Set on the offline StatusNotification, which the gateway makes up.
+HEADER_SYNTHETIC = "x-ocppgw-synthetic"
+
+#: ``app_id`` property of everything ocppgw publishes.
+APP_ID = "ocppgw"
+
+
+def charger_queue(identity: str) -> str:
+    """
+    The name of the durable queue that holds commands for C{identity}.
+    """
+    return QUEUE_PREFIX + identity
+
+
+def charger_binding_key(identity: str) -> str:
+    """
+    The binding key (and the routing key the back end uses) of a charger.
+
+    The identity is validated to contain no ``.``, so this is one word and,
+    because ``*`` and ``#`` alone are refused, never a wildcard.
+    """
+    return identity
+
+
+def routing_key(routing_prefix: str, action: str, kind: str) -> str:
+    """
+    Routing key of a charger frame: ``<version>.<Action>.<kind>``.
+
+    The framing admits only letters and digits in an action, so the
+    charger-chosen part is one topic word: it cannot add words that would
+    impersonate another version or kind.
+    """
+    return f"{routing_prefix}.{action}.{kind}"

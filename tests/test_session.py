@@ -1,0 +1,314 @@
+"""
+The per-charger state machine, driven by events with a fake clock.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from ocppgw.framing import OCPP16, OCPP21, OCPP201
+from ocppgw.session import ChargerSession, Delivery, PublishOutcome
+
+
+class RecordingEffects:
+    """
+    A L{SessionEffects} that records what the session asks for.
+    """
+
+    def __init__(self):
+        self.sent = []
+        self.published = []
+        self.replies = []
+        self.acked = []
+        self.rejected = []
+        self.requeued = []
+        self.closed = []
+
+    def send_to_charger(self, frame):
+        self.sent.append(json.loads(frame))
+
+    def publish(
+        self,
+        routing_key,
+        body,
+        correlation_id,
+        action,
+        mandatory,
+        on_outcome,
+        extra_headers=None,
+    ):
+        self.published.append(
+            dict(
+                routing_key=routing_key,
+                body=body,
+                correlation_id=correlation_id,
+                action=action,
+                mandatory=mandatory,
+                on_outcome=on_outcome,
+                extra_headers=extra_headers,
+            )
+        )
+
+    def publish_reply(
+        self, reply_to, correlation_id, body, on_outcome, extra_headers=None
+    ):
+        self.replies.append(
+            dict(
+                reply_to=reply_to,
+                correlation_id=correlation_id,
+                body=body,
+                on_outcome=on_outcome,
+            )
+        )
+
+    def ack(self, delivery):
+        self.acked.append(delivery.tag)
+
+    def reject(self, delivery, reason):
+        self.rejected.append((delivery.tag, reason))
+
+    def requeue(self, delivery):
+        self.requeued.append(delivery.tag)
+
+    def close(self, code, reason):
+        self.closed.append(code)
+
+
+def frame(*elements) -> bytes:
+    return json.dumps(list(elements)).encode()
+
+
+class SessionTestsMixin:
+    version = OCPP16
+
+    def setUp(self):
+        self.clock = Clock()
+        self.effects = RecordingEffects()
+        self.session = ChargerSession(
+            "CP 1",
+            self.version,
+            self.effects,
+            self.clock,
+            call_timeout=30,
+            max_bad_frames=3,
+        )
+
+
+class ChargerToBackEndTests(SessionTestsMixin, SynchronousTestCase):
+    def test_call_published_raw_with_routing_key(self):
+        """
+        A CALL is published byte for byte, mandatory, on
+        C{<version>.<Action>.req}, with its id as correlation id.
+        """
+        data = b'[2, "m1", "BootNotification", {"chargePointVendor": "V", "chargePointModel": "M"}]'
+        self.session.charger_frame(data)
+        [p] = self.effects.published
+        self.assertEqual(p["routing_key"], "ocpp16.BootNotification.req")
+        self.assertIs(p["body"], data)
+        self.assertEqual(p["correlation_id"], "m1")
+        self.assertEqual(p["action"], "BootNotification")
+        self.assertTrue(p["mandatory"])
+        self.assertEqual(self.effects.sent, [])
+
+    def test_unroutable_call_answered_not_implemented(self):
+        self.session.charger_frame(frame(2, "m1", "FancyAction", {}))
+        self.effects.published[0]["on_outcome"](PublishOutcome.UNROUTABLE)
+        [answer] = self.effects.sent
+        self.assertEqual(answer[:3], [4, "m1", "NotImplemented"])
+
+    def test_unconfirmed_call_answered_internal_error(self):
+        self.session.charger_frame(frame(2, "m1", "Heartbeat", {}))
+        self.effects.published[0]["on_outcome"](PublishOutcome.FAILED)
+        [answer] = self.effects.sent
+        self.assertEqual(answer[:3], [4, "m1", "InternalError"])
+
+    def test_confirmed_call_not_answered_by_gateway(self):
+        self.session.charger_frame(frame(2, "m1", "Heartbeat", {}))
+        self.effects.published[0]["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(self.effects.sent, [])
+
+    def test_bad_frame_answered_and_not_published(self):
+        self.session.charger_frame(b"not json")
+        self.assertEqual(self.effects.published, [])
+        [answer] = self.effects.sent
+        self.assertEqual(answer[0], 4)
+        self.assertEqual(answer[1], "-1")
+
+    def test_too_many_bad_frames_close_1002(self):
+        for _ in range(3):
+            self.session.charger_frame(b"[")
+        self.assertEqual(self.effects.closed, [1002])
+        # nothing more is processed after the close
+        self.session.charger_frame(frame(2, "m1", "Heartbeat", {}))
+        self.assertEqual(self.effects.published, [])
+
+    def test_unknown_answer_routed_as_response(self):
+        self.session.charger_frame(frame(3, "nobody-asked", {}))
+        [p] = self.effects.published
+        self.assertEqual(p["routing_key"], "ocpp16.response.conf")
+        self.assertFalse(p["mandatory"])
+
+    def test_action_with_dots_refused(self):
+        """
+        An action that would add words to the routing key is not published.
+        """
+        self.session.charger_frame(frame(2, "m1", "a.b.c", {}))
+        self.assertEqual(self.effects.published, [])
+        self.assertEqual(self.effects.sent[0][:3], [4, "m1", "NotImplemented"])
+
+
+class BackEndToChargerTests(SessionTestsMixin, SynchronousTestCase):
+    def deliver(self, tag, *elements, reply_to=None, correlation_id=None):
+        delivery = Delivery(tag, frame(*elements), reply_to, correlation_id)
+        self.session.delivery(delivery)
+        return delivery
+
+    def test_answer_to_open_call_sent_at_once(self):
+        """
+        A CALLRESULT for the charger's own CALL is sent and acked at once,
+        even while a CSMS CALL is outstanding.
+        """
+        self.deliver(1, 2, "c1", "Reset", {"type": "Soft"})
+        self.session.charger_frame(frame(2, "m1", "Heartbeat", {}))
+        self.deliver(2, 3, "m1", {"currentTime": "2026-01-01T00:00:00Z"})
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1", "m1"])
+        self.assertEqual(self.effects.acked, [2])
+
+    def test_answer_nobody_asked_for_is_rejected(self):
+        self.deliver(1, 3, "never-sent", {})
+        self.assertEqual(self.effects.sent, [])
+        self.assertEqual(self.effects.rejected[0][0], 1)
+
+    def test_malformed_command_rejected_not_sent(self):
+        self.session.delivery(Delivery(7, b'{"not": "a frame"}'))
+        self.assertEqual(self.effects.sent, [])
+        self.assertEqual([tag for tag, _ in self.effects.rejected], [7])
+
+    def test_one_call_at_a_time(self):
+        """
+        A second CSMS CALL waits until the first is answered; the first is
+        acked only when the answer's publish is confirmed.
+        """
+        self.deliver(1, 2, "c1", "Reset", {"type": "Soft"})
+        self.deliver(2, 2, "c2", "Reset", {"type": "Hard"})
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
+        self.assertEqual(self.session.held_calls, 1)
+
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        [p] = self.effects.published
+        self.assertEqual(p["routing_key"], "ocpp16.Reset.conf")
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1", "c2"])
+        self.assertEqual(self.effects.acked, [])
+        p["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(self.effects.acked, [1])
+
+    def test_call_error_answer_routed_as_error(self):
+        self.deliver(1, 2, "c1", "Reset", {"type": "Soft"})
+        self.session.charger_frame(frame(4, "c1", "NotSupported", "", {}))
+        self.assertEqual(self.effects.published[0]["routing_key"], "ocpp16.Reset.error")
+
+    def test_unconfirmed_answer_requeues_command(self):
+        self.deliver(1, 2, "c1", "Reset", {"type": "Soft"})
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.effects.published[0]["on_outcome"](PublishOutcome.FAILED)
+        self.assertEqual(self.effects.requeued, [1])
+        self.assertEqual(self.effects.acked, [])
+
+    def test_answer_sent_to_reply_to(self):
+        self.deliver(
+            1,
+            2,
+            "c1",
+            "Reset",
+            {"type": "Soft"},
+            reply_to="amq.rabbitmq.reply-to.abc",
+            correlation_id="corr-9",
+        )
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        [reply] = self.effects.replies
+        self.assertEqual(reply["reply_to"], "amq.rabbitmq.reply-to.abc")
+        self.assertEqual(reply["correlation_id"], "corr-9")
+        self.assertEqual(json.loads(reply["body"]), [3, "c1", {"status": "Accepted"}])
+        # acked once both publishes are settled
+        self.effects.published[0]["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(self.effects.acked, [])
+        reply["on_outcome"](PublishOutcome.FAILED)
+        self.assertEqual(self.effects.acked, [1])
+
+    def test_call_timeout_published_and_next_sent(self):
+        self.deliver(1, 2, "c1", "Reset", {"type": "Soft"}, reply_to="r")
+        self.deliver(2, 2, "c2", "Reset", {"type": "Hard"})
+        self.clock.advance(29.9)
+        self.assertEqual(self.effects.published, [])
+        self.clock.advance(0.2)
+        [p] = self.effects.published
+        self.assertEqual(p["routing_key"], "ocpp16.Reset.error")
+        body = json.loads(p["body"])
+        self.assertEqual(body[:3], [4, "c1", "GenericError"])
+        self.assertEqual(p["extra_headers"], {"x-ocppgw-timeout": True})
+        self.assertEqual(len(self.effects.replies), 1)
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1", "c2"])
+        # a late answer is no longer matched
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.assertEqual(
+            self.effects.published[-1]["routing_key"], "ocpp16.response.conf"
+        )
+
+    def test_end_returns_unanswered_commands(self):
+        self.deliver(1, 2, "c1", "Reset", {"type": "Soft"})
+        self.deliver(2, 2, "c2", "Reset", {"type": "Hard"})
+        unanswered = self.session.end()
+        self.assertEqual([d.tag for d in unanswered], [1, 2])
+        # the timer is cancelled: nothing is published later
+        self.clock.advance(60)
+        self.assertEqual(self.effects.published, [])
+        # a delivery arriving after the end is handed back
+        self.deliver(3, 2, "c3", "Reset", {"type": "Soft"})
+        self.assertEqual(self.effects.requeued, [3])
+
+    def test_answered_but_unconfirmed_is_not_requeued_at_end(self):
+        self.deliver(1, 2, "c1", "Reset", {"type": "Soft"})
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.assertEqual(self.session.end(), [])
+        self.effects.published[0]["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(self.effects.acked, [1])
+
+    def test_open_calls_handed_over(self):
+        self.session.charger_frame(frame(2, "m1", "Heartbeat", {}))
+        successor = ChargerSession("CP 1", self.version, self.effects, self.clock)
+        successor.adopt_open_calls(self.session.handover())
+        successor.delivery(Delivery(5, frame(3, "m1", {"currentTime": "x"})))
+        self.assertEqual(self.effects.acked, [5])
+
+
+class Ocpp201Tests(SessionTestsMixin, SynchronousTestCase):
+    version = OCPP201
+
+    def test_routing_prefix(self):
+        self.session.charger_frame(frame(2, "m1", "Heartbeat", {}))
+        self.assertEqual(
+            self.effects.published[0]["routing_key"], "ocpp201.Heartbeat.req"
+        )
+
+    def test_send_frame_is_not_ocpp201(self):
+        self.session.charger_frame(frame(6, "m1", "NotifyPeriodicEventStream", {}))
+        self.assertEqual(self.effects.published, [])
+        self.assertEqual(self.effects.sent[0][2], "MessageTypeNotSupported")
+
+
+class Ocpp21Tests(SessionTestsMixin, SynchronousTestCase):
+    version = OCPP21
+
+    def test_send_published_not_mandatory(self):
+        self.session.charger_frame(frame(6, "m1", "NotifyPeriodicEventStream", {}))
+        [p] = self.effects.published
+        self.assertEqual(p["routing_key"], "ocpp21.NotifyPeriodicEventStream.req")
+        self.assertFalse(p["mandatory"])
+
+    def test_send_from_back_end_goes_through(self):
+        self.session.delivery(Delivery(1, frame(6, "s1", "Foo", {})))
+        self.assertEqual(self.effects.sent, [[6, "s1", "Foo", {}]])
+        self.assertEqual(self.effects.acked, [1])
