@@ -1,0 +1,980 @@
+"""
+The AMQP bridge: ocppgw's only module that speaks to pika.
+
+pika's Twisted adapter is deprecated upstream, so everything pika-specific
+lives behind the small surface of L{AmqpBridge}: C{publish}, C{declare}
+helpers, C{consume} and the connection lifecycle. The rest of ocppgw knows
+publishes, outcomes and deliveries, not frames and channels.
+
+How the broker is used, and why:
+
+- One AMQP connection carries every charger (a charger is not an AMQP
+  connection). Its socket has Nagle off: small AMQP writes otherwise wait
+  for the broker's delayed ACK (~40 ms a round trip).
+- Charger frames go out on a few I{publish channels} in confirm mode.
+  pika's Twisted channel keeps only the last C{basic.return} and credits it
+  to the lowest tag of a multiple ack, so we use the plain pika channel and
+  track delivery tags ourselves: every publish carries a C{message_id} made
+  of a per-channel prefix and its sequence number, a return marks that
+  sequence number, and the ack that follows settles it. Pending publishes
+  sit in an insertion-ordered map so a multiple ack pops from the front
+  instead of scanning them all, and the number in flight is bounded.
+- Charger queues are declared on separate I{declare channels}: a failing
+  declare (a queue that exists with other arguments) closes its channel,
+  and that must not take consumers or publishes with it. The declare is
+  sent C{nowait} and followed by a confirmed bind: bind-ok proves both.
+- Consumers are spread over a few I{consumer channels} with a per-consumer
+  prefetch, using pika's callback consumer (the Twisted wrapper's
+  per-consumer DeferredQueue costs more for thousands of chargers).
+  A command is requeued only after its consumer's cancel-ok: a nack goes
+  out at once but a cancel waits its turn, so an earlier requeue could come
+  straight back to the consumer being cancelled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+from collections import OrderedDict, deque
+from typing import Callable, Optional
+from urllib.parse import urlsplit
+
+import pika
+import pika.exceptions
+from pika.adapters.twisted_connection import TwistedProtocolConnection
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+
+from ocppgw.session import Delivery, PublishOutcome
+
+_log = Logger()
+
+_CONFIRMED = PublishOutcome.CONFIRMED
+_UNROUTABLE = PublishOutcome.UNROUTABLE
+_FAILED = PublishOutcome.FAILED
+
+#: Persistent delivery mode: charger frames survive a broker restart.
+_PERSISTENT = 2
+
+
+class BrokerUnavailable(Exception):
+    """
+    The broker connection is not up, so the request cannot be served.
+    """
+
+
+class DeclareFailed(Exception):
+    """
+    The broker refused to declare or bind a charger queue.
+    """
+
+
+class ChannelGone(Exception):
+    """
+    The channel carrying an operation closed before it completed.
+    """
+
+
+def _endpoint(reactor, url: str, timeout: float):
+    """
+    The client endpoint for an AMQP URL.
+
+    pika's Twisted connection ignores host and port in its parameters
+    (Twisted makes the connection), so they are read from the URL here.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    if parts.scheme == "amqps":
+        endpoint = HostnameEndpoint(reactor, host, parts.port or 5671, timeout=timeout)
+        return wrapClientTLS(optionsForClientTLS(host), endpoint)
+    return HostnameEndpoint(reactor, host, parts.port or 5672, timeout=timeout)
+
+
+def _channel(connection: TwistedProtocolConnection) -> defer.Deferred:
+    """
+    Open a plain pika channel (not the Twisted wrapper, see module doc).
+    """
+    d: defer.Deferred = defer.Deferred()
+    connection._impl.channel(on_open_callback=d.callback)
+    return d
+
+
+class _Channel:
+    """
+    Base of our channel roles: a pika channel and whether it is usable.
+    """
+
+    channel = None
+
+    @property
+    def open(self) -> bool:
+        # pika refuses methods on a closing channel, not only a closed one
+        return self.channel.is_open
+
+
+class _ConfirmChannel(_Channel):
+    """
+    A publish channel in confirm mode that tracks its own delivery tags.
+    """
+
+    def __init__(self, channel, window: int, on_closed: Callable[["_ConfirmChannel"], None]):
+        self.channel = channel
+        self._window = window
+        self._seq = 0
+        # seq -> [on_outcome, returned]
+        self._pending: OrderedDict[int, list] = OrderedDict()
+        self._backlog: deque = deque()
+        self._prefix = f"{channel.channel_number}.{os.urandom(4).hex()}."
+        self._prefix_len = len(self._prefix)
+        self._on_closed = on_closed
+        self._drained: list[defer.Deferred] = []
+        channel.add_on_return_callback(self._on_return)
+        channel.add_on_close_callback(self._closed)
+
+    def start(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.channel.confirm_delivery(
+            ack_nack_callback=self._on_confirm, callback=lambda _frame: d.callback(self)
+        )
+        return d
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending) + len(self._backlog)
+
+    def publish(self, exchange, routing_key, body, properties, mandatory, on_outcome):
+        if len(self._pending) >= self._window:
+            self._backlog.append(
+                (exchange, routing_key, body, properties, mandatory, on_outcome)
+            )
+            return
+        self._send(exchange, routing_key, body, properties, mandatory, on_outcome)
+
+    def _send(self, exchange, routing_key, body, properties, mandatory, on_outcome):
+        self._seq += 1
+        seq = self._seq
+        properties.message_id = self._prefix + str(seq)
+        self._pending[seq] = [on_outcome, False]
+        self.channel.basic_publish(exchange, routing_key, body, properties, mandatory)
+
+    def _on_return(self, _channel, _method, properties, _body) -> None:
+        # RabbitMQ sends basic.return before the ack of the same publish.
+        message_id = properties.message_id or ""
+        if not message_id.startswith(self._prefix):
+            return
+        try:
+            seq = int(message_id[self._prefix_len:])
+        except ValueError:
+            return
+        entry = self._pending.get(seq)
+        if entry is not None:
+            entry[1] = True
+
+    def _on_confirm(self, frame) -> None:
+        method = frame.method
+        nacked = isinstance(method, pika.spec.Basic.Nack)
+        tag = method.delivery_tag
+        pending = self._pending
+        if method.multiple:
+            while pending:
+                seq = next(iter(pending))
+                if seq > tag:
+                    break
+                self._settle(pending.popitem(last=False)[1], nacked)
+        else:
+            entry = pending.pop(tag, None)
+            if entry is not None:
+                self._settle(entry, nacked)
+        backlog = self._backlog
+        while backlog and len(pending) < self._window:
+            self._send(*backlog.popleft())
+        if not pending and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    @staticmethod
+    def _settle(entry: list, nacked: bool) -> None:
+        on_outcome = entry[0]
+        if on_outcome is None:
+            return
+        if nacked:
+            on_outcome(_FAILED)
+        elif entry[1]:
+            on_outcome(_UNROUTABLE)
+        else:
+            on_outcome(_CONFIRMED)
+
+    def drained(self) -> defer.Deferred:
+        """
+        Fires when every publish so far is settled.
+        """
+        if not self._pending and not self._backlog:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._drained.append(d)
+        return d
+
+    def _closed(self, _channel, reason) -> None:
+        entries = list(self._pending.values())
+        entries.extend([item[5], False] for item in self._backlog)
+        self._pending.clear()
+        self._backlog.clear()
+        for entry in entries:
+            if entry[0] is not None:
+                entry[0](_FAILED)
+        waiting, self._drained = self._drained, []
+        for d in waiting:
+            d.callback(None)
+        self._on_closed(self, reason)
+
+
+class _DeclareChannel(_Channel):
+    """
+    A channel that only declares and binds charger queues.
+    """
+
+    def __init__(self, channel, on_closed: Callable[["_DeclareChannel", object], None]):
+        self.channel = channel
+        # operations sent on this channel and not yet answered
+        self.in_flight: list[tuple[str, defer.Deferred]] = []
+        self._on_closed = on_closed
+        channel.add_on_close_callback(self._closed)
+
+    def declare_and_bind(self, queue, arguments, exchange, binding_key, d) -> None:
+        entry = (queue, d)
+        self.in_flight.append(entry)
+
+        def bound(_frame):
+            self.in_flight.remove(entry)
+            d.callback(None)
+
+        self.channel.queue_declare(queue, durable=True, arguments=arguments)
+        self.channel.queue_bind(queue, exchange, routing_key=binding_key, callback=bound)
+
+    def _closed(self, _channel, reason) -> None:
+        self._on_closed(self, reason)
+
+
+class _ConsumerChannel(_Channel):
+    """
+    A channel carrying many chargers' consumers.
+    """
+
+    def __init__(self, channel, on_closed: Callable[["_ConsumerChannel", object], None]):
+        self.channel = channel
+        self.consumers: dict[str, "Consumer"] = {}
+        self._on_closed = on_closed
+        channel.add_on_close_callback(self._closed)
+        channel.add_on_cancel_callback(self._cancelled_by_broker)
+
+    def _cancelled_by_broker(self, frame) -> None:
+        consumer = self.consumers.pop(frame.method.consumer_tag, None)
+        if consumer is not None:
+            consumer._lost("the charger's queue was deleted")
+
+    def _closed(self, _channel, reason) -> None:
+        consumers, self.consumers = self.consumers, {}
+        for consumer in consumers.values():
+            consumer._lost(f"consumer channel closed: {reason}")
+        self._on_closed(self, reason)
+
+
+class Consumer:
+    """
+    One charger's consumer on its queue.
+
+    Acks, rejects and requeues go to the channel the delivery came on; once
+    that channel is gone they are moot (the broker has requeued the
+    deliveries already) and are dropped.
+    """
+
+    __slots__ = (
+        "_cc",
+        "tag",
+        "_on_delivery",
+        "_on_lost",
+        "_cancelling",
+        "_requeue_later",
+        "_ready",
+        "cancelled",
+    )
+
+    def __init__(self, cc: _ConsumerChannel, on_delivery, on_lost) -> None:
+        self._cc = cc
+        self.tag: Optional[str] = None
+        self._on_delivery = on_delivery
+        self._on_lost = on_lost
+        self._cancelling = False
+        self._requeue_later: list[int] = []
+        self._ready: defer.Deferred = defer.Deferred()
+        self.cancelled: Optional[defer.Deferred] = None
+
+    def _message(self, _channel, method, properties, body) -> None:
+        self._on_delivery(
+            Delivery(
+                method.delivery_tag,
+                body,
+                properties.reply_to,
+                properties.correlation_id,
+                method.redelivered,
+            )
+        )
+
+    def _lost(self, why: str) -> None:
+        if not self._ready.called:
+            # consume never got its consume-ok (e.g. the queue is gone)
+            self._on_lost = None
+            self._ready.errback(ChannelGone(why))
+            return
+        if self._cancelling:
+            self._finish_cancel()
+            return
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost(why)
+
+    def ack(self, delivery: Delivery) -> None:
+        if self._cc.open:
+            self._cc.channel.basic_ack(delivery.tag)
+
+    def reject(self, delivery: Delivery) -> None:
+        if self._cc.open:
+            self._cc.channel.basic_reject(delivery.tag, requeue=False)
+
+    def requeue(self, delivery: Delivery) -> None:
+        if self._cancelling:
+            self._requeue_later.append(delivery.tag)
+        elif self._cc.open:
+            self._cc.channel.basic_nack(delivery.tag, requeue=True)
+
+    def cancel(self) -> defer.Deferred:
+        """
+        Stop consuming; requeues asked for meanwhile go out after cancel-ok.
+
+        @return: a Deferred that fires once the consumer is cancelled.
+        """
+        if self.cancelled is not None:
+            return self.cancelled
+        self.cancelled = defer.Deferred()
+        self._cancelling = True
+        self._on_lost = None
+        cc = self._cc
+        if not cc.open or self.tag is None or self.tag not in cc.consumers:
+            self._finish_cancel()
+        else:
+            cc.channel.basic_cancel(self.tag, callback=lambda _frame: self._finish_cancel())
+        return self.cancelled
+
+    def _finish_cancel(self) -> None:
+        cc = self._cc
+        cc.consumers.pop(self.tag, None)
+        tags, self._requeue_later = self._requeue_later, []
+        if cc.open:
+            for tag in tags:
+                cc.channel.basic_nack(tag, requeue=True)
+        d = self.cancelled
+        if d is not None and not d.called:
+            d.callback(None)
+
+
+class AmqpBridge:
+    """
+    The broker connection, its channels, and what ocppgw does over them.
+
+    @ivar connected: whether the connection and its channels are up.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        url: str,
+        exchange: str,
+        node: str,
+        *,
+        prefetch_count: int = 10,
+        heartbeat: int = 60,
+        connect_timeout: float = 10.0,
+        confirm_window: int = 1000,
+        publish_channels: int = 1,
+        consumer_channels: int = 4,
+        declare_channels: int = 4,
+        reconnect_max_delay: float = 30.0,
+    ) -> None:
+        self._reactor = reactor
+        self._url = url
+        self.exchange = exchange
+        self.node = node
+        self._prefetch = prefetch_count
+        self._heartbeat = heartbeat
+        self._connect_timeout = connect_timeout
+        self._window = confirm_window
+        self._n_publish = publish_channels
+        self._n_consume = consumer_channels
+        self._n_declare = declare_channels
+        self._reconnect_max_delay = reconnect_max_delay
+        self._connection: Optional[TwistedProtocolConnection] = None
+        self._publishers: list[_ConfirmChannel] = []
+        self._declarers: list[_DeclareChannel] = []
+        self._waiting_declares: list[tuple] = []
+        self._consumer_channels: list[_ConsumerChannel] = []
+        self._round_robin = itertools.count()
+        self.connected = False
+        self._stopping = False
+        self._reconnect_call = None
+        self._attempt = 0
+        self._observers: list[Callable[[bool, str], None]] = []
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def add_observer(self, observer: Callable[[bool, str], None]) -> None:
+        """
+        Call C{observer(connected, why)} when the connection goes up or down.
+        """
+        self._observers.append(observer)
+
+    def _notify(self, connected: bool, why: str) -> None:
+        for observer in list(self._observers):
+            observer(connected, why)
+
+    @defer.inlineCallbacks
+    def start(self):
+        """
+        Connect, open the channels and declare the exchange.
+
+        Fails (rather than retrying) so that a gateway pointed at a wrong
+        broker, or refused by it, stops at start with a clear message.
+        """
+        self._stopping = False
+        yield self._connect()
+
+    def _parameters(self) -> pika.URLParameters:
+        parameters = pika.URLParameters(self._url)
+        parameters.heartbeat = self._heartbeat
+        parameters.client_properties = {
+            "connection_name": f"ocppgw {self.node}",
+            "product": "ocppgw",
+        }
+        return parameters
+
+    @defer.inlineCallbacks
+    def _connect(self):
+        parameters = self._parameters()
+        connection = TwistedProtocolConnection(parameters, custom_reactor=self._reactor)
+        yield connectProtocol(
+            _endpoint(self._reactor, self._url, self._connect_timeout), connection
+        )
+        transport = connection.transport
+        no_delay = getattr(transport, "setTcpNoDelay", None)
+        if no_delay is None and hasattr(transport, "getHandle"):
+            no_delay = getattr(transport.getHandle(), "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        timeout = self._reactor.callLater(
+            self._connect_timeout,
+            lambda: connection.transport.loseConnection(),
+        )
+        try:
+            yield connection.ready
+        except Exception as error:
+            raise BrokerUnavailable(f"AMQP connection failed: {error!r}") from error
+        finally:
+            if timeout.active():
+                timeout.cancel()
+        self._connection = connection
+        connection.closed.addCallback(self._connection_closed, connection)
+        try:
+            yield self._declare_exchange(connection)
+            publishers = []
+            for _ in range(self._n_publish):
+                publishers.append((yield self._open_publisher(connection)))
+            declarers = []
+            for _ in range(self._n_declare):
+                declarers.append((yield self._open_declarer(connection)))
+            consumer_channels = []
+            for _ in range(self._n_consume):
+                consumer_channels.append((yield self._open_consumer_channel(connection)))
+        except Exception:
+            connection.close()
+            raise
+        self._publishers = publishers
+        self._declarers = declarers
+        self._consumer_channels = consumer_channels
+        self.connected = True
+        self._attempt = 0
+        _log.info("Connected to the broker as node {node}", node=self.node)
+        self._notify(True, "connected")
+
+    @defer.inlineCallbacks
+    def _declare_exchange(self, connection):
+        channel = yield _channel(connection)
+        closed: defer.Deferred = defer.Deferred()
+        declared: defer.Deferred = defer.Deferred()
+        channel.add_on_close_callback(lambda _ch, reason: closed.callback(reason))
+        channel.exchange_declare(
+            self.exchange,
+            exchange_type="topic",
+            durable=True,
+            callback=declared.callback,
+        )
+        result, index = yield defer.DeferredList(
+            [declared, closed], fireOnOneCallback=True, consumeErrors=True
+        )
+        if index == 1:
+            raise DeclareFailed(
+                f"the broker refused to declare exchange {self.exchange!r}: {result}"
+            )
+        channel.close()
+
+    @defer.inlineCallbacks
+    def _open_publisher(self, connection):
+        channel = yield _channel(connection)
+        publisher = _ConfirmChannel(channel, self._window, self._publisher_closed)
+        yield publisher.start()
+        return publisher
+
+    @defer.inlineCallbacks
+    def _open_declarer(self, connection):
+        channel = yield _channel(connection)
+        return _DeclareChannel(channel, self._declarer_closed)
+
+    @defer.inlineCallbacks
+    def _open_consumer_channel(self, connection):
+        channel = yield _channel(connection)
+        ready: defer.Deferred = defer.Deferred()
+        # global_qos=False: RabbitMQ applies the limit to each consumer
+        # that starts on the channel afterwards, i.e. per charger.
+        channel.basic_qos(prefetch_count=self._prefetch, callback=ready.callback)
+        yield ready
+        return _ConsumerChannel(channel, self._consumer_channel_closed)
+
+    def _replace_channel(self, channels: list, old, opener) -> None:
+        """
+        Reopen a channel that closed under us, while the connection lives.
+        """
+        connection = self._connection
+        if (
+            connection is None
+            or not connection.is_open
+            or not self.connected
+            or self._stopping
+        ):
+            return
+
+        def opened(new):
+            if self._connection is connection and old in channels:
+                channels[channels.index(old)] = new
+                if channels is self._declarers:
+                    self._declarer_opened()
+
+        def failed(failure):
+            _log.failure("Could not reopen an AMQP channel", failure)
+
+        opener(connection).addCallbacks(opened, failed)
+
+    def _publisher_closed(self, publisher, reason) -> None:
+        if self.connected and not self._stopping:
+            _log.warn("Publish channel closed: {reason}", reason=reason)
+        self._replace_channel(self._publishers, publisher, self._open_publisher)
+
+    def _declarer_closed(self, declarer: _DeclareChannel, reason) -> None:
+        """
+        A declare failed (or the channel died): fail the culprit, retry the
+        others on a fresh channel.
+
+        pika sends one synchronous method at a time per channel and queues
+        the rest, so of the operations on this channel only the oldest was
+        at the broker: that one is the culprit. The others merely shared
+        its channel and are retried.
+        """
+        text = str(reason)
+        in_flight, declarer.in_flight = declarer.in_flight, []
+        connection = self._connection
+        broker_gone = connection is None or not connection.is_open or self._stopping
+        for position, (_queue, d) in enumerate(in_flight):
+            if broker_gone:
+                d.errback(BrokerUnavailable(text))
+            elif position == 0:
+                d.errback(DeclareFailed(text))
+            else:
+                d.errback(ChannelGone(text))
+        self._replace_channel(self._declarers, declarer, self._open_declarer)
+
+    def _consumer_channel_closed(self, cc, reason) -> None:
+        if self.connected and not self._stopping:
+            _log.warn("Consumer channel closed: {reason}", reason=reason)
+        self._replace_channel(self._consumer_channels, cc, self._open_consumer_channel)
+
+    def _connection_closed(self, reason, connection) -> None:
+        if connection is not self._connection:
+            return
+        was_connected = self.connected
+        self.connected = False
+        self._connection = None
+        why = f"broker connection closed: {reason}"
+        waiting, self._waiting_declares = self._waiting_declares, []
+        for *_args, d in waiting:
+            d.errback(BrokerUnavailable(why))
+        if not self._stopping:
+            _log.error("{why}", why=why)
+        if was_connected:
+            self._notify(False, why)
+        if not self._stopping:
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        self._attempt += 1
+        delay = min(self._reconnect_max_delay, 0.5 * 2 ** min(self._attempt, 10))
+        delay *= random.uniform(0.5, 1.0)
+        _log.info("Reconnecting to the broker in {delay:.1f} s", delay=delay)
+        self._reconnect_call = self._reactor.callLater(delay, self._reconnect)
+
+    def _reconnect(self) -> None:
+        self._reconnect_call = None
+        if self._stopping:
+            return
+
+        def failed(failure):
+            _log.warn("Broker reconnect failed: {error}", error=failure.getErrorMessage())
+            if not self._stopping and not self.connected:
+                self._schedule_reconnect()
+
+        self._connect().addErrback(failed)
+
+    @defer.inlineCallbacks
+    def stop(self, confirm_timeout: float = 5.0):
+        """
+        Wait (bounded) for outstanding confirms, then close the connection.
+        """
+        self._stopping = True
+        if self._reconnect_call is not None and self._reconnect_call.active():
+            self._reconnect_call.cancel()
+        self._reconnect_call = None
+        connection = self._connection
+        if connection is None:
+            return
+        drained = defer.DeferredList([p.drained() for p in self._publishers])
+        timer = self._reactor.callLater(confirm_timeout, drained.cancel)
+        try:
+            yield drained
+        except defer.CancelledError:
+            _log.warn("Stopping with publishes the broker has not confirmed")
+        finally:
+            if timer.active():
+                timer.cancel()
+        self.connected = False
+        closed = connection.closed
+        connection.close()
+        if closed is not None:
+            yield closed
+
+    # -- publishing ----------------------------------------------------------
+
+    def publish(
+        self,
+        exchange: Optional[str],
+        routing_key: str,
+        body: bytes,
+        *,
+        correlation_id: Optional[str] = None,
+        type: Optional[str] = None,
+        reply_to: Optional[str] = None,
+        headers: Optional[dict] = None,
+        mandatory: bool = False,
+        persistent: bool = True,
+        on_outcome=None,
+    ) -> None:
+        """
+        Publish with confirms; C{on_outcome(PublishOutcome)} is called once.
+
+        @param exchange: the exchange, C{None} for the OCPP exchange and
+            C{""} for the default exchange (replies to C{reply_to}).
+        """
+        publishers = self._publishers
+        if not self.connected or not publishers:
+            if on_outcome is not None:
+                on_outcome(_FAILED)
+            return
+        if len(publishers) == 1:
+            publisher = publishers[0]
+        else:
+            publisher = publishers[next(self._round_robin) % len(publishers)]
+        if not publisher.open:
+            if on_outcome is not None:
+                on_outcome(_FAILED)
+            return
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=_PERSISTENT if persistent else None,
+            correlation_id=correlation_id,
+            type=type,
+            reply_to=reply_to,
+            timestamp=int(time.time()),
+            app_id="ocppgw",
+            headers=headers,
+        )
+        publisher.publish(
+            self.exchange if exchange is None else exchange,
+            routing_key,
+            body,
+            properties,
+            mandatory,
+            on_outcome,
+        )
+
+    # -- charger queues ------------------------------------------------------
+
+    def declare_queue(
+        self, queue: str, binding_key: str, arguments: dict, retries: int = 5
+    ) -> defer.Deferred:
+        """
+        Declare a charger's durable queue and bind it to the exchange.
+
+        Fails with L{DeclareFailed} when the broker refuses this queue (for
+        example it exists with other arguments), or L{BrokerUnavailable}.
+        An operation that only shared its channel with a failing one is
+        retried on another channel.
+        """
+        d: defer.Deferred = defer.Deferred()
+        self._declare(queue, binding_key, arguments, d)
+
+        def retry(failure):
+            failure.trap(ChannelGone)
+            if retries <= 0:
+                raise BrokerUnavailable(str(failure.value))
+            return self.declare_queue(queue, binding_key, arguments, retries - 1)
+
+        d.addErrback(retry)
+        return d
+
+    def _declare(self, queue, binding_key, arguments, d) -> None:
+        if not self.connected:
+            d.errback(BrokerUnavailable("not connected to the broker"))
+            return
+        declarers = [c for c in self._declarers if c.open]
+        if not declarers:
+            # every declare channel is being reopened; wait for one
+            self._waiting_declares.append((queue, binding_key, arguments, d))
+            return
+        declarer = min(declarers, key=lambda c: len(c.in_flight))
+        declarer.declare_and_bind(queue, arguments, self.exchange, binding_key, d)
+
+    def _declarer_opened(self) -> None:
+        waiting, self._waiting_declares = self._waiting_declares, []
+        for queue, binding_key, arguments, d in waiting:
+            self._declare(queue, binding_key, arguments, d)
+
+    def consume(self, queue: str, on_delivery, on_lost) -> defer.Deferred:
+        """
+        Start consuming C{queue}.
+
+        @param on_delivery: called with a L{Delivery} for every message.
+        @param on_lost: called with a reason if the consumer ends without
+            being cancelled by us (queue deleted, channel or connection lost).
+        @return: a Deferred firing with the L{Consumer} once consume-ok.
+        """
+        channels = [c for c in self._consumer_channels if c.open]
+        if not self.connected or not channels:
+            return defer.fail(BrokerUnavailable("not connected to the broker"))
+        cc = min(channels, key=lambda c: len(c.consumers))
+        consumer = Consumer(cc, on_delivery, on_lost)
+        ready = consumer._ready
+
+        def consume_ok(_frame):
+            if not ready.called:
+                ready.callback(consumer)
+
+        tag = cc.channel.basic_consume(queue, consumer._message, callback=consume_ok)
+        consumer.tag = tag
+        cc.consumers[tag] = consumer
+        return ready
+
+
+class Message:
+    """
+    A message as a back end sees it (plain fields, no pika types).
+    """
+
+    __slots__ = (
+        "exchange",
+        "routing_key",
+        "body",
+        "redelivered",
+        "content_type",
+        "correlation_id",
+        "reply_to",
+        "type",
+        "headers",
+        "delivery_mode",
+        "app_id",
+        "timestamp",
+        "message_id",
+        "delivery_tag",
+    )
+
+    def __init__(self, method, properties, body: bytes) -> None:
+        self.exchange = method.exchange
+        self.routing_key = method.routing_key
+        self.redelivered = method.redelivered
+        self.body = body
+        self.content_type = properties.content_type
+        self.correlation_id = properties.correlation_id
+        self.reply_to = properties.reply_to
+        self.type = properties.type
+        self.headers = properties.headers or {}
+        self.delivery_mode = properties.delivery_mode
+        self.app_id = properties.app_id
+        self.timestamp = properties.timestamp
+        self.message_id = properties.message_id
+        self.delivery_tag = getattr(method, "delivery_tag", None)
+
+    def __repr__(self) -> str:
+        return f"<Message {self.routing_key!r} {self.body[:80]!r}>"
+
+
+#: RabbitMQ's direct reply-to pseudo-queue.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class BackEndClient:
+    """
+    The CSMS side of the contract, as a worker uses it: consume charger
+    frames, send frames to chargers, call a charger and wait for its answer.
+
+    It is not on the gateway's hot path; it serves the command line, the
+    examples and the tests (L{ocppgw.testing}), and keeps them off pika.
+    """
+
+    def __init__(self, reactor, connection: TwistedProtocolConnection, channel, exchange: str):
+        self._reactor = reactor
+        self._connection = connection
+        self._channel = channel
+        self.exchange = exchange
+        self._replies: dict[str, defer.Deferred] = {}
+        self._reply_consumer = None
+
+    @classmethod
+    @defer.inlineCallbacks
+    def connect(cls, reactor, url: str, exchange: str = "ocpp"):
+        """
+        Connect, open a confirming channel and declare the exchange.
+        """
+        connection = TwistedProtocolConnection(
+            pika.URLParameters(url), custom_reactor=reactor
+        )
+        yield connectProtocol(_endpoint(reactor, url, 10.0), connection)
+        connection.transport.setTcpNoDelay(True)
+        yield connection.ready
+        channel = yield connection.channel()
+        yield channel.confirm_delivery()
+        yield channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        return cls(reactor, connection, channel, exchange)
+
+    @defer.inlineCallbacks
+    def declare_queue(self, name: str, binding_keys=(), *, durable=False,
+                      exclusive=False, auto_delete=True, arguments=None):
+        """
+        Declare a queue and bind it to the OCPP exchange.
+        """
+        yield self._channel.queue_declare(
+            name, durable=durable, exclusive=exclusive, auto_delete=auto_delete,
+            arguments=arguments,
+        )
+        for key in binding_keys:
+            yield self._channel.queue_bind(name, self.exchange, routing_key=key)
+        return name
+
+    @defer.inlineCallbacks
+    def consume(self, queue: str, auto_ack: bool = True):
+        """
+        @return: a L{defer.DeferredQueue} of L{Message}s (and, with
+            C{auto_ack=False}, an C{ack(message_tag)} is needed: use
+            L{ack}).
+        """
+        queue_object, _tag = yield self._channel.basic_consume(queue, auto_ack=auto_ack)
+        messages: defer.DeferredQueue = defer.DeferredQueue()
+
+        def pump(item):
+            _channel, method, properties, body = item
+            messages.put(Message(method, properties, body))
+            return queue_object.get().addCallback(pump)
+
+        queue_object.get().addCallback(pump).addErrback(lambda _f: None)
+        return messages
+
+    def send_to_charger(self, identity: str, frame: bytes, *, reply_to=None,
+                        correlation_id=None, exchange=None, routing_key=None) -> defer.Deferred:
+        """
+        Publish a frame for a charger (routing key = its identity).
+        """
+        return self._channel.basic_publish(
+            self.exchange if exchange is None else exchange,
+            identity if routing_key is None else routing_key,
+            frame,
+            pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=_PERSISTENT,
+                reply_to=reply_to,
+                correlation_id=correlation_id,
+            ),
+        )
+
+    @defer.inlineCallbacks
+    def call(self, identity: str, frame: bytes, timeout: float = 35.0,
+             correlation_id: Optional[str] = None):
+        """
+        Send a CALL to a charger and wait for its answer over RabbitMQ's
+        direct reply-to.
+
+        @return: the L{Message} with the charger's answer.
+        @raise defer.TimeoutError: when nothing comes back in C{timeout}.
+        """
+        if self._reply_consumer is None:
+            queue_object, _tag = yield self._channel.basic_consume(
+                DIRECT_REPLY_TO, auto_ack=True
+            )
+            self._reply_consumer = queue_object
+            self._pump_replies(queue_object)
+        correlation_id = correlation_id or os.urandom(8).hex()
+        waiting: defer.Deferred = defer.Deferred()
+        self._replies[correlation_id] = waiting
+        waiting.addTimeout(timeout, self._reactor)
+        try:
+            yield self.send_to_charger(
+                identity, frame, reply_to=DIRECT_REPLY_TO, correlation_id=correlation_id
+            )
+            answer = yield waiting
+        finally:
+            self._replies.pop(correlation_id, None)
+        return answer
+
+    def _pump_replies(self, queue_object) -> None:
+        def pump(item):
+            _channel, method, properties, body = item
+            waiting = self._replies.pop(properties.correlation_id, None)
+            if waiting is not None and not waiting.called:
+                waiting.callback(Message(method, properties, body))
+            return queue_object.get().addCallback(pump)
+
+        queue_object.get().addCallback(pump).addErrback(lambda _f: None)
+
+    def ack(self, message: Message) -> None:
+        self._channel.basic_ack(message.delivery_tag)
+
+    def delete_queue(self, name: str) -> defer.Deferred:
+        return self._channel.queue_delete(name)
+
+    def delete_exchange(self, name: str) -> defer.Deferred:
+        return self._channel.exchange_delete(name)
+
+    @defer.inlineCallbacks
+    def close(self):
+        if self._connection.is_open:
+            closed = self._connection.closed
+            self._connection.close()
+            if closed is not None:
+                yield closed

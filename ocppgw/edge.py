@@ -1,0 +1,253 @@
+"""
+The WebSocket edge: one autobahn protocol per connected charger.
+
+The wire, as a charger sees it (DESIGN §2):
+
+A charger opens C{ws://host:port/<ws_path>/<identity>} (or, with a vhost
+configured, C{/<ws_path>/<vhost>/<identity>}) offering one or more OCPP
+subprotocols. Before the upgrade ocppgw answers
+
+- 400 when the identity is missing, too long, holds a character that is
+  not allowed (a C{.}, C{#}, C{/}, a control character, bad percent
+  escapes) or is just C{*}; when no offered subprotocol is enabled (or only
+  the SOAP-era C{ocpp1.2}/C{ocpp1.5} are);
+- 426 when a plain GET arrives without an upgrade;
+- 503 when the broker is not reachable, or the connection limit is reached;
+
+and otherwise 101 with the first subprotocol I{in the charger's order of
+preference} that is enabled. No C{Server} banner is sent.
+
+After the upgrade every text message is one OCPP-J frame, handed to the
+charger's session. A binary message is closed with 1003, a message over
+the size limit with 1009 (autobahn's default would drop TCP instead: its
+C{failByDrop} is switched off). The server pings every C{idle_timeout}
+seconds and drops a charger whose pong does not come in C{ping_timeout}.
+
+This module only translates between autobahn and the L{ChargerHub} (the
+gateway); it holds no OCPP or AMQP logic. autobahn turns exceptions raised
+in C{onConnect} into a 500 with nothing but a warning, so every refusal
+here is an explicit L{ConnectionDeny} with a fixed, safe reason: the
+decoded identity is never echoed into the HTTP status line.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Protocol as TypingProtocol
+
+from autobahn.twisted.websocket import (
+    ConnectionDeny,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ocppgw.framing import SOAP_ONLY_SUBPROTOCOLS, VERSIONS, OcppVersion
+from ocppgw.identity import BadIdentity, identity_from_path
+
+_log = Logger()
+
+
+class Refused(Exception):
+    """
+    The hub will not take this charger; answered before the upgrade.
+
+    @ivar status: the HTTP status code.
+    @ivar reason: a fixed reason phrase (never charger-supplied text).
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
+class ChargerHub(TypingProtocol):
+    """
+    What the edge needs from the gateway.
+    """
+
+    def charger_connecting(
+        self, edge: "ChargerProtocol", identity: str, version: OcppVersion
+    ) -> defer.Deferred:
+        """Prepare for a charger; fail with L{Refused} to turn it away."""
+
+    def charger_opened(self, edge: "ChargerProtocol") -> None:
+        """The WebSocket is open: start the charger's session."""
+
+    def charger_frame(self, edge: "ChargerProtocol", data: bytes) -> None:
+        """A text frame arrived."""
+
+    def charger_closed(self, edge: "ChargerProtocol", code: Optional[int], reason: str) -> None:
+        """The connection is gone, however it ended."""
+
+
+def choose_subprotocol(offered: Iterable[str], enabled: Iterable[str]) -> Optional[str]:
+    """
+    The first subprotocol the charger offers that is enabled here.
+
+    The charger's order wins, as RFC 6455 leaves the choice to the server
+    and a charger lists what it prefers first. SOAP-only OCPP versions can
+    never be chosen, even if misconfigured.
+    """
+    enabled = set(enabled) - SOAP_ONLY_SUBPROTOCOLS
+    for candidate in offered:
+        candidate = candidate.strip()
+        if candidate in enabled:
+            return candidate
+    return None
+
+
+class ChargerProtocol(WebSocketServerProtocol):
+    """
+    One charger's WebSocket. Thin: it forwards to the hub.
+
+    @ivar identity: the charger identity, once the handshake is accepted.
+    @ivar version: the negotiated L{OcppVersion}.
+    """
+
+    identity: Optional[str] = None
+    version: Optional[OcppVersion] = None
+    #: set by the hub when the charger is attached, for its own use
+    link = None
+
+    # autobahn's own logger lives at self.log; ours is _log.
+
+    def onConnect(self, request):
+        factory = self.factory
+        try:
+            identity = identity_from_path(
+                self.http_request_uri,
+                factory.ws_path,
+                factory.vhost,
+                factory.max_identity_length,
+            )
+        except BadIdentity as error:
+            _log.info(
+                "Refused {peer}: bad identity ({why})", peer=self.peer, why=str(error)
+            )
+            raise ConnectionDeny(400, "Bad charger identity")
+        offered = [p for p in request.protocols if p]
+        subprotocol = choose_subprotocol(offered, factory.subprotocols)
+        if subprotocol is None:
+            _log.info(
+                "Refused {identity} from {peer}: no supported subprotocol in {offered}",
+                identity=identity,
+                peer=self.peer,
+                offered=offered[:8],
+            )
+            raise ConnectionDeny(400, "No supported OCPP subprotocol")
+        self.identity = identity
+        self.version = VERSIONS[subprotocol]
+        d = defer.maybeDeferred(
+            factory.hub.charger_connecting, self, identity, self.version
+        )
+
+        def accepted(_):
+            # The handshake request is not needed again: drop it, it is
+            # ~1.5 KB per idle charger.
+            self.http_headers = {}
+            self.http_request_data = None
+            return subprotocol
+
+        def refused(failure):
+            if failure.check(Refused):
+                raise ConnectionDeny(failure.value.status, failure.value.reason)
+            _log.failure(
+                "Preparing charger {identity} failed", failure, identity=identity
+            )
+            raise ConnectionDeny(500, "Internal Server Error")
+
+        return d.addCallbacks(accepted, refused)
+
+    def onOpen(self):
+        self.factory.hub.charger_opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool):
+        if isBinary:
+            self.close(1003, "OCPP-J uses text frames")
+            return
+        self.factory.hub.charger_frame(self, payload)
+
+    def onClose(self, wasClean: bool, code, reason):
+        if self.identity is not None:
+            self.factory.hub.charger_closed(self, code, reason or "")
+
+    # -- what the hub can do with a charger -------------------------------
+
+    def send_frame(self, frame: bytes) -> None:
+        """
+        Send one OCPP-J frame as a text message.
+        """
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendMessage(frame, False)
+
+    def close(self, code: int, reason: str) -> None:
+        """
+        Close with any RFC 6455 code.
+
+        autobahn's C{sendClose} accepts only 1000 and 3000-4999; OCPP needs
+        1001, 1002, 1003, 1011 and 1012 too, so the close frame is sent
+        directly.
+        """
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:120])
+        elif self.state in (
+            WebSocketProtocol.STATE_CONNECTING,
+            WebSocketProtocol.STATE_PROXY_CONNECTING,
+        ):
+            self.dropConnection(abort=True)
+
+
+
+class ChargerFactory(WebSocketServerFactory):
+    """
+    Builds L{ChargerProtocol}s for one listener.
+
+    The listener's options are set once on a protocol class made for this
+    factory: autobahn otherwise copies ~40 option attributes into every
+    connection's instance dict and formats them for a debug line on each
+    connect, which costs memory per idle charger and CPU per connect.
+    """
+
+    def __init__(
+        self,
+        hub: ChargerHub,
+        reactor,
+        *,
+        ws_path: str = "/ocpp",
+        vhost: Optional[str] = None,
+        subprotocols: Iterable[str] = ("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1"),
+        max_identity_length: int = 48,
+        max_message_size: int = 1048576,
+        ping_interval: float = 60.0,
+        ping_timeout: float = 30.0,
+        handshake_timeout: float = 30.0,
+        close_timeout: float = 5.0,
+        max_connections: int = 0,
+        protocol_class: type = ChargerProtocol,
+    ) -> None:
+        super().__init__(reactor=reactor)
+        self.hub = hub
+        self.ws_path = ws_path
+        self.vhost = vhost or None
+        self.subprotocols = tuple(subprotocols)
+        self.max_identity_length = max_identity_length
+        # no version banner anywhere
+        self.server = None
+        self.setProtocolOptions(
+            webStatus=False,
+            failByDrop=False,
+            maxMessagePayloadSize=max_message_size,
+            maxFramePayloadSize=max_message_size,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout if ping_interval else 0,
+            openHandshakeTimeout=handshake_timeout,
+            closeHandshakeTimeout=close_timeout,
+            maxConnections=max_connections,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+        options = {name: getattr(self, name) for name in protocol_class.CONFIG_ATTRS}
+        options["CONFIG_ATTRS"] = ()
+        self.protocol = type(protocol_class.__name__, (protocol_class,), options)

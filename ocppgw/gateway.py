@@ -1,0 +1,420 @@
+"""
+The gateway: where the WebSocket edge, the sessions and the AMQP bridge meet.
+
+The edge and the bridge do not know each other (DESIGN §1). This module
+implements the edge's L{ChargerHub} and, per charger, the session's
+L{SessionEffects} on top of the bridge. It also owns the registry of
+connected chargers, which is what makes "last connection wins" work:
+
+1. a charger's handshake claims its identity (a later handshake for the
+   same identity takes the claim over);
+2. an existing connection with that identity is detached -- its session
+   ended, its consumer cancelled, its unanswered commands requeued after the
+   cancel-ok -- and closed, and announces no offline status;
+3. the charger's queue is declared and bound I{before} the 101, so that a
+   CSMS answer to the very first frame has a queue to land in;
+4. after the upgrade the consumer starts and the charger is announced.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional
+
+import orjson
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ocppgw import framing, topology
+from ocppgw.amqp import AmqpBridge, BrokerUnavailable, ChannelGone, DeclareFailed
+from ocppgw.edge import ChargerProtocol, Refused
+from ocppgw.framing import OcppVersion
+from ocppgw.session import ChargerSession, Delivery, PublishOutcome
+
+_log = Logger()
+
+#: Close code and reason for a connection replaced by a newer one.
+CLOSE_REPLACED = (1000, "Replaced by a new connection")
+#: Close code for chargers whose broker side broke (RFC 6455: 1011).
+CLOSE_INTERNAL = 1011
+#: Close code when the gateway shuts down (RFC 6455 "going away").
+CLOSE_GOING_AWAY = 1001
+
+
+def _utc_timestamp(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ChargerLink:
+    """
+    One attached charger: its edge protocol, session and consumer.
+
+    Implements L{SessionEffects} for the session.
+    """
+
+    __slots__ = (
+        "gateway",
+        "edge",
+        "identity",
+        "version",
+        "session",
+        "consumer",
+        "consumer_ready",
+        "headers",
+        "connected_at",
+        "detached",
+    )
+
+    def __init__(self, gateway: "Gateway", edge: ChargerProtocol, clock) -> None:
+        self.gateway = gateway
+        self.edge = edge
+        self.identity: str = edge.identity
+        self.version: OcppVersion = edge.version
+        # The same dict for every publish of this charger.
+        self.headers = {
+            topology.HEADER_IDENTITY: self.identity,
+            topology.HEADER_VERSION: self.version.subprotocol,
+            topology.HEADER_NODE: gateway.node,
+        }
+        self.session = ChargerSession(
+            self.identity,
+            self.version,
+            self,
+            clock,
+            call_timeout=gateway.call_timeout,
+            max_bad_frames=gateway.max_bad_frames,
+        )
+        self.consumer = None
+        self.consumer_ready: Optional[defer.Deferred] = None
+        self.connected_at = clock.seconds()
+        self.detached = False
+
+    # -- SessionEffects ------------------------------------------------------
+
+    def send_to_charger(self, frame: bytes) -> None:
+        self.edge.send_frame(frame)
+
+    def publish(self, routing_key, body, correlation_id, action, mandatory, on_outcome,
+                extra_headers=None) -> None:
+        headers = self.headers
+        if extra_headers:
+            headers = {**headers, **extra_headers}
+        self.gateway.bridge.publish(
+            None,
+            routing_key,
+            body,
+            correlation_id=correlation_id,
+            type=action,
+            reply_to=self.identity,
+            headers=headers,
+            mandatory=mandatory,
+            on_outcome=on_outcome,
+        )
+
+    def publish_reply(self, reply_to, correlation_id, body, on_outcome,
+                      extra_headers=None) -> None:
+        headers = self.headers
+        if extra_headers:
+            headers = {**headers, **extra_headers}
+        # The default exchange routes by queue name, which is also how
+        # RabbitMQ's direct reply-to pseudo-queue is addressed.
+        self.gateway.bridge.publish(
+            "",
+            reply_to,
+            body,
+            correlation_id=correlation_id,
+            headers=headers,
+            on_outcome=on_outcome,
+        )
+
+    def ack(self, delivery: Delivery) -> None:
+        if self.consumer is not None:
+            self.consumer.ack(delivery)
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        _log.warn(
+            "Command for {identity} rejected: {reason}",
+            identity=self.identity,
+            reason=reason,
+        )
+        if self.consumer is not None:
+            self.consumer.reject(delivery)
+
+    def requeue(self, delivery: Delivery) -> None:
+        if self.consumer is not None:
+            self.consumer.requeue(delivery)
+
+    def close(self, code: int, reason: str) -> None:
+        self.edge.close(code, reason)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start_consuming(self) -> None:
+        bridge = self.gateway.bridge
+        try:
+            d = bridge.consume(
+                topology.charger_queue(self.identity),
+                self.session.delivery,
+                self._consumer_lost,
+            )
+        except Exception:
+            d = defer.fail()
+        self.consumer_ready = d
+
+        def started(consumer):
+            self.consumer = consumer
+            if self.detached:
+                return self._cancel_and_requeue([])
+            return consumer
+
+        def failed(failure):
+            _log.warn(
+                "Could not consume commands for {identity}: {error}",
+                identity=self.identity,
+                error=failure.getErrorMessage(),
+            )
+            self.close(CLOSE_INTERNAL, "Command queue unavailable")
+
+        d.addCallbacks(started, failed)
+
+    def _consumer_lost(self, why: str) -> None:
+        _log.warn(
+            "Consumer of {identity} lost: {why}", identity=self.identity, why=why
+        )
+        self.consumer = None
+        self.close(CLOSE_INTERNAL, "Command queue lost")
+
+    def detach(self) -> defer.Deferred:
+        """
+        End the session, hand unanswered commands back to the queue.
+
+        @return: a Deferred that fires once the consumer is cancelled and
+            the requeues have been sent, so that a connection replacing
+            this one starts consuming only afterwards.
+        """
+        if self.detached:
+            return defer.succeed(None)
+        self.detached = True
+        unanswered = self.session.end()
+        if self.consumer is not None:
+            return self._cancel_and_requeue(unanswered)
+        if self.consumer_ready is not None and not self.consumer_ready.called:
+            # consume is still on its way: cancel once it is ok; nothing
+            # can have been delivered yet.
+            done: defer.Deferred = defer.Deferred()
+            self.consumer_ready.addBoth(lambda _: done.callback(None))
+            return done
+        return defer.succeed(None)
+
+    def _cancel_and_requeue(self, unanswered: list) -> defer.Deferred:
+        consumer = self.consumer
+        d = consumer.cancel()
+        for delivery in unanswered:
+            consumer.requeue(delivery)
+        return d
+
+
+class Gateway:
+    """
+    The registry of chargers and the glue between edge, sessions and broker.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        bridge: AmqpBridge,
+        *,
+        node: str,
+        queue_arguments: dict,
+        call_timeout: float = 30.0,
+        max_bad_frames: int = 10,
+        offline_status: bool = True,
+        presence_events: bool = True,
+    ) -> None:
+        self._reactor = reactor
+        self.bridge = bridge
+        self.node = node
+        self.queue_arguments = dict(queue_arguments)
+        self.call_timeout = call_timeout
+        self.max_bad_frames = max_bad_frames
+        self.offline_status = offline_status
+        self.presence_events = presence_events
+        #: identity -> ChargerLink of attached chargers
+        self.chargers: dict[str, ChargerLink] = {}
+        # identity -> the edge whose handshake most recently claimed it
+        self._claims: dict[str, ChargerProtocol] = {}
+        self._accepting = True
+        self._closing: set[defer.Deferred] = set()
+        bridge.add_observer(self._broker_state)
+
+    # -- ChargerHub --------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def charger_connecting(self, edge: ChargerProtocol, identity: str, version: OcppVersion):
+        if not self._accepting:
+            raise Refused(503, "Service Unavailable")
+        if not self.bridge.connected:
+            raise Refused(503, "Service Unavailable")
+        self._claims[identity] = edge
+        try:
+            previous = self.chargers.get(identity)
+            if previous is not None:
+                _log.info(
+                    "{identity} reconnected from {peer}: replacing the old connection",
+                    identity=identity,
+                    peer=edge.peer,
+                )
+                yield self._detach(previous, replaced=True)
+                previous.close(*CLOSE_REPLACED)
+            try:
+                yield self.bridge.declare_queue(
+                    topology.charger_queue(identity),
+                    topology.charger_binding_key(identity),
+                    self.queue_arguments,
+                )
+            except DeclareFailed as error:
+                _log.error(
+                    "Queue of {identity} cannot be declared: {error}",
+                    identity=identity,
+                    error=str(error),
+                )
+                raise Refused(500, "Internal Server Error")
+            except (BrokerUnavailable, ChannelGone):
+                raise Refused(503, "Service Unavailable")
+            if self._claims.get(identity) is not edge:
+                # A newer connection for this identity came in meanwhile.
+                raise Refused(409, "Conflict")
+        except BaseException:
+            if self._claims.get(identity) is edge:
+                del self._claims[identity]
+            raise
+
+    def charger_opened(self, edge: ChargerProtocol) -> None:
+        identity = edge.identity
+        if self._claims.get(identity) is not edge or not self._accepting:
+            edge.close(*CLOSE_REPLACED)
+            return
+        link = ChargerLink(self, edge, self._reactor)
+        edge.link = link
+        self.chargers[identity] = link
+        link.start_consuming()
+        _log.info(
+            "{identity} connected from {peer} speaking {version}",
+            identity=identity,
+            peer=edge.peer,
+            version=edge.version.subprotocol,
+        )
+        if self.presence_events:
+            self._publish_event(link, topology.ROUTING_KEY_CONNECTED, "connected")
+
+    def charger_frame(self, edge: ChargerProtocol, data: bytes) -> None:
+        link = edge.link
+        if link is not None:
+            link.session.charger_frame(data)
+
+    def charger_closed(self, edge: ChargerProtocol, code, reason: str) -> None:
+        identity = edge.identity
+        if self._claims.get(identity) is edge:
+            del self._claims[identity]
+        link = edge.link
+        if link is None:
+            return
+        edge.link = None
+        if self.chargers.get(identity) is link:
+            del self.chargers[identity]
+        if link.detached:
+            return  # replaced, or detached by shutdown: already announced
+        self._detach(link, replaced=False, code=code)
+
+    # -- helpers --------------------------------------------------------------
+
+    def _detach(self, link: ChargerLink, replaced: bool, code=None) -> defer.Deferred:
+        if link.detached:
+            return defer.succeed(None)
+        if self.chargers.get(link.identity) is link:
+            del self.chargers[link.identity]
+        d = link.detach()
+        duration = self._reactor.seconds() - link.connected_at
+        _log.info(
+            "{identity} disconnected ({why}, code {code}) after {duration:.1f} s",
+            identity=link.identity,
+            why="replaced" if replaced else "gone",
+            code=code,
+            duration=duration,
+        )
+        if not replaced:
+            if self.offline_status:
+                self._publish_offline_status(link)
+            if self.presence_events:
+                self._publish_event(
+                    link, topology.ROUTING_KEY_DISCONNECTED, "disconnected", code=code
+                )
+        return d
+
+    def _publish_offline_status(self, link: ChargerLink) -> None:
+        message_id = "ocppgw-offline-" + os.urandom(8).hex()
+        body = framing.offline_status_notification(
+            link.version, message_id, _utc_timestamp(self._reactor.seconds())
+        )
+        self.bridge.publish(
+            None,
+            topology.routing_key(
+                link.version.routing_prefix, "StatusNotification", topology.KIND_REQUEST
+            ),
+            body,
+            correlation_id=message_id,
+            type="StatusNotification",
+            reply_to=link.identity,
+            headers={**link.headers, topology.HEADER_SYNTHETIC: True},
+        )
+
+    def _publish_event(self, link: ChargerLink, routing_key: str, event: str, **extra) -> None:
+        body = {
+            "event": event,
+            "identity": link.identity,
+            "version": link.version.subprotocol,
+            "node": self.node,
+            "remote": link.edge.peer,
+            "time": _utc_timestamp(self._reactor.seconds()),
+        }
+        body.update(extra)
+        self.bridge.publish(
+            None,
+            routing_key,
+            orjson.dumps(body),
+            type=event,
+            headers=link.headers,
+        )
+
+    def _broker_state(self, connected: bool, why: str) -> None:
+        """
+        The broker connection went down: every charger's consumer and
+        unconfirmed publishes are gone with it, so the chargers are closed
+        (1011) rather than left talking to nobody; they reconnect and are
+        refused with 503 until the broker is back.
+        """
+        if connected:
+            return
+        for link in list(self.chargers.values()):
+            self._detach(link, replaced=False, code=CLOSE_INTERNAL)
+            link.close(CLOSE_INTERNAL, "Broker connection lost")
+
+    # -- shutdown ---------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "Gateway shutting down") -> defer.Deferred:
+        """
+        Close every charger and requeue what they held.
+
+        @return: a Deferred firing when every consumer is cancelled and
+            every held command requeued.
+        """
+        waits = []
+        for link in list(self.chargers.values()):
+            waits.append(self._detach(link, replaced=False, code=code))
+            link.close(code, reason)
+        return defer.DeferredList(waits, consumeErrors=True)

@@ -1,0 +1,200 @@
+"""
+The service tree: what C{twistd ocppgw} runs and what embedders get from
+L{makeService}.
+
+::
+
+    GatewayService (MultiService)
+     |- the AMQP bridge is started first: the exchange must be declared
+     |  before a charger is accepted, and a broker that refuses us must stop
+     |  the start-up with a clear message
+     '- ListenerService (ws), once the bridge is up
+
+Stopping (SIGTERM under twistd) runs the other way: stop listening, close
+every charger with 1001 and requeue the commands they held, wait (bounded)
+for the broker to confirm what is in flight, close the AMQP connection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Optional, Union
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+
+from ocppgw import config as _config
+from ocppgw.amqp import AmqpBridge
+from ocppgw.config import Settings
+from ocppgw.edge import ChargerFactory
+from ocppgw.gateway import CLOSE_GOING_AWAY, Gateway
+
+_log = Logger()
+
+
+def default_node_name() -> str:
+    """
+    The node name put in message headers when none is configured.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _server_endpoint(reactor, host: str, port: int, backlog: int = 1024):
+    if ":" in host:
+        return TCP6ServerEndpoint(reactor, port, backlog=backlog, interface=host)
+    return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
+
+
+class GatewayService(service.MultiService):
+    """
+    The whole gateway as one Twisted service.
+
+    @ivar gateway: the L{Gateway} (registry of connected chargers).
+    @ivar bridge: the L{AmqpBridge}.
+    @ivar started: a Deferred that fires once the gateway listens, or
+        fails with the reason it could not start.
+    @ivar listening_port: the bound C{IListeningPort}, once started.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        reactor,
+        *,
+        bridge: Optional[AmqpBridge] = None,
+        exit_on_startup_failure: bool = False,
+    ) -> None:
+        super().__init__()
+        self.setName("ocppgw")
+        self.settings = settings
+        self._reactor = reactor
+        self.node = settings.amqp.node or default_node_name()
+        amqp = settings.amqp
+        self.bridge = bridge or AmqpBridge(
+            reactor,
+            amqp.url,
+            amqp.exchange,
+            self.node,
+            prefetch_count=amqp.prefetch_count,
+            heartbeat=amqp.heartbeat,
+            connect_timeout=amqp.connect_timeout,
+            confirm_window=amqp.confirm_window,
+            publish_channels=amqp.publish_channels,
+            consumer_channels=amqp.consumer_channels,
+            declare_channels=amqp.declare_channels,
+        )
+        ocpp = settings.ocpp
+        self.gateway = Gateway(
+            reactor,
+            self.bridge,
+            node=self.node,
+            queue_arguments=settings.queue_arguments(),
+            call_timeout=ocpp.call_timeout,
+            max_bad_frames=settings.websocket.max_bad_frames,
+            offline_status=ocpp.offline_status,
+            presence_events=ocpp.presence_events,
+        )
+        listener, ws = settings.listener, settings.websocket
+        self.factory = ChargerFactory(
+            self.gateway,
+            reactor,
+            ws_path=listener.ws_path,
+            vhost=listener.vhost or None,
+            subprotocols=listener.subprotocols,
+            max_identity_length=listener.max_identity_length,
+            max_message_size=ws.ws_opts_max_frame_size,
+            ping_interval=ws.ws_opts_idle_timeout,
+            ping_timeout=ws.ping_timeout,
+            handshake_timeout=ws.handshake_timeout,
+            close_timeout=ws.close_timeout,
+            max_connections=listener.max_connections,
+        )
+        self._exit_on_startup_failure = exit_on_startup_failure
+        self.started: defer.Deferred = defer.Deferred()
+        self.listening_port = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._start()
+        d.addCallbacks(self._running, self._startup_failed)
+
+    @defer.inlineCallbacks
+    def _start(self):
+        yield self.bridge.start()
+        listener = self.settings.listener
+        endpoint = _server_endpoint(self._reactor, listener.tcp_ip, listener.tcp_port)
+        self.listening_port = yield endpoint.listen(self.factory)
+
+    def _running(self, _):
+        address = self.listening_port.getHost()
+        _log.info(
+            "ocppgw node {node} listening on ws://{host}:{port}{path}/<identity>",
+            node=self.node,
+            host=address.host,
+            port=address.port,
+            path=self.settings.listener.ws_path,
+        )
+        self.started.callback(self)
+
+    def _startup_failed(self, failure):
+        _log.critical(
+            "ocppgw could not start: {error}", error=failure.getErrorMessage()
+        )
+        self.started.errback(failure)
+        if self._exit_on_startup_failure:
+            # twistd has no way to end with a non-zero status once the
+            # reactor runs; stop it and leave with 1 after its shutdown.
+            self._reactor.addSystemEventTrigger("after", "shutdown", _exit, 1)
+            self._reactor.stop()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """
+        Stop listening, close chargers (1001), requeue, drain confirms.
+        """
+        yield defer.maybeDeferred(super().stopService)
+        self.gateway.stop_accepting()
+        if self.listening_port is not None:
+            yield self.listening_port.stopListening()
+            self.listening_port = None
+        yield self.gateway.close_all(CLOSE_GOING_AWAY, "Gateway shutting down")
+        yield self.bridge.stop()
+        _log.info("ocppgw stopped")
+
+
+def _exit(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def makeService(
+    config: Union[Settings, str, os.PathLike, dict, None] = None,
+    reactor=None,
+    **kwargs,
+) -> GatewayService:
+    """
+    Build the gateway's service tree, for C{twistd} or for embedding.
+
+    @param config: a L{Settings}, the path of an INI file, a dict of
+        sections (see L{ocppgw.config.settings_from_dict}), or C{None} for
+        the defaults.
+    @param reactor: the reactor to use; the global one if C{None}.
+    @param kwargs: passed to L{GatewayService} (e.g. a C{bridge}).
+    @raise ocppgw.config.ConfigError: for a bad configuration.
+    """
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    if config is None:
+        settings = _config.defaults()
+    elif isinstance(config, Settings):
+        settings = config
+    elif isinstance(config, dict):
+        settings = _config.settings_from_dict(config)
+    else:
+        settings = _config.load(config)
+    return GatewayService(settings, reactor, **kwargs)

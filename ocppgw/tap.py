@@ -1,0 +1,45 @@
+"""
+C{twistd ocppgw}: command-line options and the service maker.
+"""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from ocppgw.config import ConfigError, load
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd ocppgw}.
+    """
+
+    synopsis = "[--config etc/ocppgw.ini]"
+    longdesc = (
+        "Run the ocppgw OCPP-J gateway: chargers connect over WebSocket and "
+        "every frame is bridged to RabbitMQ. Every setting lives in the INI "
+        "file; see README.md for the reference."
+    )
+    optParameters = [
+        ["config", "c", None, "Path of the INI configuration file (defaults apply without one)."],
+    ]
+
+    def postOptions(self) -> None:
+        from ocppgw.config import defaults
+
+        try:
+            self["settings"] = load(self["config"]) if self["config"] else defaults()
+        except ConfigError as error:
+            # usage.UsageError makes twistd print the message and exit 1.
+            raise usage.UsageError(str(error)) from None
+
+
+def makeService(options: Options):
+    """
+    Build the service for twistd; a failure to start ends the process with 1.
+    """
+    from twisted.internet import reactor
+
+    from ocppgw.service import GatewayService
+
+    return GatewayService(options["settings"], reactor, exit_on_startup_failure=True)

@@ -1,0 +1,94 @@
+"""
+Shared fixtures for tests that run a real gateway against the real broker.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from ocppgw.amqp import BackEndClient
+from ocppgw.config import settings_from_dict
+from ocppgw.service import GatewayService
+from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = {section: dict(values) for section, values in base.items()}
+    for section, values in extra.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+class GatewayTestCase(unittest.TestCase):
+    """
+    Runs a gateway on a free port with its own exchange, and a back end.
+
+    Every identity made with L{identity} has its queue deleted afterwards,
+    and the exchange is deleted too, so runs leave nothing on the broker.
+    """
+
+    #: extra settings, by section, for a test class
+    settings: dict = {}
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.exchange = unique_name("ocpp-test")
+        self._identities = []
+        values = deep_merge(
+            {
+                "listener": {"tcp.ip": "127.0.0.1", "tcp.port": "0"},
+                "amqp": {
+                    "url": amqp_url(),
+                    "exchange": self.exchange,
+                    "consumer_channels": "2",
+                    "declare_channels": "2",
+                },
+                "queue": {"x-expires": "600000"},
+            },
+            self.settings,
+        )
+        self.gateway_service = GatewayService(settings_from_dict(values), reactor)
+        self.gateway_service.startService()
+        self.addCleanup(self._cleanup)
+        yield self.gateway_service.started
+        self.port = self.gateway_service.listening_port.getHost().port
+        self.backend = yield FakeBackEnd.start(reactor, amqp_url(), self.exchange)
+
+    @defer.inlineCallbacks
+    def _cleanup(self):
+        if self.gateway_service.running:
+            yield self.gateway_service.stopService()
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            yield backend.stop()
+        admin = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
+        try:
+            for identity in self._identities:
+                yield admin.delete_queue("ocpp." + identity)
+            yield admin.delete_exchange(self.exchange)
+        finally:
+            yield admin.close()
+
+    def identity(self, prefix: str = "CP") -> str:
+        identity = unique_name(prefix)
+        self._identities.append(identity)
+        return identity
+
+    def url(self, identity: str, path: str = "/ocpp") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}/{quote(identity, safe='')}"
+
+    @defer.inlineCallbacks
+    def connect(self, identity: str, subprotocols=("ocpp1.6",)):
+        charger = yield FakeCharger.connect(reactor, self.url(identity), subprotocols)
+        self.addCleanup(self._close_charger, charger)
+        return charger
+
+    @staticmethod
+    def _close_charger(charger: FakeCharger):
+        if not charger.closed.called:
+            return charger.drop()
+        return None
