@@ -45,10 +45,13 @@ import pika
 import pika.exceptions
 from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from ocppgw.config import mask_url
 from ocppgw.session import Delivery, PublishOutcome
 
 _log = Logger()
@@ -465,6 +468,12 @@ class AmqpBridge:
     def _connect(self):
         parameters = self._parameters()
         connection = TwistedProtocolConnection(parameters, custom_reactor=self._reactor)
+        # pika's Twisted connection reports a failed open as a bare
+        # AMQPConnectionError; keep the broker's reason for the message.
+        open_errors: list = []
+        connection._impl.add_on_open_error_callback(
+            lambda _connection, error: open_errors.append(error), remove_default=False
+        )
         yield connectProtocol(
             _endpoint(self._reactor, self._url, self._connect_timeout), connection
         )
@@ -481,7 +490,21 @@ class AmqpBridge:
         try:
             yield connection.ready
         except Exception as error:
-            raise BrokerUnavailable(f"AMQP connection failed: {error!r}") from error
+            # pika calls our error callback right after the one that
+            # failed `ready`: give it that turn.
+            yield deferLater(self._reactor, 0, lambda: None)
+            reason = open_errors[0] if open_errors else error
+            if isinstance(reason, (ConnectionDone, ConnectionLost)):
+                # The adapter overwrites the broker's close reason with the
+                # TCP close that follows it; a close during the AMQP
+                # handshake is the broker refusing the login or vhost.
+                why = "the broker closed the connection during login " \
+                    "(check user, password and access to the vhost)"
+            else:
+                why = repr(reason)
+            raise BrokerUnavailable(
+                f"AMQP connection to {mask_url(self._url)} failed: {why}"
+            ) from error
         finally:
             if timeout.active():
                 timeout.cancel()

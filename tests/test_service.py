@@ -1,0 +1,219 @@
+"""
+The service tree: the twistd plugin, makeService, start-up failures and a
+clean stop (SIGTERM) with chargers connected.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import defer, protocol, reactor
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial import unittest
+
+import ocppgw
+from ocppgw.amqp import BackEndClient
+from ocppgw.service import GatewayService
+from ocppgw.tap import Options
+from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
+from tests.support import GatewayTestCase
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PluginTests(unittest.TestCase):
+    def test_twistd_finds_the_plugin(self):
+        makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        self.assertIn("ocppgw", makers)
+        self.assertIs(makers["ocppgw"].options, Options)
+
+    def test_bad_config_key_named(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[listener]\ntcp.port = 99999\n")
+        options = Options()
+        error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
+        self.assertTrue(str(error).startswith("listener.tcp.port: "), str(error))
+
+    def test_unknown_key_named(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[amqp]\nexchnage = x\n")
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
+        self.assertIn("amqp.exchnage: unknown key", str(error))
+
+    def test_unreadable_config(self):
+        error = self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--config", "/nonexistent/ocppgw.ini"]
+        )
+        self.assertIn("/nonexistent/ocppgw.ini", str(error))
+
+    def test_shipped_config_loads(self):
+        options = Options()
+        options.parseOptions(["--config", os.path.join(REPO, "etc", "ocppgw.ini")])
+        settings = options["settings"]
+        self.assertEqual(
+            (settings.listener.tcp_ip, settings.listener.tcp_port, settings.listener.ws_path),
+            ("127.0.0.1", 19520, "/ocpp"),
+        )
+
+
+class MakeServiceTests(unittest.TestCase):
+    timeout = 30
+
+    def test_same_tree_as_twistd(self):
+        service = ocppgw.makeService({"amqp": {"exchange": "x"}}, reactor=reactor)
+        self.assertIsInstance(service, GatewayService)
+        self.assertEqual(service.settings.amqp.exchange, "x")
+
+    @defer.inlineCallbacks
+    def test_start_declares_exchange_and_stop_closes_chargers(self):
+        """
+        makeService starts (exchange declared, listening) and stops cleanly:
+        chargers are closed with 1001 and held commands go back to their
+        queue, unanswered.
+        """
+        exchange = unique_name("svc-test")
+        service = ocppgw.makeService(
+            {
+                "listener": {"tcp.port": "0"},
+                "amqp": {"url": amqp_url(), "exchange": exchange},
+            },
+            reactor=reactor,
+        )
+        service.startService()
+        yield service.started
+        backend = yield FakeBackEnd.start(reactor, amqp_url(), exchange)
+        identity = unique_name("CP")
+        port = service.listening_port.getHost().port
+        charger = yield FakeCharger.connect(reactor, f"ws://127.0.0.1:{port}/ocpp/{identity}")
+        yield backend.send_to_charger(identity, [2, "h1", "Reset", {"type": "Soft"}])
+        yield backend.send_to_charger(identity, [2, "h2", "Reset", {"type": "Hard"}])
+        yield charger.next_call()
+        yield service.stopService()
+        code, _ = yield charger.closed
+        self.assertEqual(code, 1001)
+        self.assertFalse(service.bridge.connected)
+        client = yield BackEndClient.connect(reactor, amqp_url(), exchange)
+        try:
+            # both commands are back in the queue, neither acked
+            frame = yield client._channel.queue_declare("ocpp." + identity, passive=True)
+            self.assertEqual(frame.method.message_count, 2)
+        finally:
+            yield client.delete_queue("ocpp." + identity)
+            yield client.delete_exchange(exchange)
+            yield client.close()
+            yield backend.stop()
+
+    @defer.inlineCallbacks
+    def test_broker_refusal_fails_start(self):
+        service = ocppgw.makeService(
+            {
+                "listener": {"tcp.port": "0"},
+                "amqp": {"url": "amqp://guest:wrong-password@127.0.0.1:5672/%2F"},
+            },
+            reactor=reactor,
+        )
+        service.startService()
+        yield self.assertFailure(service.started, Exception)
+        self.assertIsNone(service.listening_port)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Collect(protocol.ProcessProtocol):
+    """
+    Collects a child's output; C{ready} fires when C{marker} is printed.
+    """
+
+    def __init__(self, marker: bytes | None):
+        self.output = b""
+        self.marker = marker
+        self.ready: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+        if self.marker and self.marker in self.output and not self.ready.called:
+            self.ready.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        if self.marker is not None and not self.ready.called:
+            self.ready.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback(reason.value)
+
+
+class TwistdTests(unittest.TestCase):
+    """
+    C{twistd -n ocppgw} as a real process.
+    """
+
+    timeout = 60
+
+    def twistd(self, config_text: str, marker: bytes | None = None) -> _Collect:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(config_text)
+        collect = _Collect(marker)
+        reactor.spawnProcess(
+            collect,
+            sys.executable,
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "ocppgw", "--config", path],
+            env={**os.environ, "PYTHONPATH": REPO},
+            path=REPO,
+        )
+        return collect
+
+    @defer.inlineCallbacks
+    def test_bad_config_exits_nonzero_with_named_key(self):
+        child = self.twistd("[ocpp]\ncall_timeout = -5\n")
+        ended = yield child.ended
+        self.assertNotEqual(ended.exitCode, 0)
+        self.assertIn(b"ocpp.call_timeout: ", child.output)
+
+    @defer.inlineCallbacks
+    def test_broker_refusal_exits_nonzero(self):
+        child = self.twistd(
+            "[listener]\ntcp.port = 0\n"
+            "[amqp]\nurl = amqp://guest:wrong@127.0.0.1:5672/%2F\nconnect_timeout = 5\n",
+        )
+        ended = yield child.ended
+        self.assertEqual(ended.exitCode, 1)
+        self.assertIn(b"ocppgw could not start", child.output)
+        self.assertIn(b"the broker closed the connection during login", child.output)
+        self.assertNotIn(b"wrong", child.output)
+
+    @defer.inlineCallbacks
+    def test_sigterm_closes_chargers_with_1001(self):
+        port = free_port()
+        exchange = unique_name("twistd-test")
+        child = self.twistd(
+            f"[listener]\ntcp.port = {port}\n[amqp]\nurl = {amqp_url()}\nexchange = {exchange}\n",
+            b"listening on ws://",
+        )
+        yield child.ready
+        identity = unique_name("CP")
+        charger = yield FakeCharger.connect(reactor, f"ws://127.0.0.1:{port}/ocpp/{identity}")
+        os.kill(child.transport.pid, signal.SIGTERM)
+        code, _ = yield charger.closed
+        self.assertEqual(code, 1001)
+        ended = yield child.ended
+        # twistd ends by re-raising the signal it stopped for
+        self.assertEqual(ended.signal, signal.SIGTERM)
+        self.assertIn(b"ocppgw stopped", child.output)
+        client = yield BackEndClient.connect(reactor, amqp_url(), exchange)
+        yield client.delete_queue("ocpp." + identity)
+        yield client.delete_exchange(exchange)
+        yield client.close()
