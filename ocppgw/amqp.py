@@ -50,6 +50,7 @@ from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapCl
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python import failure
 
 from ocppgw.config import mask_url
 from ocppgw.session import Delivery, PublishOutcome
@@ -817,6 +818,23 @@ class AmqpBridge:
         return ready
 
 
+def _chain(d: defer.Deferred) -> defer.Deferred:
+    """
+    A new Deferred with C{d}'s result, leaving C{d} usable by others.
+    """
+    chained: defer.Deferred = defer.Deferred()
+
+    def both(result):
+        if isinstance(result, failure.Failure):
+            chained.errback(result)
+        else:
+            chained.callback(result)
+        return result
+
+    d.addBoth(both)
+    return chained
+
+
 class Message:
     """
     A message as a back end sees it (plain fields, no pika types).
@@ -957,11 +975,15 @@ class BackEndClient:
         @raise defer.TimeoutError: when nothing comes back in C{timeout}.
         """
         if self._reply_consumer is None:
-            queue_object, _tag = yield self._channel.basic_consume(
+            # one consumer of the pseudo-queue per channel: the broker
+            # refuses a second one, so concurrent first calls share it
+            self._reply_consumer = self._channel.basic_consume(
                 DIRECT_REPLY_TO, auto_ack=True
             )
-            self._reply_consumer = queue_object
-            self._pump_replies(queue_object)
+            self._reply_consumer.addCallback(
+                lambda result: self._pump_replies(result[0]) or result
+            )
+        yield _chain(self._reply_consumer)
         correlation_id = correlation_id or os.urandom(8).hex()
         waiting: defer.Deferred = defer.Deferred()
         self._replies[correlation_id] = waiting
@@ -973,6 +995,9 @@ class BackEndClient:
             answer = yield waiting
         finally:
             self._replies.pop(correlation_id, None)
+            if not waiting.called:
+                waiting.addErrback(lambda _f: None)
+                waiting.cancel()
         return answer
 
     def _pump_replies(self, queue_object) -> None:

@@ -32,6 +32,7 @@ decoded identity is never echoed into the HTTP status line.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional, Protocol as TypingProtocol
 
 from autobahn.twisted.websocket import (
@@ -171,6 +172,12 @@ class ChargerProtocol(WebSocketServerProtocol):
         self.factory.hub.charger_frame(self, payload)
 
     def onClose(self, wasClean: bool, code, reason):
+        # autobahn leaves its close-handshake timer running when the
+        # charger drops TCP instead of answering our close frame.
+        timer = getattr(self, "closeHandshakeTimeoutCall", None)
+        if timer is not None:
+            timer.cancel()
+            self.closeHandshakeTimeoutCall = None
         if self.identity is not None:
             self.factory.hub.charger_closed(self, code, reason or "")
 
@@ -199,6 +206,72 @@ class ChargerProtocol(WebSocketServerProtocol):
         ):
             self.dropConnection(abort=True)
 
+
+
+class _BucketCall:
+    __slots__ = ("timer", "due", "func", "args", "kwargs")
+
+    def __init__(self, timer, due, func, args, kwargs):
+        self.timer = timer
+        self.due = due
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer._cancel(self)
+            self.timer = None
+
+
+class BucketTimer:
+    """
+    autobahn's per-connection timers (pings, pong and handshake timeouts),
+    batched so that ten thousand chargers share a few reactor timers.
+
+    It replaces txaio's batched timer, which truncates the due time to whole
+    seconds (C{int(now + delay)}): a timeout could fire up to a second
+    early, so a sub-second pong timeout dropped chargers that did answer.
+    Here due times are rounded I{up} to the bucket: never early, at most one
+    bucket late.
+    """
+
+    def __init__(self, reactor, bucket_seconds: float = 0.2) -> None:
+        self._reactor = reactor
+        self._bucket = bucket_seconds
+        # due bucket number -> (IDelayedCall, set of _BucketCall)
+        self._buckets: dict[int, tuple] = {}
+
+    def call_later(self, delay: float, func, *args, **kwargs) -> _BucketCall:
+        now = self._reactor.seconds()
+        due = math.ceil((now + delay) / self._bucket)
+        call = _BucketCall(self, due, func, args, kwargs)
+        bucket = self._buckets.get(due)
+        if bucket is None:
+            delayed = self._reactor.callLater(
+                max(0.0, due * self._bucket - now), self._fire, due
+            )
+            bucket = self._buckets[due] = (delayed, set())
+        bucket[1].add(call)
+        return call
+
+    def _cancel(self, call: _BucketCall) -> None:
+        bucket = self._buckets.get(call.due)
+        if bucket is None:
+            return
+        bucket[1].discard(call)
+        if not bucket[1]:
+            del self._buckets[call.due]
+            bucket[0].cancel()
+
+    def _fire(self, due: int) -> None:
+        _delayed, calls = self._buckets.pop(due)
+        for call in calls:
+            call.timer = None
+            try:
+                call.func(*call.args, **call.kwargs)
+            except Exception:
+                _log.failure("Error in a WebSocket timer")
 
 
 class ChargerFactory(WebSocketServerFactory):
@@ -248,6 +321,11 @@ class ChargerFactory(WebSocketServerFactory):
             maxConnections=max_connections,
             perMessageCompressionAccept=lambda offers: None,
         )
-        options = {name: getattr(self, name) for name in protocol_class.CONFIG_ATTRS}
+        self._batched_timer = BucketTimer(reactor)
+        options = {}
+        for name in protocol_class.CONFIG_ATTRS:
+            value = getattr(self, name)
+            # a function stored on a class would become a method
+            options[name] = staticmethod(value) if callable(value) else value
         options["CONFIG_ATTRS"] = ()
         self.protocol = type(protocol_class.__name__, (protocol_class,), options)

@@ -44,6 +44,9 @@ class GatewayTestCase(unittest.TestCase):
                 "amqp": {
                     "url": amqp_url(),
                     "exchange": self.exchange,
+                    # unique, so that a test closing "its" connection on the
+                    # broker never hits a concurrent run's gateway
+                    "node": unique_name("node"),
                     "consumer_channels": "2",
                     "declare_channels": "2",
                 },
