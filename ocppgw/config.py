@@ -397,12 +397,15 @@ class ShortText:
 
 @dataclass(frozen=True, slots=True)
 class NodeName:
-    """The gateway's name in message headers; empty means this host's name."""
+    """
+    The gateway's name in message headers; empty means host:pid, so that
+    several gateway processes on one host are told apart.
+    """
 
     allowed: ClassVar[str] = ShortText.allowed
 
     def __call__(self, value: object) -> str:
-        return ShortText()(value) or socket.gethostname()
+        return ShortText()(value) or f"{socket.gethostname()}:{os.getpid()}"
 
 
 # The exchange name grammar of the AMQP 0-9-1 specification: RabbitMQ
@@ -621,7 +624,7 @@ SECTIONS: tuple[Section, ...] = (
                "Channels for declaring and binding charger queues, kept apart so that a "
                "failing declare closes no one else's channel."),
         Option("node", NodeName(), "",
-               "Name of this gateway in message headers (empty = the host name)."),
+               "Name of this gateway in message headers (empty = host:pid)."),
     )),
     Section("queue", QueueSettings,
             "Arguments of the per-charger queues ocpp.<identity>, passed to queue.declare "

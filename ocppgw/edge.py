@@ -112,6 +112,8 @@ class ChargerProtocol(WebSocketServerProtocol):
     version: Optional[OcppVersion] = None
     #: set by the hub when the charger is attached, for its own use
     link = None
+    #: open CALLs taken over from a replaced connection, for the hub
+    inherited_calls = None
 
     # autobahn's own logger lives at self.log; ours is _log.
 

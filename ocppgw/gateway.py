@@ -268,6 +268,8 @@ class Gateway:
                 )
                 yield self._detach(previous, replaced=True)
                 previous.close(*CLOSE_REPLACED)
+                # answers to CALLs sent on the old connection still come
+                edge.inherited_calls = previous.session.handover()
             try:
                 yield self.bridge.declare_queue(
                     topology.charger_queue(identity),
@@ -297,6 +299,9 @@ class Gateway:
             edge.close(*CLOSE_REPLACED)
             return
         link = ChargerLink(self, edge, self._reactor)
+        if edge.inherited_calls:
+            link.session.adopt_open_calls(edge.inherited_calls)
+            edge.inherited_calls = None
         edge.link = link
         self.chargers[identity] = link
         link.start_consuming()

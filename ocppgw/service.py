@@ -18,7 +18,6 @@ for the broker to confirm what is in flight, close the AMQP connection.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from typing import Optional, Union
 
@@ -34,13 +33,6 @@ from ocppgw.edge import ChargerFactory
 from ocppgw.gateway import CLOSE_GOING_AWAY, Gateway
 
 _log = Logger()
-
-
-def default_node_name() -> str:
-    """
-    The node name put in message headers when none is configured.
-    """
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _server_endpoint(reactor, host: str, port: int, backlog: int = 1024):
@@ -72,7 +64,7 @@ class GatewayService(service.MultiService):
         self.setName("ocppgw")
         self.settings = settings
         self._reactor = reactor
-        self.node = settings.amqp.node or default_node_name()
+        self.node = settings.amqp.node
         amqp = settings.amqp
         self.bridge = bridge or AmqpBridge(
             reactor,

@@ -249,7 +249,12 @@ class FakeBackEnd:
 
     def _dispatch(self, message: Message) -> None:
         handler = self._handlers.get(message.type or "")
-        if handler is not None and message.routing_key.endswith(".req"):
+        if (
+            handler is not None
+            and message.routing_key.endswith(".req")
+            # the gateway's own offline StatusNotification expects no answer
+            and not message.headers.get("x-ocppgw-synthetic")
+        ):
             frame = orjson.loads(message.body)
             payload = handler(message, frame[3])
             self.client.send_to_charger(

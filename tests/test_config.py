@@ -122,7 +122,7 @@ class DefaultsTests(SynchronousTestCase):
                 publish_channels=1,
                 consumer_channels=4,
                 declare_channels=4,
-                node=socket.gethostname(),
+                node=f"{socket.gethostname()}:{os.getpid()}",
             ),
         )
         self.assertEqual(
@@ -289,7 +289,7 @@ class EveryKeyTests(SynchronousTestCase):
     def test_emptyNodeIsHostName(self) -> None:
         """An empty node name means this host's name."""
         settings = config.parse("[amqp]\nnode =\n")
-        self.assertEqual(settings.amqp.node, socket.gethostname())
+        self.assertEqual(settings.amqp.node, f"{socket.gethostname()}:{os.getpid()}")
 
     def test_inlineComments(self) -> None:
         """C{#} and C{;} after whitespace start a comment; within a value they do not."""
@@ -692,6 +692,14 @@ class GeneratedDocsTests(SynchronousTestCase):
         """
         shipped = (ROOT / "etc" / "ocppgw.ini").read_text(encoding="utf-8")
         self.assertEqual(shipped, config.render_ini())
+
+    def test_readmeHasTheReferenceTable(self) -> None:
+        """
+        The README's configuration reference is the generated table; after
+        changing the option table, paste C{python -m ocppgw.config --markdown}.
+        """
+        readme = (ROOT / "README.md").read_text(encoding="utf-8")
+        self.assertIn(config.render_markdown().strip(), readme)
 
     def test_shippedIniIsDefaults(self) -> None:
         self.assertEqual(config.load(ROOT / "etc" / "ocppgw.ini"), config.defaults())

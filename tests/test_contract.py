@@ -373,3 +373,23 @@ class ConflictingQueueTests(GatewayTestCase):
         )
         command = yield neighbour.next_call()
         self.assertEqual(command[1], "n1")
+
+
+class ReplacementTests(GatewayTestCase):
+    @defer.inlineCallbacks
+    def test_answer_reaches_replacing_connection(self):
+        """
+        The CSMS's answer to a CALL sent on a connection that has since
+        been replaced reaches the new connection (it is not rejected).
+        """
+        identity = self.identity()
+        old = yield self.connect(identity)
+        old.send([2, "before", "Heartbeat", {}])
+        request = yield self.backend.next_message("ocpp16.Heartbeat.req")
+        new = yield self.connect(identity)
+        yield old.closed
+        yield self.backend.send_to_charger(
+            identity, [3, request.correlation_id, {"currentTime": "2026-01-01T00:00:00Z"}]
+        )
+        answer = yield new.other.get()
+        self.assertEqual(answer[:2], [3, "before"])
