@@ -1,0 +1,31 @@
+# ocppgw developer tasks; `make run` and `make test` are the README's
+# quick start. The virtualenv is .venv (override with VENV=...).
+
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= etc/ocppgw.ini
+
+.PHONY: venv run test clean
+
+venv: $(VENV)/.installed
+
+# editable_mode=compat puts the checkout itself on sys.path: Twisted finds
+# plugins by scanning sys.path for twisted/plugins/, which the default
+# (PEP 660 import hook) editable install does not expose, so twistd would
+# not know "ocppgw".
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+# The gateway in the foreground against the broker in $(CONFIG); Ctrl-C stops it.
+run: venv
+	$(VENV)/bin/twistd -n --pidfile= ocppgw --config $(CONFIG)
+
+# Starts the local RabbitMQ if it is down (see .ci/ensure-rabbitmq).
+test: venv
+	PYTHON=$(VENV)/bin/python .ci/ensure-rabbitmq
+	$(VENV)/bin/python -m twisted.trial --reactor=asyncio tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info _trial_temp* .hypothesis twisted/plugins/dropin.cache
