@@ -1,0 +1,326 @@
+"""
+What every benchmark shares: starting the server under test and its
+helpers as separate processes, reading their CPU time and memory from
+/proc, the broker's memory, the load-generator pool, and printing tables.
+
+Figures are per-process CPU time (user + system, from /proc/<pid>/stat),
+not wall-clock, so that they stay meaningful on a machine that is busy with
+other work.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from array import array
+from typing import Optional
+
+AMQP_URL = os.environ.get("OCPPGW_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+#: what can be benchmarked: the gateway and the two baselines
+TARGETS = ("gateway", "bridge", "echo")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (its threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def memory(pid: int) -> dict:
+    """RSS and peak RSS (VmHWM) in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value, _unit = line.split()
+                out[key[:-1]] = int(value) * 1024
+    return {"rss": out["VmRSS"], "hwm": out["VmHWM"]}
+
+
+def self_cpu() -> float:
+    return time.process_time()
+
+
+def broker_memory() -> Optional[int]:
+    """The broker's Erlang-allocated memory in bytes (rabbitmqctl status)."""
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", "status", "--formatter", "json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+        return int(json.loads(out)["memory"]["total"]["erlang"])
+    except Exception as error:  # a benchmark without this figure still runs
+        print(f"  (broker memory unavailable: {error})", file=sys.stderr)
+        return None
+
+
+def broker_pid() -> Optional[int]:
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", "status", "--formatter", "json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+        return int(json.loads(out)["pid"])
+    except Exception:
+        return None
+
+
+class Proc:
+    """A helper process (server under test, worker) we started."""
+
+    def __init__(self, name: str, argv: list, env: Optional[dict] = None) -> None:
+        self.name = name
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
+        self.popen = subprocess.Popen(
+            argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
+        )
+        self.pid = self.popen.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def memory(self) -> dict:
+        return memory(self.pid)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def signal(self, sig) -> None:
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        os.unlink(self.log.name)
+
+
+def wait_listening(port: int, proc: Proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} did not listen on {port}:\n{proc.output()[-3000:]}")
+
+
+def wait_line(proc: Proc, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in proc.output():
+            return
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} not ready:\n{proc.output()[-3000:]}")
+
+
+def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int = 600000,
+                extra: str = "") -> str:
+    """A gateway configuration for a benchmark run (a temporary INI file)."""
+    text = f"""[listener]
+tcp.ip = 127.0.0.1
+tcp.port = {port}
+max_connections = 200000
+[websocket]
+ws_opts.idle_timeout = {ping:g}
+handshake_timeout = 60
+[amqp]
+url = {AMQP_URL}
+exchange = {exchange}
+node = {unique('bench')}
+[queue]
+x-expires = {expires_ms}
+{extra}
+"""
+    f = tempfile.NamedTemporaryFile("w", prefix="bench-gw-", suffix=".ini", delete=False)
+    f.write(text)
+    f.close()
+    return f.name
+
+
+def start_target(target: str, port: int, exchange: str, *, ping: float = 60,
+                 expires_ms: int = 600000) -> Proc:
+    """
+    Start the server under test as its own process and wait until it listens.
+
+    The gateway runs as C{twistd -n ocppgw} with a generated configuration,
+    exactly as in production (default reactor: epoll).
+    """
+    python = sys.executable
+    if target == "gateway":
+        ini = gateway_ini(port, exchange, ping=ping, expires_ms=expires_ms)
+        twistd = os.path.join(os.path.dirname(python), "twistd")
+        argv = [twistd, "-n", "--pidfile=", "ocppgw", "--config", ini]
+    elif target == "bridge":
+        argv = [python, os.path.join(HERE, "bare_bridge.py"), str(port), exchange, AMQP_URL, str(ping)]
+    elif target == "echo":
+        argv = [python, os.path.join(HERE, "bare_echo.py"), str(port), str(ping)]
+    else:
+        raise ValueError(target)
+    proc = Proc(target, argv)
+    wait_listening(port, proc)
+    if target == "bridge":
+        wait_line(proc, "bridge ready")
+    return proc
+
+
+def start_worker(exchange: str, keys: list, name: str = "worker") -> Proc:
+    """The CSMS worker that answers charger CALLs (bench/worker.py)."""
+    argv = [sys.executable, os.path.join(HERE, "worker.py"), AMQP_URL, exchange, *keys]
+    proc = Proc(name, argv)
+    wait_line(proc, "worker ready")
+    return proc
+
+
+def delete_amqp(exchange: Optional[str], queues: list) -> float:
+    """Delete a run's queues and exchange; returns the seconds it took."""
+    import pika
+
+    started = time.monotonic()
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    for queue in queues:
+        channel.queue_delete(queue)
+    if exchange:
+        channel.exchange_delete(exchange)
+    connection.close()
+    return time.monotonic() - started
+
+
+def percentiles(samples, points=(50, 99, 99.9)) -> dict:
+    if not samples:
+        return {f"p{p:g}": None for p in points}
+    ordered = sorted(samples)
+    n = len(ordered)
+    return {f"p{p:g}": ordered[min(n - 1, int(n * p / 100))] for p in points}
+
+
+def ms(value) -> str:
+    return "-" if value is None else f"{value * 1000:.2f} ms"
+
+
+# -- the load-generator pool ---------------------------------------------------
+
+
+class LoadGen:
+    """
+    Several load-generator processes (bench/loadgen.py), driven in lock-step:
+    every command goes to all of them and their answers are gathered.
+    """
+
+    def __init__(self, procs: int) -> None:
+        from bench import loadgen
+
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes = []
+        self.procs = []
+        for index in range(procs):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=loadgen.main, args=(child, index), daemon=True)
+            p.start()
+            self.pipes.append(parent)
+            self.procs.append(p)
+
+    def __len__(self) -> int:
+        return len(self.procs)
+
+    def send(self, commands: list) -> list:
+        for pipe, command in zip(self.pipes, commands):
+            pipe.send(command)
+        return [pipe.recv() for pipe in self.pipes]
+
+    def all(self, name: str, **kwargs) -> list:
+        return self.send([(name, kwargs)] * len(self.pipes))
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("exit", {}))
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+
+def split(items: list, parts: int) -> list:
+    return [items[i::parts] for i in range(parts)]
+
+
+def merge_samples(results: list, key: str) -> array:
+    out = array("d")
+    for r in results:
+        out.frombytes(r[key])
+    return out
+
+
+def ws_url(port: int, identity: str) -> str:
+    return f"ws://127.0.0.1:{port}/ocpp/{identity}"
+
+
+def print_table(title: str, rows: list) -> None:
+    print(f"\n{title}")
+    width = max(len(r[0]) for r in rows)
+    for name, *values in rows:
+        print(f"  {name:<{width}}  " + "  ".join(str(v) for v in values))
+
+
+def write_json(path: Optional[str], data: dict) -> None:
+    if path:
+        data = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "machine": machine(), **data}
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+
+
+def machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except Exception:
+        model = "?"
+    load = os.getloadavg()
+    return f"{os.cpu_count()} cores, {model}, load {load[0]:.2f}"

@@ -1,0 +1,105 @@
+"""
+idle: N chargers connect, boot and stay idle with pings on.
+
+Prints the server's RSS per charger (RSS delta / N once the chargers have
+been idle for a while), the broker's memory per charger (Erlang memory
+delta from `rabbitmqctl status`), and the CPU the server spends while they
+idle (pings every --ping seconds).
+
+    python -m bench.idle                      # 10,000 chargers, gateway
+    python -m bench.idle -n 2000 --targets gateway,bridge,echo
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench._common import (
+    LoadGen, broker_memory, delete_amqp, free_port, print_table, split, start_target,
+    start_worker, unique, write_json, ws_url,
+)
+from bench.roundtrip import WORKER_KEYS
+
+
+def bench_target(target: str, args) -> dict:
+    exchange = unique("bench-idle")
+    port = free_port()
+    identities = [unique("id") for _ in range(args.chargers)]
+    server = start_target(target, port, exchange, ping=args.ping)
+    worker = start_worker(exchange, WORKER_KEYS) if target != "echo" else None
+    loadgen = LoadGen(args.procs)
+    result: dict = {"target": target, "chargers": args.chargers, "ping": args.ping}
+    try:
+        time.sleep(1.0)
+        rss0 = server.memory()["rss"]
+        broker0 = broker_memory()
+        urls = [ws_url(port, i) for i in identities]
+        runs = loadgen.send([("connect", {"urls": part}) for part in split(urls, len(loadgen))])
+        booted = sum(r.get("booted", 0) for r in runs)
+        result["booted"] = booted
+        time.sleep(2.0)  # let the last consumers settle
+        cpu0 = server.cpu()
+        idle = loadgen.all("idle", seconds=args.seconds)
+        cpu1 = server.cpu()
+        rss1 = server.memory()["rss"]
+        broker1 = broker_memory()
+        result.update({
+            "open": sum(r["open"] for r in idle),
+            "pings": sum(r["pings"] for r in idle),
+            "rss_before": rss0, "rss_after": rss1,
+            "rss_per_charger": (rss1 - rss0) / max(1, booted),
+            "broker_per_charger": (broker1 - broker0) / max(1, booted)
+            if broker0 is not None and broker1 is not None else None,
+            "idle_cpu_pct": 100 * (cpu1 - cpu0) / args.seconds,
+            "loadgen_cpu_pct": 100 * sum(r["cpu"] for r in idle) / args.seconds,
+        })
+        loadgen.all("close")
+    finally:
+        loadgen.close()
+        if worker is not None:
+            worker.stop()
+        server.stop()
+        if target == "gateway":
+            delete_amqp(exchange, ["ocpp." + i for i in identities])
+        elif target == "bridge":
+            delete_amqp(exchange, [])
+    return result
+
+
+def report(results) -> None:
+    base = {r["target"]: r for r in results}
+    for r in results:
+        rows = [
+            ("chargers booted / open after idle", f"{r['booted']} / {r['open']}"),
+            ("server RSS per charger", f"{r['rss_per_charger'] / 1024:.1f} KiB",
+             f"({r['rss_before'] / 2**20:.0f} -> {r['rss_after'] / 2**20:.0f} MiB)"),
+            ("broker memory per charger",
+             "-" if r["broker_per_charger"] is None else f"{r['broker_per_charger'] / 1024:.1f} KiB"),
+            (f"server CPU while idle (pings every {r['ping']:g} s)", f"{r['idle_cpu_pct']:.2f} %",
+             f"pings answered {r['pings']}", f"load generators {r['loadgen_cpu_pct']:.2f} %"),
+        ]
+        for ref in ("echo", "bridge"):
+            if ref in base and ref != r["target"]:
+                rows.append((f"RSS per charger vs {ref}",
+                             f"{r['rss_per_charger'] / max(1, base[ref]['rss_per_charger']):.2f}x"))
+        print_table(f"idle: {r['target']}, {r['chargers']} chargers (plain ws)", rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "--chargers", type=int, default=10000)
+    parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=30.0, help="idle time measured")
+    parser.add_argument("--ping", type=float, default=10.0, help="server ping interval")
+    parser.add_argument("--targets", default="gateway")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    results = [bench_target(t, args) for t in args.targets.split(",")]
+    report(results)
+    write_json(args.json, {"benchmark": "idle", "args": vars(args), "results": results})
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""
+One load-generator process: many chargers over raw asyncio sockets.
+
+The WebSocket client is written for the benchmark so that the load
+generator stays cheap: no handshake checks beyond the status line, a zero
+masking key (legal, and it makes masking a copy), no compression, frames
+parsed in place. Each charger answers server pings and CSMS CALLs at once.
+
+The process is driven over a pipe by bench/_common.LoadGen; every command
+returns a dict that includes the process's own CPU time, so the benchmark
+can show that the load generator was not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from array import array
+
+import orjson
+
+_HANDSHAKE = (
+    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ocpp1.6\r\n\r\n"
+)
+_MASK = b"\0\0\0\0"
+
+BOOT = b',"BootNotification",{"chargePointVendor":"bench","chargePointModel":"m1"}]'
+HEARTBEAT = b',"Heartbeat",{}]'
+
+
+def encode(payload: bytes, opcode: int = 1) -> bytes:
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        header = bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 | opcode, 0xFF)) + n.to_bytes(8, "big")
+    return header + _MASK + payload
+
+
+class Charger(asyncio.Protocol):
+    __slots__ = ("host", "path", "transport", "buf", "is_open", "status", "opened", "closed",
+                 "pending", "seq", "on_answer", "t_start", "t_open", "pings", "commands")
+
+    def __init__(self, path: str, opened: asyncio.Future) -> None:
+        self.path = path
+        self.transport = None
+        self.buf = b""
+        self.is_open = False
+        self.status = None
+        self.opened = opened
+        self.closed = None
+        self.pending: dict = {}
+        self.seq = 0
+        self.on_answer = None
+        self.t_start = time.perf_counter()
+        self.t_open = None
+        self.pings = 0
+        self.commands = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(_HANDSHAKE.format(path=self.path).encode())
+
+    def connection_lost(self, exc) -> None:
+        self.is_open = False
+        if not self.opened.done():
+            self.opened.set_result(False)
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        if not self.is_open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            self.status = int(buf[9:12])
+            buf = buf[end + 4:]
+            if self.status != 101:
+                self.transport.close()
+                self.opened.set_result(False)
+                return
+            self.is_open = True
+            self.t_open = time.perf_counter()
+            self.opened.set_result(True)
+        pos, n = 0, len(buf)
+        while n - pos >= 2:
+            b0, length = buf[pos], buf[pos + 1] & 0x7F
+            head = 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+            if n - pos < head + length:
+                break
+            payload = buf[pos + head:pos + head + length]
+            pos += head + length
+            opcode = b0 & 0x0F
+            if opcode == 1:
+                self.text(payload)
+            elif opcode == 9:
+                self.pings += 1
+                self.transport.write(encode(payload, 0xA))
+            elif opcode == 8:
+                self.transport.write(encode(payload[:2], 0x8))
+                self.transport.close()
+                self.is_open = False
+                break
+        self.buf = buf[pos:] if pos < n else b""
+
+    def text(self, payload: bytes) -> None:
+        frame = orjson.loads(payload)
+        kind, message_id = frame[0], frame[1]
+        sent = self.pending.pop(message_id, None)
+        if sent is not None:  # an answer to our CALL (or its echo)
+            if self.on_answer is not None:
+                self.on_answer(self, time.perf_counter() - sent, kind)
+            return
+        if kind == 2:  # a CSMS command: accept it at once
+            self.commands += 1
+            self.transport.write(encode(b'[3,"' + message_id.encode() + b'",{"status":"Accepted"}]'))
+
+    def call(self, tail: bytes) -> None:
+        self.seq += 1
+        message_id = str(self.seq)
+        self.pending[message_id] = time.perf_counter()
+        self.transport.write(encode(b'[2,"' + message_id.encode() + b'"' + tail))
+
+    def close(self) -> None:
+        if self.is_open:
+            self.transport.write(encode(b"\x03\xe8", 0x8))
+        self.closed = asyncio.get_running_loop().create_future()
+        self.transport.close()
+
+
+class Runner:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.chargers: list[Charger] = []
+
+    async def connect(self, urls, boot=True, spread=0.0):
+        """Connect every URL at once; each sends BootNotification when open."""
+        loop = asyncio.get_running_loop()
+        connect_lat = array("d")
+        boot_lat = array("d")
+        refused: dict = {}
+        done = loop.create_future()
+        remaining = [len(urls)]
+        last = [0.0]
+
+        def finished():
+            remaining[0] -= 1
+            if remaining[0] == 0 and not done.done():
+                done.set_result(None)
+
+        def answered(charger, _latency, _kind):
+            boot_lat.append(time.perf_counter() - charger.t_start)
+            charger.on_answer = None
+            last[0] = time.time()
+            finished()
+
+        async def one(url):
+            host_port, path = url[5:].split("/", 1)
+            host, port = host_port.split(":")
+            opened = loop.create_future()
+            charger = Charger("/" + path, opened)
+            try:
+                await loop.create_connection(lambda: charger, host, int(port))
+            except OSError as error:
+                refused[type(error).__name__] = refused.get(type(error).__name__, 0) + 1
+                finished()
+                return
+            if not await opened:
+                key = str(charger.status or "dropped")
+                refused[key] = refused.get(key, 0) + 1
+                finished()
+                return
+            connect_lat.append(charger.t_open - charger.t_start)
+            self.chargers.append(charger)
+            if boot:
+                charger.on_answer = answered
+                charger.call(BOOT)
+            else:
+                last[0] = time.time()
+                finished()
+
+        started = time.time()
+        cpu0 = time.process_time()
+        tasks = []
+        for i, url in enumerate(urls):
+            tasks.append(loop.create_task(one(url)))
+            if spread and i % 100 == 99:
+                await asyncio.sleep(spread)
+        if urls:
+            await done
+        return {
+            "connected": len(connect_lat), "booted": len(boot_lat), "refused": refused,
+            "started": started, "last": last[0],
+            "connect": connect_lat.tobytes(), "boot": boot_lat.tobytes(),
+            "cpu": time.process_time() - cpu0,
+        }
+
+    async def closed_loop(self, seconds, chargers=None):
+        """Every charger keeps one Heartbeat CALL outstanding for C{seconds}."""
+        loop = asyncio.get_running_loop()
+        lat = array("d")
+        stop = [False]
+        active = self.chargers if chargers is None else self.chargers[:chargers]
+
+        def answered(charger, latency, _kind):
+            lat.append(latency)
+            if not stop[0]:
+                charger.call(HEARTBEAT)
+
+        cpu0 = time.process_time()
+        for charger in active:
+            charger.on_answer = answered
+            charger.call(HEARTBEAT)
+        await asyncio.sleep(seconds)
+        stop[0] = True
+        count = len(lat)
+        await asyncio.sleep(0.5)  # let the last answers in
+        for charger in active:
+            charger.on_answer = None
+            charger.pending.clear()
+        return {"count": count, "lat": lat.tobytes(), "cpu": time.process_time() - cpu0}
+
+    async def open_loop(self, rate, seconds):
+        """Offer C{rate} CALLs/s spread over the chargers for C{seconds}."""
+        loop = asyncio.get_running_loop()
+        lat = array("d")
+        chargers = [c for c in self.chargers if c.is_open]
+
+        def answered(_charger, latency, _kind):
+            lat.append(latency)
+
+        for charger in chargers:
+            charger.on_answer = answered
+        cpu0 = time.process_time()
+        start = loop.time()
+        sent = 0
+        i = 0
+        total = int(rate * seconds)
+        while sent < total:
+            due = int((loop.time() - start) * rate) + 1
+            while sent < min(due, total):
+                chargers[i].call(HEARTBEAT)
+                i = (i + 1) % len(chargers)
+                sent += 1
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(1.0)
+        lost = sum(len(c.pending) for c in chargers)
+        for charger in chargers:
+            charger.on_answer = None
+            charger.pending.clear()
+        return {"sent": sent, "answered": len(lat), "lost": lost, "lat": lat.tobytes(),
+                "cpu": time.process_time() - cpu0}
+
+    async def idle(self, seconds):
+        cpu0 = time.process_time()
+        pings0 = sum(c.pings for c in self.chargers)
+        await asyncio.sleep(seconds)
+        return {"open": sum(c.is_open for c in self.chargers),
+                "pings": sum(c.pings for c in self.chargers) - pings0,
+                "cpu": time.process_time() - cpu0}
+
+    async def stats(self):
+        return {"open": sum(c.is_open for c in self.chargers),
+                "commands": sum(c.commands for c in self.chargers),
+                "cpu": time.process_time()}
+
+    async def close(self):
+        closing = []
+        for charger in self.chargers:
+            charger.close()
+            closing.append(charger.closed)
+        if closing:
+            await asyncio.wait(closing, timeout=10)
+        self.chargers = []
+        return {"cpu": time.process_time()}
+
+
+async def _serve(pipe, index: int) -> None:
+    loop = asyncio.get_running_loop()
+    runner = Runner(index)
+    while True:
+        name, kwargs = await loop.run_in_executor(None, pipe.recv)
+        if name == "exit":
+            return
+        try:
+            result = await getattr(runner, name)(**kwargs)
+        except Exception as error:  # report, do not hang the orchestrator
+            result = {"error": repr(error)}
+        pipe.send(result)
+
+
+def main(pipe, index: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    asyncio.run(_serve(pipe, index))

@@ -1,0 +1,217 @@
+"""
+roundtrip: C chargers send CALLs answered by a worker through RabbitMQ.
+
+Prints, per target (the gateway and, with --targets, the baselines):
+
+- one charger alone: p50/p99 latency;
+- saturation: every charger keeps one Heartbeat outstanding; round trips/s
+  and the CPU each process spent per round trip (server under test,
+  worker, load generators, broker);
+- fixed offered rates (fractions of that saturation): p50/p99/p99.9;
+- CSMS -> charger commands (gateway only): saturation and latency at 50 %.
+
+    python -m bench.roundtrip                         # 1,000 chargers, gateway
+    python -m bench.roundtrip --targets gateway,bridge,echo --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from bench._common import (
+    AMQP_URL, HERE, LoadGen, broker_pid, cpu_seconds, delete_amqp, merge_samples, ms,
+    percentiles, print_table, split, start_target, start_worker, unique, free_port,
+    ws_url, write_json,
+)
+
+WORKER_KEYS = ["ocpp16.Heartbeat.req", "ocpp16.BootNotification.req", "bare.req"]
+
+
+class Meter:
+    """CPU seconds of each process taking part, between two snapshots."""
+
+    def __init__(self, server, worker, loadgen, broker):
+        self.pids = {"server": server.pid}
+        if worker is not None:
+            self.pids["worker"] = worker.pid
+        if broker:
+            self.pids["broker"] = broker
+        self.loadgen = loadgen
+
+    def snapshot(self) -> dict:
+        out = {}
+        for name, pid in self.pids.items():
+            try:
+                out[name] = cpu_seconds(pid)
+            except OSError:
+                out[name] = 0.0
+        out["loadgen"] = self.loadgen.cpu()
+        out["t"] = time.monotonic()
+        return out
+
+    @staticmethod
+    def delta(a: dict, b: dict) -> dict:
+        return {k: b[k] - a[k] for k in a}
+
+
+def per_rt(delta: dict, count: int) -> dict:
+    """CPU microseconds per round trip, per process, and each one's load."""
+    wall = delta["t"]
+    return {k: {"us_per_rt": v / max(count, 1) * 1e6, "cpu_pct": 100 * v / wall}
+            for k, v in delta.items() if k != "t"}
+
+
+def cpu_cells(cpu: dict) -> str:
+    return ", ".join(f"{k} {v['us_per_rt']:.0f} µs ({v['cpu_pct']:.0f} %)" for k, v in cpu.items())
+
+
+def run_commands(exchange, identities, seconds, rate, meter):
+    before = meter.snapshot()
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "commander.py"), AMQP_URL, exchange,
+         str(seconds), str(rate), *identities],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    after = meter.snapshot()
+    result = json.loads(out.strip().splitlines()[-1])
+    delta = Meter.delta(before, after)
+    return result, delta
+
+
+def bench_target(target: str, args) -> dict:
+    exchange = unique("bench-rt")
+    port = free_port()
+    identities = [unique("rt") for _ in range(args.chargers)]
+    server = start_target(target, port, exchange, ping=60)
+    worker = start_worker(exchange, WORKER_KEYS) if target != "echo" else None
+    loadgen = LoadGen(args.procs)
+    meter = Meter(server, worker, loadgen, broker_pid())
+    result: dict = {"target": target, "chargers": args.chargers}
+    try:
+        urls = [ws_url(port, i) for i in identities]
+        connected = loadgen.send([("connect", {"urls": part}) for part in split(urls, len(loadgen))])
+        errors = [r["error"] for r in connected if "error" in r]
+        if errors:
+            raise RuntimeError(errors[0])
+        booted = sum(r["booted"] for r in connected)
+        result["booted"] = booted
+        if booted < args.chargers:
+            print(f"  only {booted} of {args.chargers} chargers booted", file=sys.stderr)
+
+        # one charger alone
+        commands = [("closed_loop", {"seconds": args.seconds, "chargers": 1})]
+        commands += [("idle", {"seconds": args.seconds})] * (len(loadgen) - 1)
+        alone = loadgen.send(commands)[0]
+        result["alone"] = {"rate": alone["count"] / args.seconds,
+                           **percentiles(merge_samples([alone], "lat"))}
+
+        # saturation
+        before = meter.snapshot()
+        sat = loadgen.all("closed_loop", seconds=args.seconds)
+        after = meter.snapshot()
+        count = sum(r["count"] for r in sat)
+        rate = count / args.seconds
+        result["saturation"] = {
+            "rate": rate, **percentiles(merge_samples(sat, "lat")),
+            "cpu": per_rt(Meter.delta(before, after), count),
+        }
+
+        result["fixed"] = []
+        for fraction in args.fractions:
+            offered = rate * fraction
+            before = meter.snapshot()
+            runs = loadgen.all("open_loop", rate=offered / len(loadgen), seconds=args.seconds)
+            after = meter.snapshot()
+            answered = sum(r["answered"] for r in runs)
+            result["fixed"].append({
+                "fraction": fraction, "offered": offered, "answered": answered,
+                "lost": sum(r["lost"] for r in runs),
+                **percentiles(merge_samples(runs, "lat")),
+                "cpu": per_rt(Meter.delta(before, after), answered),
+            })
+
+        if target == "gateway" and args.commands:
+            sample = identities[: args.command_chargers]
+            res, delta = run_commands(exchange, sample, args.seconds, 0, meter)
+            cmd_rate = res["count"] / args.seconds
+            result["commands"] = {"rate": cmd_rate, **percentiles(res["lat"]),
+                                  "cpu": per_rt(delta, res["count"]),
+                                  "commander_cpu_s": res["cpu"]}
+            res, delta = run_commands(exchange, sample, args.seconds, cmd_rate * 0.5, meter)
+            result["commands_50"] = {"offered": cmd_rate * 0.5, "answered": res["answered"],
+                                     "lost": res["lost"], **percentiles(res["lat"]),
+                                     "cpu": per_rt(delta, res["answered"])}
+        result["server_memory"] = server.memory()
+        loadgen.all("close")
+    finally:
+        loadgen.close()
+        if worker is not None:
+            worker.stop()
+        server.stop()
+        if target == "gateway":
+            delete_amqp(exchange, ["ocpp." + i for i in identities])
+        elif target == "bridge":
+            delete_amqp(exchange, [])
+    return result
+
+
+def report(results: list) -> None:
+    base = {r["target"]: r for r in results}
+    for r in results:
+        rows = [
+            ("one charger alone", f"{r['alone']['rate']:.0f}/s",
+             f"p50 {ms(r['alone']['p50'])}", f"p99 {ms(r['alone']['p99'])}"),
+            ("saturation", f"{r['saturation']['rate']:.0f} rt/s",
+             f"p50 {ms(r['saturation']['p50'])}", f"p99 {ms(r['saturation']['p99'])}"),
+            ("  CPU per round trip", cpu_cells(r["saturation"]["cpu"])),
+        ]
+        for ref in ("bridge", "echo"):
+            if ref in base and ref != r["target"]:
+                ratio = r["saturation"]["rate"] / base[ref]["saturation"]["rate"]
+                rows.append((f"  rate vs {ref}", f"{ratio:.2f}x"))
+        for f in r["fixed"]:
+            rows.append((f"offered {f['fraction'] * 100:.0f} % ({f['offered']:.0f}/s)",
+                         f"got {f['answered'] / max(1, f['offered']) / ARGS.seconds * 100:.0f} %",
+                         f"p50 {ms(f['p50'])}", f"p99 {ms(f['p99'])}", f"p99.9 {ms(f['p99.9'])}",
+                         f"server {f['cpu']['server']['us_per_rt']:.0f} µs/rt"))
+        if "commands" in r:
+            c, c50 = r["commands"], r["commands_50"]
+            rows += [
+                ("CSMS commands, saturation", f"{c['rate']:.0f}/s", f"p50 {ms(c['p50'])}",
+                 f"p99 {ms(c['p99'])}", f"server {c['cpu']['server']['us_per_rt']:.0f} µs/cmd",
+                 f"commander {c['commander_cpu_s'] / max(1, c['rate'] * ARGS.seconds) * 1e6:.0f} µs/cmd"),
+                ("CSMS commands at 50 %", f"{c50['offered']:.0f}/s", f"p50 {ms(c50['p50'])}",
+                 f"p99 {ms(c50['p99'])}", f"p99.9 {ms(c50['p99.9'])}", f"lost {c50['lost']}"),
+            ]
+        rows.append(("server RSS", f"{r['server_memory']['rss'] / 2**20:.1f} MiB"))
+        print_table(f"roundtrip: {r['target']}, {r['chargers']} chargers, {ARGS.procs} load processes", rows)
+
+
+def main(argv=None) -> list:
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--chargers", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--procs", type=int, default=4, help="load-generator processes")
+    parser.add_argument("--fractions", default="0.25,0.5,0.75")
+    parser.add_argument("--targets", default="gateway", help="gateway,bridge,echo")
+    parser.add_argument("--no-commands", dest="commands", action="store_false")
+    parser.add_argument("--command-chargers", type=int, default=1000)
+    parser.add_argument("--json", help="write the figures to this file")
+    ARGS = args = parser.parse_args(argv)
+    args.fractions = [float(f) for f in args.fractions.split(",") if f]
+    results = [bench_target(t, args) for t in args.targets.split(",")]
+    report(results)
+    write_json(args.json, {"benchmark": "roundtrip", "args": vars(args), "results": results})
+    return results
+
+
+ARGS = None
+
+if __name__ == "__main__":
+    main()
