@@ -52,6 +52,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import failure
 
+from ocppgw.amqpwire import encode_ack, encode_publish
 from ocppgw.config import mask_url
 from ocppgw.session import Delivery, PublishOutcome
 
@@ -134,6 +135,8 @@ class _ConfirmChannel(_Channel):
         self._backlog: deque = deque()
         self._prefix = f"{channel.channel_number}.{os.urandom(4).hex()}."
         self._prefix_len = len(self._prefix)
+        # pika's body chunk size is frame_max minus the frame's 8 bytes
+        self._frame_max = channel.connection._body_max_length + 8
         self._on_closed = on_closed
         self._drained: list[defer.Deferred] = []
         channel.add_on_return_callback(self._on_return)
@@ -159,11 +162,19 @@ class _ConfirmChannel(_Channel):
         self._send(exchange, routing_key, body, properties, mandatory, on_outcome)
 
     def _send(self, exchange, routing_key, body, properties, mandatory, on_outcome):
+        channel = self.channel
+        if not channel.is_open:
+            if on_outcome is not None:
+                on_outcome(_FAILED)
+            return
+        # the broker numbers the channel's publishes 1, 2, ...: so do we
         self._seq += 1
         seq = self._seq
-        properties.message_id = self._prefix + str(seq)
         self._pending[seq] = [on_outcome, False]
-        self.channel.basic_publish(exchange, routing_key, body, properties, mandatory)
+        # encoded here rather than by pika: see ocppgw.amqpwire
+        channel.connection._output_marshaled_frames((encode_publish(
+            channel.channel_number, self._frame_max, exchange, routing_key, mandatory,
+            body, message_id=self._prefix + str(seq), **properties),))
 
     def _on_return(self, _channel, _method, properties, _body) -> None:
         # RabbitMQ sends basic.return before the ack of the same publish.
@@ -343,8 +354,11 @@ class Consumer:
             on_lost(why)
 
     def ack(self, delivery: Delivery) -> None:
-        if self._cc.open:
-            self._cc.channel.basic_ack(delivery.tag)
+        channel = self._cc.channel
+        if channel.is_open:
+            # pika's basic_ack, encoded directly (see ocppgw.amqpwire)
+            channel.connection._output_marshaled_frames(
+                (encode_ack(channel.channel_number, delivery.tag),))
 
     def reject(self, delivery: Delivery) -> None:
         if self._cc.open:
@@ -731,16 +745,16 @@ class AmqpBridge:
             if on_outcome is not None:
                 on_outcome(_FAILED)
             return
-        properties = pika.BasicProperties(
-            content_type="application/json",
-            delivery_mode=_PERSISTENT if persistent else None,
-            correlation_id=correlation_id,
-            type=type,
-            reply_to=reply_to,
-            timestamp=int(time.time()),
-            app_id="ocppgw",
-            headers=headers,
-        )
+        properties = {
+            "content_type": "application/json",
+            "persistent": persistent,
+            "correlation_id": correlation_id,
+            "type": type,
+            "reply_to": reply_to,
+            "timestamp": int(time.time()),
+            "app_id": "ocppgw",
+            "headers": headers,
+        }
         publisher.publish(
             self.exchange if exchange is None else exchange,
             routing_key,

@@ -1,0 +1,85 @@
+"""
+The directly encoded publish and ack frames are byte for byte pika's.
+"""
+
+from pika import frame, spec
+from twisted.trial import unittest
+
+from ocppgw.amqpwire import encode_ack, encode_publish
+
+
+def pika_publish(channel, frame_max, exchange, routing_key, mandatory, body, properties):
+    out = [
+        frame.Method(channel, spec.Basic.Publish(
+            exchange=exchange, routing_key=routing_key, mandatory=mandatory)).marshal(),
+        frame.Header(channel, len(body), properties).marshal(),
+    ]
+    chunk = frame_max - 8
+    for start in range(0, len(body), chunk):
+        out.append(frame.Body(channel, body[start:start + chunk]).marshal())
+    return b"".join(out)
+
+
+class PublishTests(unittest.TestCase):
+    def test_all_properties(self):
+        headers = {"x-ocpp-identity": "CP 1|é", "x-ocpp-version": "ocpp1.6",
+                   "x-ocppgw-node": "gw:1", "x-ocppgw-timeout": True}
+        ours = encode_publish(
+            3, 131072, "ocpp", "ocpp16.Heartbeat.req", True, b'[2,"1","Heartbeat",{}]',
+            content_type="application/json", headers=headers, persistent=True,
+            correlation_id="1", reply_to="CP 1|é", message_id="3.abcd.17",
+            timestamp=1700000000, type="Heartbeat", app_id="ocppgw",
+        )
+        theirs = pika_publish(
+            3, 131072, "ocpp", "ocpp16.Heartbeat.req", True, b'[2,"1","Heartbeat",{}]',
+            spec.BasicProperties(
+                content_type="application/json", headers=headers, delivery_mode=2,
+                correlation_id="1", reply_to="CP 1|é", message_id="3.abcd.17",
+                timestamp=1700000000, type="Heartbeat", app_id="ocppgw",
+            ),
+        )
+        self.assertEqual(ours, theirs)
+        # the second encode of the same headers comes from the cache
+        self.assertEqual(ours, encode_publish(
+            3, 131072, "ocpp", "ocpp16.Heartbeat.req", True, b'[2,"1","Heartbeat",{}]',
+            content_type="application/json", headers=dict(headers), persistent=True,
+            correlation_id="1", reply_to="CP 1|é", message_id="3.abcd.17",
+            timestamp=1700000000, type="Heartbeat", app_id="ocppgw",
+        ))
+
+    def test_few_properties_and_default_exchange(self):
+        ours = encode_publish(1, 4096, "", "amq.rabbitmq.reply-to.x", False, b"[3]",
+                              correlation_id="c", message_id="m")
+        theirs = pika_publish(1, 4096, "", "amq.rabbitmq.reply-to.x", False, b"[3]",
+                              spec.BasicProperties(correlation_id="c", message_id="m"))
+        self.assertEqual(ours, theirs)
+
+    def test_body_split_into_frames(self):
+        body = bytes(range(256)) * 40  # 10240 bytes over 4096-byte frames
+        ours = encode_publish(2, 4096, "ocpp", "k", False, body, message_id="m")
+        theirs = pika_publish(2, 4096, "ocpp", "k", False, body,
+                              spec.BasicProperties(message_id="m"))
+        self.assertEqual(ours, theirs)
+
+    def test_empty_body_has_no_body_frame(self):
+        ours = encode_publish(2, 4096, "ocpp", "k", False, b"")
+        self.assertEqual(ours, pika_publish(2, 4096, "ocpp", "k", False, b"",
+                                            spec.BasicProperties()))
+
+    def test_unhashable_header_value(self):
+        headers = {"list": [1, 2]}
+        ours = encode_publish(2, 4096, "ocpp", "k", False, b"x", headers=headers)
+        self.assertEqual(ours, pika_publish(2, 4096, "ocpp", "k", False, b"x",
+                                            spec.BasicProperties(headers=headers)))
+
+    def test_too_long_short_string(self):
+        self.assertRaises(ValueError, encode_publish, 1, 4096, "ocpp", "k" * 256, False, b"x")
+
+
+class AckTests(unittest.TestCase):
+    def test_ack(self):
+        for tag, multiple in ((1, False), (2**40 + 5, True)):
+            self.assertEqual(
+                encode_ack(7, tag, multiple),
+                frame.Method(7, spec.Basic.Ack(delivery_tag=tag, multiple=multiple)).marshal(),
+            )
