@@ -1,0 +1,114 @@
+"""
+Where an idle charger's memory goes: runs the gateway in this process
+under tracemalloc, connects N chargers from load-generator processes, and
+prints the allocations per charger by source line.
+
+    python -m bench.memprofile -n 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tracemalloc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "--chargers", type=int, default=1000)
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--target", default="gateway", choices=("gateway", "echo"))
+    parser.add_argument("-v", "--verbose", action="store_true", help="list the attributes")
+    args = parser.parse_args()
+
+    from twisted.internet import reactor, threads
+
+    from bench._common import (
+        AMQP_URL, LoadGen, delete_amqp, free_port, split, start_worker, unique, ws_url,
+    )
+    from bench.roundtrip import WORKER_KEYS
+
+    exchange = unique("bench-mem")
+    port = free_port()
+    identities = [unique("mem") for _ in range(args.chargers)]
+    worker = start_worker(exchange, WORKER_KEYS)
+    loadgen = LoadGen(args.procs)
+
+    if args.target == "gateway":
+        from ocppgw.service import makeService
+
+        service = makeService({
+            "listener": {"tcp.port": str(port)},
+            "amqp": {"url": AMQP_URL, "exchange": exchange, "node": unique("mem")},
+            "websocket": {"ws_opts.idle_timeout": "10"},
+        }, reactor=reactor)
+        service.startService()
+        started = service.started
+    else:
+        from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+        from twisted.internet import defer
+
+        class Echo(WebSocketServerProtocol):
+            def onConnect(self, request):
+                return "ocpp1.6"
+
+            def onMessage(self, payload, isBinary):
+                self.sendMessage(payload, isBinary)
+
+        factory = WebSocketServerFactory()
+        factory.protocol = Echo
+        factory.setProtocolOptions(autoPingInterval=10, autoPingTimeout=30)
+        reactor.listenTCP(port, factory, interface="127.0.0.1")
+        started = defer.succeed(None)
+
+    def run(_):
+        # warm up with a few chargers so one-time allocations are not counted
+        warm = [ws_url(port, unique("warm")) for _ in range(20)]
+        loadgen.send([("connect", {"urls": part}) for part in split(warm, len(loadgen))])
+        gc.collect()
+        tracemalloc.start(3)
+        before = tracemalloc.take_snapshot()
+        urls = [ws_url(port, i) for i in identities]
+        results = loadgen.send([("connect", {"urls": part}) for part in split(urls, len(loadgen))])
+        booted = sum(r.get("booted", 0) for r in results)
+        import time
+        time.sleep(3)
+        return before, booted
+
+    def report(result):
+        before, booted = result
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        stats = after.compare_to(before, "lineno")
+        total = sum(s.size_diff for s in stats)
+        print(f"{booted} chargers: {total / booted:.0f} bytes per charger (traced Python allocations)")
+        for s in stats[: args.top]:
+            frame = s.traceback[0]
+            print(f"{s.size_diff / booted:8.0f} B {s.count_diff / booted:6.2f} blocks  "
+                  f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}")
+        if args.target == "gateway" and service.gateway.chargers:
+            import sys
+            edge = next(iter(service.gateway.chargers.values())).edge
+            attrs = vars(edge)
+            print(f"transport: {len(vars(edge.transport))} attributes, {sys.getsizeof(vars(edge.transport))} B")
+            print(f"one charger's protocol: {len(attrs)} attributes, "
+                  f"instance dict {sys.getsizeof(attrs)} B")
+            if args.verbose:
+                print(" ".join(sorted(attrs)))
+        reactor.stop()
+
+    def failed(failure):
+        print(failure)
+        reactor.stop()
+
+    started.addCallback(lambda _: threads.deferToThread(run, None)).addCallbacks(report, failed)
+    reactor.run()
+    loadgen.close()
+    worker.stop()
+    if args.target == "gateway":
+        delete_amqp(exchange, ["ocpp." + i for i in identities])
+
+
+if __name__ == "__main__":
+    main()

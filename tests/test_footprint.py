@@ -1,0 +1,53 @@
+"""
+An open charger connection keeps only what it needs (ocppgw.edge), and
+still works like any other: frames both ways, pings, close codes.
+"""
+
+from twisted.internet import defer
+
+from tests.support import GatewayTestCase
+
+
+class FootprintTests(GatewayTestCase):
+    settings = {"websocket": {"ws_opts.idle_timeout": "0.3", "ping_timeout": "5"}}
+
+    @defer.inlineCallbacks
+    def test_open_connection_is_trimmed_and_works(self):
+        self.backend.handle("Heartbeat", lambda _m, _p: {"currentTime": "2026-01-01T00:00:00Z"})
+        identity = self.identity()
+        charger = yield self.connect(identity)
+        answer = yield charger.call("Heartbeat", {})
+        self.assertEqual(answer[0], 3)
+        edge = self.gateway_service.gateway.chargers[identity].edge
+        attributes = vars(edge)
+        for name in ("http_headers", "http_request_data", "http_response_data", "wasClean",
+                     "localCloseCode", "_send_queue", "trafficStats"):
+            self.assertNotIn(name, attributes)
+        # the defaults autobahn reads stay readable
+        self.assertIs(edge.wasClean, False)
+        self.assertEqual(edge.websocket_version, 13)
+        self.assertIsNone(edge.localCloseCode)
+        self.assertLess(len(attributes), 45)
+
+        # pings (every 0.3 s) are answered by the client and keep it open
+        yield self.wait(1.0)
+        self.assertIs(self.gateway_service.gateway.chargers.get(identity), edge.link)
+        answer = yield charger.call("Heartbeat", {})
+        self.assertEqual(answer[0], 3)
+
+        # a CSMS command reaches it, and the close code is the gateway's
+        reply = self.backend.call(identity, b'[2,"r1","Reset",{"type":"Soft"}]')
+        command = yield charger.next_call()
+        charger.answer(command, {"status": "Accepted"})
+        message = yield reply
+        self.assertEqual(message.body, b'[3,"r1",{"status":"Accepted"}]')
+        yield self.gateway_service.stopService()
+        code, _reason = yield charger.closed
+        self.assertEqual(code, 1001)
+        self.assertIs(edge.wasClean, True)
+        self.assertEqual(edge.localCloseCode, 1001)
+
+    def wait(self, seconds):
+        from twisted.internet import reactor, task
+
+        return task.deferLater(reactor, seconds, lambda: None)
