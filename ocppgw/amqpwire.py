@@ -45,7 +45,7 @@ _APP_ID = 1 << 3
 #: encoded header tables by their items; a charger's headers are the same
 #: dict for all its publishes, so this is mostly hits. Bounded by clearing.
 _tables: dict = {}
-_MAX_TABLES = 16384
+_MAX_TABLES = 2048
 
 
 def _shortstr(value: str) -> bytes:
