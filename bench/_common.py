@@ -26,6 +26,8 @@ from typing import Optional
 AMQP_URL = os.environ.get("OCPPGW_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+#: the ocppgw source tree the server runs from (another checkout to compare)
+SOURCE = os.environ.get("OCPPGW_BENCH_SOURCE", ROOT)
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -97,7 +99,7 @@ class Proc:
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
         self.popen = subprocess.Popen(
             argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
+            env={**os.environ, "PYTHONPATH": SOURCE, **(env or {})},
         )
         self.pid = self.popen.pid
 

@@ -111,9 +111,19 @@ def bench_target(target: str, args) -> dict:
                            **percentiles(merge_samples([alone], "lat"))}
 
         # saturation
+        spy = None
+        if args.profile and target == "gateway":
+            # py-spy samples the gateway from outside, at saturation only
+            spy = subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid",
+                 str(server.pid), "--duration", str(int(args.seconds)), "--rate", "250",
+                 "--nonblocking", "--format", "raw", "--output", args.profile],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         before = meter.snapshot()
         sat = loadgen.all("closed_loop", seconds=args.seconds)
         after = meter.snapshot()
+        if spy is not None:
+            spy.wait()
         count = sum(r["count"] for r in sat)
         rate = count / args.seconds
         result["saturation"] = {
@@ -203,6 +213,7 @@ def main(argv=None) -> list:
     parser.add_argument("--no-commands", dest="commands", action="store_false")
     parser.add_argument("--command-chargers", type=int, default=1000)
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--profile", help="py-spy collapsed stacks of the gateway at saturation")
     ARGS = args = parser.parse_args(argv)
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
     results = [bench_target(t, args) for t in args.targets.split(",")]
