@@ -41,5 +41,7 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from ocppgw.service import GatewayService
+    from ocppgw.tuning import tune_gc
 
+    tune_gc()
     return GatewayService(options["settings"], reactor, exit_on_startup_failure=True)
