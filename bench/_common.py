@@ -131,6 +131,23 @@ class Proc:
         os.unlink(self.log.name)
 
 
+def start_profile(pid: int, output: str) -> subprocess.Popen:
+    """py-spy sampling C{pid} until L{stop_profile}, collapsed stacks to C{output}."""
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    proc = subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+         "--format", "raw", "--output", output],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc
+
+
+def stop_profile(proc: Optional[subprocess.Popen]) -> None:
+    if proc is not None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+
+
 def wait_listening(port: int, proc: Proc, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -155,24 +172,49 @@ def wait_line(proc: Proc, text: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{proc.name} not ready:\n{proc.output()[-3000:]}")
 
 
-def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int = 600000,
-                extra: str = "") -> str:
+#: gateway settings given with --set section.key=value, for every run
+GATEWAY_SETTINGS: list = []
+
+
+def add_settings_argument(parser) -> None:
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="a gateway setting for this run, e.g. --set amqp.consumer_channels=16",
+    )
+
+
+def apply_settings(args) -> None:
+    GATEWAY_SETTINGS[:] = args.set
+
+
+def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int = 600000) -> str:
     """A gateway configuration for a benchmark run (a temporary INI file)."""
+    sections: dict = {}
+    for item in GATEWAY_SETTINGS:
+        name, _, value = item.partition("=")
+        section, _, key = name.partition(".")
+        sections.setdefault(section, []).append(f"{key} = {value}")
+    extra = {section: "\n".join(lines) for section, lines in sections.items()}
     text = f"""[listener]
 tcp.ip = 127.0.0.1
 tcp.port = {port}
 max_connections = 200000
+{extra.pop("listener", "")}
 [websocket]
 ws_opts.idle_timeout = {ping:g}
 handshake_timeout = 60
+{extra.pop("websocket", "")}
 [amqp]
 url = {AMQP_URL}
 exchange = {exchange}
 node = {unique('bench')}
+{extra.pop("amqp", "")}
 [queue]
 x-expires = {expires_ms}
-{extra}
+{extra.pop("queue", "")}
 """
+    for section, lines in extra.items():
+        text += f"[{section}]\n{lines}\n"
     f = tempfile.NamedTemporaryFile("w", prefix="bench-gw-", suffix=".ini", delete=False)
     f.write(text)
     f.close()

@@ -16,6 +16,7 @@ import argparse
 import time
 
 from bench._common import (
+    add_settings_argument, apply_settings,
     LoadGen, broker_memory, delete_amqp, free_port, print_table, split, start_target,
     start_worker, unique, write_json, ws_url,
 )
@@ -93,8 +94,10 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=30.0, help="idle time measured")
     parser.add_argument("--ping", type=float, default=10.0, help="server ping interval")
     parser.add_argument("--targets", default="gateway")
+    add_settings_argument(parser)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    apply_settings(args)
     results = [bench_target(t, args) for t in args.targets.split(",")]
     report(results)
     write_json(args.json, {"benchmark": "idle", "args": vars(args), "results": results})

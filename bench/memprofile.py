@@ -19,6 +19,8 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--target", default="gateway", choices=("gateway", "echo"))
+    parser.add_argument("--tune-gc", action="store_true", help="as twistd ocppgw does (ocppgw.tuning)")
+    parser.add_argument("--no-trace", action="store_true", help="only the GC time, without tracemalloc")
     parser.add_argument("-v", "--verbose", action="store_true", help="list the attributes")
     args = parser.parse_args()
 
@@ -62,15 +64,39 @@ def main() -> None:
         reactor.listenTCP(port, factory, interface="127.0.0.1")
         started = defer.succeed(None)
 
+    import time as _time
+
+    gc_time = [0.0, 0, None]
+
+    def gc_callback(phase, info):
+        if phase == "start":
+            gc_time[2] = _time.perf_counter()
+        elif gc_time[2] is not None:
+            gc_time[0] += _time.perf_counter() - gc_time[2]
+            gc_time[1] += 1
+
+    if args.tune_gc:
+        from ocppgw.tuning import tune_gc
+
+        tune_gc()
+
     def run(_):
         # warm up with a few chargers so one-time allocations are not counted
         warm = [ws_url(port, unique("warm")) for _ in range(20)]
         loadgen.send([("connect", {"urls": part}) for part in split(warm, len(loadgen))])
         gc.collect()
-        tracemalloc.start(3)
-        before = tracemalloc.take_snapshot()
+        if not args.no_trace:
+            tracemalloc.start(3)
+        before = None if args.no_trace else tracemalloc.take_snapshot()
         urls = [ws_url(port, i) for i in identities]
+        cpu0 = _time.process_time()
+        gc.callbacks.append(gc_callback)
         results = loadgen.send([("connect", {"urls": part}) for part in split(urls, len(loadgen))])
+        gc.callbacks.remove(gc_callback)
+        cpu = _time.process_time() - cpu0
+        print(f"connect storm: {cpu * 1e6 / args.chargers:.0f} µs CPU per charger, of which GC "
+              f"{gc_time[0] * 1e6 / args.chargers:.0f} µs ({100 * gc_time[0] / cpu:.1f} %, "
+              f"{gc_time[1]} collections)")
         booted = sum(r.get("booted", 0) for r in results)
         import time
         time.sleep(3)
@@ -78,6 +104,9 @@ def main() -> None:
 
     def report(result):
         before, booted = result
+        if before is None:
+            reactor.stop()
+            return
         gc.collect()
         after = tracemalloc.take_snapshot()
         stats = after.compare_to(before, "lineno")

@@ -24,6 +24,7 @@ import sys
 import time
 
 from bench._common import (
+    add_settings_argument, apply_settings,
     AMQP_URL, HERE, LoadGen, broker_pid, cpu_seconds, delete_amqp, merge_samples, ms,
     percentiles, print_table, split, start_target, start_worker, unique, free_port,
     ws_url, write_json,
@@ -212,9 +213,11 @@ def main(argv=None) -> list:
     parser.add_argument("--targets", default="gateway", help="gateway,bridge,echo")
     parser.add_argument("--no-commands", dest="commands", action="store_false")
     parser.add_argument("--command-chargers", type=int, default=1000)
+    add_settings_argument(parser)
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--profile", help="py-spy collapsed stacks of the gateway at saturation")
     ARGS = args = parser.parse_args(argv)
+    apply_settings(args)
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
     results = [bench_target(t, args) for t in args.targets.split(",")]
     report(results)

@@ -18,7 +18,8 @@ import sys
 import time
 
 from bench._common import (
-    LoadGen, broker_pid, delete_amqp, free_port, merge_samples, ms, percentiles,
+    add_settings_argument, apply_settings,
+    start_profile, stop_profile, LoadGen, broker_pid, delete_amqp, free_port, merge_samples, ms, percentiles,
     print_table, split, start_target, start_worker, unique, write_json, ws_url,
 )
 from bench.roundtrip import WORKER_KEYS, Meter
@@ -59,7 +60,9 @@ def bench_target(target: str, args) -> dict:
     meter = Meter(server, worker, loadgen, broker_pid())
     result: dict = {"target": target}
     try:
+        spy = start_profile(server.pid, args.profile) if args.profile and target == "gateway" else None
         result["new"] = one_storm(loadgen, urls, meter)
+        stop_profile(spy)
         result["new"]["peak_rss"] = server.memory()["hwm"]
         loadgen.all("close")
         time.sleep(args.pause)
@@ -104,8 +107,11 @@ def main(argv=None):
                         help="seconds between the two storms (old connections close)")
     parser.add_argument("--expires-ms", type=int, default=600000,
                         help="x-expires of the charger queues: a safety net, they are deleted at the end")
+    add_settings_argument(parser)
     parser.add_argument("--json")
+    parser.add_argument("--profile", help="py-spy collapsed stacks of the gateway, new chargers' storm")
     args = parser.parse_args(argv)
+    apply_settings(args)
     results = [bench_target(t, args) for t in args.targets.split(",")]
     report(results, args)
     write_json(args.json, {"benchmark": "storm", "args": vars(args), "results": results})
