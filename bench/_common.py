@@ -247,9 +247,13 @@ def start_target(target: str, port: int, exchange: str, *, ping: float = 60,
     return proc
 
 
-def start_worker(exchange: str, keys: list, name: str = "worker") -> Proc:
-    """The CSMS worker that answers charger CALLs (bench/worker.py)."""
-    argv = [sys.executable, os.path.join(HERE, "worker.py"), AMQP_URL, exchange, *keys]
+def start_worker(exchange: str, keys: list, name: str = "worker", queue: str = "") -> Proc:
+    """
+    The CSMS worker that answers charger CALLs (bench/worker.py); workers
+    given the same C{queue} share it.
+    """
+    argv = [sys.executable, os.path.join(HERE, "worker.py"), AMQP_URL, exchange,
+            queue or "-", *keys]
     proc = Proc(name, argv)
     wait_line(proc, "worker ready")
     return proc

@@ -36,21 +36,32 @@ WORKER_KEYS = ["ocpp16.Heartbeat.req", "ocpp16.BootNotification.req", "bare.req"
 class Meter:
     """CPU seconds of each process taking part, between two snapshots."""
 
-    def __init__(self, server, worker, loadgen, broker):
-        self.pids = {"server": server.pid}
-        if worker is not None:
-            self.pids["worker"] = worker.pid
+    def __init__(self, servers, workers, loadgen, broker):
+        """
+        @param servers: the server process(es) under test, summed as "server".
+        @param workers: the worker process(es), summed as "worker".
+        """
+        if not isinstance(servers, (list, tuple)):
+            servers = [servers]
+        if workers is not None and not isinstance(workers, (list, tuple)):
+            workers = [workers]
+        self.pids = {"server": [p.pid for p in servers]}
+        if workers:
+            self.pids["worker"] = [p.pid for p in workers]
         if broker:
-            self.pids["broker"] = broker
+            self.pids["broker"] = [broker]
         self.loadgen = loadgen
 
     def snapshot(self) -> dict:
         out = {}
-        for name, pid in self.pids.items():
-            try:
-                out[name] = cpu_seconds(pid)
-            except OSError:
-                out[name] = 0.0
+        for name, pids in self.pids.items():
+            total = 0.0
+            for pid in pids:
+                try:
+                    total += cpu_seconds(pid)
+                except OSError:
+                    pass
+            out[name] = total
         out["loadgen"] = self.loadgen.cpu()
         out["t"] = time.monotonic()
         return out
@@ -86,15 +97,21 @@ def run_commands(exchange, identities, seconds, rate, meter):
 
 def bench_target(target: str, args) -> dict:
     exchange = unique("bench-rt")
-    port = free_port()
+    ports = [free_port() for _ in range(args.gateways)]
     identities = [unique("rt") for _ in range(args.chargers)]
-    server = start_target(target, port, exchange, ping=60)
-    worker = start_worker(exchange, WORKER_KEYS) if target != "echo" else None
+    # several servers: separate processes on separate ports, chargers
+    # spread over them (what workers = N with SO_REUSEPORT does)
+    servers = [start_target(target, port, exchange, ping=60) for port in ports]
+    server = servers[0]
+    workers = []
+    if target != "echo":
+        queue = unique("bench.worker")
+        workers = [start_worker(exchange, WORKER_KEYS, queue=queue) for _ in range(args.workers)]
     loadgen = LoadGen(args.procs)
-    meter = Meter(server, worker, loadgen, broker_pid())
-    result: dict = {"target": target, "chargers": args.chargers}
+    meter = Meter(servers, workers, loadgen, broker_pid())
+    result: dict = {"target": target, "chargers": args.chargers, "gateways": args.gateways}
     try:
-        urls = [ws_url(port, i) for i in identities]
+        urls = [ws_url(ports[n % len(ports)], i) for n, i in enumerate(identities)]
         connected = loadgen.send([("connect", {"urls": part}) for part in split(urls, len(loadgen))])
         errors = [r["error"] for r in connected if "error" in r]
         if errors:
@@ -157,13 +174,14 @@ def bench_target(target: str, args) -> dict:
             result["commands_50"] = {"offered": cmd_rate * 0.5, "answered": res["answered"],
                                      "lost": res["lost"], **percentiles(res["lat"]),
                                      "cpu": per_rt(delta, res["answered"])}
-        result["server_memory"] = server.memory()
+        result["server_memory"] = {"rss": sum(s.memory()["rss"] for s in servers)}
         loadgen.all("close")
     finally:
         loadgen.close()
-        if worker is not None:
+        for worker in workers:
             worker.stop()
-        server.stop()
+        for s in servers:
+            s.stop()
         if target == "gateway":
             delete_amqp(exchange, ["ocpp." + i for i in identities])
         elif target == "bridge":
@@ -200,7 +218,8 @@ def report(results: list) -> None:
                  f"p99 {ms(c50['p99'])}", f"p99.9 {ms(c50['p99.9'])}", f"lost {c50['lost']}"),
             ]
         rows.append(("server RSS", f"{r['server_memory']['rss'] / 2**20:.1f} MiB"))
-        print_table(f"roundtrip: {r['target']}, {r['chargers']} chargers, {ARGS.procs} load processes", rows)
+        print_table(f"roundtrip: {r['target']} x{r['gateways']}, {r['chargers']} chargers, "
+                    f"{ARGS.procs} load processes", rows)
 
 
 def main(argv=None) -> list:
@@ -212,6 +231,9 @@ def main(argv=None) -> list:
     parser.add_argument("--fractions", default="0.25,0.5,0.75")
     parser.add_argument("--targets", default="gateway", help="gateway,bridge,echo")
     parser.add_argument("--no-commands", dest="commands", action="store_false")
+    parser.add_argument("--gateways", type=int, default=1,
+                        help="server processes, each on its own port")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--command-chargers", type=int, default=1000)
     add_settings_argument(parser)
     parser.add_argument("--json", help="write the figures to this file")

@@ -4,7 +4,7 @@ CALLRESULT, published to the exchange with the message's reply_to as
 routing key and its correlation_id, as the README's worker does, but lean:
 one auto-ack consumer with a large prefetch, no publisher confirms.
 
-    python bench/worker.py AMQP_URL EXCHANGE BINDING_KEY...
+    python bench/worker.py AMQP_URL EXCHANGE QUEUE|- BINDING_KEY...
 
 It prints "worker ready" once consuming, and its answered count on SIGTERM.
 """
@@ -22,11 +22,14 @@ ANSWERS = {
 
 
 def main() -> None:
-    url, exchange, *keys = sys.argv[1:]
+    url, exchange, queue, *keys = sys.argv[1:]
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
     channel.exchange_declare(exchange, "topic", durable=True)
-    queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+    if queue == "-":
+        queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+    else:  # shared by several workers
+        channel.queue_declare(queue, auto_delete=True)
     for key in keys:
         channel.queue_bind(queue, exchange, routing_key=key)
     channel.basic_qos(prefetch_count=2000)
