@@ -287,6 +287,23 @@ class _ConsumerChannel(_Channel):
         channel.add_on_close_callback(self._closed)
         channel.add_on_cancel_callback(self._cancelled_by_broker)
 
+    def _cancel_ok(self, frame) -> None:
+        """
+        One cancel-ok, for the consumer it names.
+
+        pika registers a C{basic_cancel} callback for every cancel-ok on the
+        channel, without matching the consumer tag: with one callback per
+        consumer, the first cancel-ok fired them all (requeueing the others'
+        commands before their own cancel-ok) and each registration scanned
+        all pending ones (quadratic: 14 ms of CPU per charger when 10,000
+        reconnected at once, bench.storm). Every consumer passes this same
+        method, which pika counts instead of adding, and it finds the
+        consumer by the tag in the frame.
+        """
+        consumer = self.consumers.get(frame.method.consumer_tag)
+        if consumer is not None and consumer._cancelling:
+            consumer._finish_cancel()
+
     def _cancelled_by_broker(self, frame) -> None:
         consumer = self.consumers.pop(frame.method.consumer_tag, None)
         if consumer is not None:
@@ -385,7 +402,7 @@ class Consumer:
         if not cc.open or self.tag is None or self.tag not in cc.consumers:
             self._finish_cancel()
         else:
-            cc.channel.basic_cancel(self.tag, callback=lambda _frame: self._finish_cancel())
+            cc.channel.basic_cancel(self.tag, callback=cc._cancel_ok)
         return self.cancelled
 
     def _finish_cancel(self) -> None:

@@ -1,0 +1,67 @@
+"""
+Cancelling many consumers on one channel: each cancel completes on its own
+cancel-ok, not on the first one the channel receives.
+"""
+
+from pika import frame, spec
+from pika.callback import CallbackManager
+from twisted.trial import unittest
+
+from ocppgw.amqp import Consumer, _ConsumerChannel
+
+
+class _Channel:
+    """The parts of a pika channel a consumer channel uses, registering
+    cancel callbacks the way pika 1.x does (no consumer-tag filter)."""
+
+    channel_number = 3
+    is_open = True
+
+    def __init__(self):
+        self.callbacks = CallbackManager()
+        self.cancels = []
+        self.nacks = []
+
+    def add_on_close_callback(self, callback):
+        pass
+
+    def add_on_cancel_callback(self, callback):
+        pass
+
+    def basic_cancel(self, consumer_tag, callback=None):
+        self.cancels.append(consumer_tag)
+        self.callbacks.add(self.channel_number, spec.Basic.CancelOk, callback)
+
+    def basic_nack(self, tag, requeue):
+        self.nacks.append(tag)
+
+    def cancel_ok(self, tag):
+        self.callbacks.process(
+            self.channel_number, spec.Basic.CancelOk, self,
+            frame.Method(self.channel_number, spec.Basic.CancelOk(consumer_tag=tag)))
+
+
+class CancelTests(unittest.TestCase):
+    def test_each_cancel_waits_for_its_own_cancel_ok(self):
+        channel = _Channel()
+        cc = _ConsumerChannel(channel, lambda *_: None)
+        consumers = []
+        for n in range(3):
+            consumer = Consumer(cc, lambda delivery: None, lambda why: None)
+            consumer.tag = f"tag{n}"
+            cc.consumers[consumer.tag] = consumer
+            consumers.append(consumer)
+        fired = []
+        for n, consumer in enumerate(consumers):
+            consumer.cancel().addCallback(lambda _, n=n: fired.append(n))
+            consumer.requeue(type("D", (), {"tag": 100 + n})())
+        self.assertEqual(channel.cancels, ["tag0", "tag1", "tag2"])
+
+        channel.cancel_ok("tag1")
+        self.assertEqual(fired, [1])
+        self.assertEqual(channel.nacks, [101])  # requeued after its cancel-ok only
+        channel.cancel_ok("tag0")
+        channel.cancel_ok("tag2")
+        self.assertEqual(fired, [1, 0, 2])
+        self.assertEqual(channel.nacks, [101, 100, 102])
+        self.assertEqual(cc.consumers, {})
