@@ -82,13 +82,15 @@ def main() -> None:
 
     def run(_):
         # warm up with a few chargers so one-time allocations are not counted
-        warm = [ws_url(port, unique("warm")) for _ in range(20)]
-        loadgen.send([("connect", {"urls": part}) for part in split(warm, len(loadgen))])
+        warm = [unique("warm") for _ in range(20)]
+        identities.extend(warm)  # deleted at the end with the others
+        warm_urls = [ws_url(port, i) for i in warm]
+        loadgen.send([("connect", {"urls": part}) for part in split(warm_urls, len(loadgen))])
         gc.collect()
         if not args.no_trace:
             tracemalloc.start(3)
         before = None if args.no_trace else tracemalloc.take_snapshot()
-        urls = [ws_url(port, i) for i in identities]
+        urls = [ws_url(port, i) for i in identities[:args.chargers]]
         cpu0 = _time.process_time()
         gc.callbacks.append(gc_callback)
         results = loadgen.send([("connect", {"urls": part}) for part in split(urls, len(loadgen))])
@@ -135,8 +137,7 @@ def main() -> None:
     reactor.run()
     loadgen.close()
     worker.stop()
-    if args.target == "gateway":
-        delete_amqp(exchange, ["ocpp." + i for i in identities])
+    delete_amqp(exchange, ["ocpp." + i for i in identities] if args.target == "gateway" else [])
 
 
 if __name__ == "__main__":
