@@ -142,6 +142,14 @@ class Charger(asyncio.Protocol):
         self.transport.close()
 
 
+async def _drained(chargers, timeout: float) -> None:
+    """Wait until no charger has a CALL outstanding (or C{timeout})."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline and any(c.pending for c in chargers if c.is_open):
+        await asyncio.sleep(0.05)
+
+
 class Runner:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -228,7 +236,9 @@ class Runner:
         await asyncio.sleep(seconds)
         stop[0] = True
         count = len(lat)
-        await asyncio.sleep(0.5)  # let the last answers in
+        # drain: answers still in flight would otherwise queue ahead of the
+        # next phase's CALLs and inflate its latencies
+        await _drained(active, 30.0)
         for charger in active:
             charger.on_answer = None
             charger.pending.clear()
@@ -257,7 +267,7 @@ class Runner:
                 i = (i + 1) % len(chargers)
                 sent += 1
             await asyncio.sleep(0.001)
-        await asyncio.sleep(1.0)
+        await _drained(chargers, 10.0)
         lost = sum(len(c.pending) for c in chargers)
         for charger in chargers:
             charger.on_answer = None

@@ -201,8 +201,13 @@ def report(results: list) -> None:
         ]
         for ref in ("bridge", "echo"):
             if ref in base and ref != r["target"]:
-                ratio = r["saturation"]["rate"] / base[ref]["saturation"]["rate"]
-                rows.append((f"  rate vs {ref}", f"{ratio:.2f}x"))
+                other = base[ref]
+                ratio = r["saturation"]["rate"] / other["saturation"]["rate"]
+                cpu = (r["saturation"]["cpu"]["server"]["us_per_rt"]
+                       / max(other["saturation"]["cpu"]["server"]["us_per_rt"], 1e-9))
+                alone = r["alone"]["p50"] / max(other["alone"]["p50"] or 1e-9, 1e-9)
+                rows.append((f"  vs {ref}", f"rate {ratio:.2f}x", f"server CPU per rt {cpu:.2f}x",
+                             f"alone p50 {alone:.2f}x"))
         for f in r["fixed"]:
             rows.append((f"offered {f['fraction'] * 100:.0f} % ({f['offered']:.0f}/s)",
                          f"got {f['answered'] / max(1, f['offered']) / ARGS.seconds * 100:.0f} %",

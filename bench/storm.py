@@ -82,6 +82,7 @@ def bench_target(target: str, args) -> dict:
 
 
 def report(results, args) -> None:
+    base = {r["target"]: r for r in results}
     for r in results:
         rows = []
         for phase in ("new", "returning"):
@@ -95,6 +96,14 @@ def report(results, args) -> None:
                 ("  CPU per charger", cpu),
                 ("  server peak RSS", f"{s['peak_rss'] / 2**20:.1f} MiB"),
             ]
+            for ref in ("bridge", "echo"):
+                if ref in base and ref != r["target"]:
+                    other = base[ref][phase]
+                    rows.append((
+                        f"  vs {ref}",
+                        f"time {s['seconds'] / max(other['seconds'], 1e-9):.2f}x",
+                        f"server CPU {s['cpu_per_charger_us']['server'] / max(other['cpu_per_charger_us']['server'], 1e-9):.2f}x",
+                    ))
         print_table(f"storm: {r['target']}, {args.procs} load processes", rows)
 
 
