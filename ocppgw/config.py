@@ -41,9 +41,12 @@ from typing import ClassVar, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 __all__ = [
+    "AdminSettings",
     "AmqpSettings",
+    "AuditSettings",
     "ConfigError",
     "ListenerSettings",
+    "LogSettings",
     "OcppSettings",
     "Option",
     "QueueSettings",
@@ -151,6 +154,37 @@ class OcppSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """
+    The operators' HTTP listener (metrics, health, chargers).
+
+    ``password`` is left out of ``repr``: settings end up in logs.
+    """
+
+    enabled: bool
+    tcp_ip: str
+    tcp_port: int
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """What the log looks like and how much of it there is."""
+
+    format: str
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The optional mirror of every frame to an audit exchange."""
+
+    enabled: bool
+    exchange: str
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole configuration, one attribute per INI section."""
 
@@ -159,6 +193,9 @@ class Settings:
     amqp: AmqpSettings
     queue: QueueSettings
     ocpp: OcppSettings
+    admin: AdminSettings
+    log: LogSettings
+    audit: AuditSettings
 
     def queue_arguments(self) -> dict[str, str | int]:
         """
@@ -651,6 +688,39 @@ SECTIONS: tuple[Section, ...] = (
         Option("presence_events", Boolean(), "true",
                "Publish connected/disconnected events."),
     )),
+    Section("admin", AdminSettings,
+            "The operators' HTTP listener: /metrics (Prometheus), /healthz, /readyz and "
+            "/chargers. Keep it off the chargers' network; /healthz and /readyz never "
+            "ask for credentials, so that orchestrators can probe them.", (
+        Option("enabled", Boolean(), "true",
+               "Run the admin listener."),
+        Option("tcp.ip", Host(), "127.0.0.1",
+               "Address of the admin listener."),
+        Option("tcp.port", Integer(0, 65535, "a port (1-65535, or 0 for any free port)"), "9100",
+               "Port of the admin listener; 0 picks a free port (for tests)."),
+        Option("username", ShortText(), "",
+               "User name for HTTP Basic auth on /metrics and /chargers (empty = no auth)."),
+        Option("password", ShortText(), "",
+               "Password for HTTP Basic auth; required when username is set."),
+    )),
+    Section("log", LogSettings,
+            "The gateway's own log (twistd's log file, or stdout with twistd -n).", (
+        Option("format", Choice(("text", "json")), "text",
+               "text: human-readable lines; json: one JSON object per line with "
+               "structured fields (identity, peer, version, listener, event)."),
+        Option("level", Choice(("debug", "info", "warn", "error", "critical")), "info",
+               "Lowest level logged (pika's own log starts at warn unless this is debug)."),
+    )),
+    Section("audit", AuditSettings,
+            "Frame audit trail: every frame in both directions, and connects and "
+            "disconnects, mirrored to an exchange (bind a stream queue to it to replay a "
+            "charger's history).", (
+        Option("enabled", Boolean(), "false",
+               "Mirror frames and connection events to the audit exchange."),
+        Option("exchange", ExchangeName(declared=True), "ocpp.audit",
+               "Durable topic exchange of the audit trail; routing key "
+               "<identity>.<in|out|event>; declared at start when enabled."),
+    )),
 )
 
 
@@ -711,6 +781,9 @@ def settings_from_dict(values: Mapping[str, Mapping[str, object]]) -> Settings:
     for section in SECTIONS:
         built[section.name], found = _build_section(section, values.get(section.name, {}))
         problems += found
+    admin = built.get("admin")
+    if admin is not None and bool(admin.username) != bool(admin.password):
+        problems.append("admin.password: username and password are set together (both or neither)")
     if problems:
         raise ConfigError(*problems)
     return Settings(**built)

@@ -128,7 +128,8 @@ class ChargerProtocol(WebSocketServerProtocol):
             )
         except BadIdentity as error:
             _log.info(
-                "Refused {peer}: bad identity ({why})", peer=self.peer, why=str(error)
+                "Refused {peer}: bad identity ({why})", peer=self.peer, why=str(error),
+                event="refused", status=400,
             )
             raise ConnectionDeny(400, "Bad charger identity")
         offered = [p for p in request.protocols if p]
@@ -139,6 +140,8 @@ class ChargerProtocol(WebSocketServerProtocol):
                 identity=identity,
                 peer=self.peer,
                 offered=offered[:8],
+                event="refused",
+                status=400,
             )
             raise ConnectionDeny(400, "No supported OCPP subprotocol")
         self.identity = identity
@@ -165,7 +168,18 @@ class ChargerProtocol(WebSocketServerProtocol):
         return d.addCallbacks(accepted, refused)
 
     def onOpen(self):
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.handshake(self.factory.listener, 101)
         self.factory.hub.charger_opened(self)
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        # Every refusal before the upgrade ends here: ours (ConnectionDeny
+        # from onConnect) and autobahn's own (426, malformed requests).
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.handshake(self.factory.listener, code)
+        super().failHandshake(reason, code, responseHeaders)
 
     def onMessage(self, payload: bytes, isBinary: bool):
         if isBinary:
@@ -302,9 +316,18 @@ class ChargerFactory(WebSocketServerFactory):
         close_timeout: float = 5.0,
         max_connections: int = 0,
         protocol_class: type = ChargerProtocol,
+        listener: str = "ws",
+        metrics=None,
     ) -> None:
+        """
+        @param listener: this listener's name in metrics and C{/chargers}.
+        @param metrics: an L{ocppgw.metrics.Metrics} told of every
+            handshake answered, or C{None}.
+        """
         super().__init__(reactor=reactor)
         self.hub = hub
+        self.listener = listener
+        self.metrics = metrics
         self.ws_path = ws_path
         self.vhost = vhost or None
         self.subprotocols = tuple(subprotocols)

@@ -5,9 +5,11 @@ L{makeService}.
 ::
 
     GatewayService (MultiService)
-     |- the AMQP bridge is started first: the exchange must be declared
-     |  before a charger is accepted, and a broker that refuses us must stop
-     |  the start-up with a clear message
+     |- the admin listener (metrics, health, chargers) first, so that
+     |  liveness probes answer while the broker connection is made
+     |- the AMQP bridge: the exchange (and the audit exchange, when on)
+     |  must be declared before a charger is accepted, and a broker that
+     |  refuses us must stop the start-up with a clear message
      '- ListenerService (ws), once the bridge is up
 
 Stopping (SIGTERM under twistd) runs the other way: stop listening, close
@@ -27,10 +29,14 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
 from ocppgw import config as _config
+from ocppgw import logs
+from ocppgw.admin import AdminAPI
 from ocppgw.amqp import AmqpBridge
+from ocppgw.audit import AuditTrail
 from ocppgw.config import Settings
 from ocppgw.edge import ChargerFactory
 from ocppgw.gateway import CLOSE_GOING_AWAY, Gateway
+from ocppgw.metrics import GatewayState, Metrics
 
 _log = Logger()
 
@@ -41,7 +47,7 @@ def _server_endpoint(reactor, host: str, port: int, backlog: int = 1024):
     return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
 
 
-class GatewayService(service.MultiService):
+class GatewayService(service.MultiService, GatewayState):
     """
     The whole gateway as one Twisted service.
 
@@ -50,6 +56,8 @@ class GatewayService(service.MultiService):
     @ivar started: a Deferred that fires once the gateway listens, or
         fails with the reason it could not start.
     @ivar listening_port: the bound C{IListeningPort}, once started.
+    @ivar metrics: the gateway's L{Metrics} (its own registry).
+    @ivar admin_port: the admin listener's C{IListeningPort}, if enabled.
     """
 
     def __init__(
@@ -79,6 +87,12 @@ class GatewayService(service.MultiService):
             consumer_channels=amqp.consumer_channels,
             declare_channels=amqp.declare_channels,
         )
+        self.metrics = Metrics()
+        self.bridge.observe_confirm = self.metrics.observe_confirm
+        audit = settings.audit
+        self.audit = (
+            AuditTrail(self.bridge, audit.exchange, self.node, reactor) if audit.enabled else None
+        )
         ocpp = settings.ocpp
         self.gateway = Gateway(
             reactor,
@@ -89,6 +103,8 @@ class GatewayService(service.MultiService):
             max_bad_frames=settings.websocket.max_bad_frames,
             offline_status=ocpp.offline_status,
             presence_events=ocpp.presence_events,
+            metrics=self.metrics,
+            audit=self.audit,
         )
         listener, ws = settings.listener, settings.websocket
         self.factory = ChargerFactory(
@@ -104,19 +120,59 @@ class GatewayService(service.MultiService):
             handshake_timeout=ws.handshake_timeout,
             close_timeout=ws.close_timeout,
             max_connections=listener.max_connections,
+            listener="ws",
+            metrics=self.metrics,
         )
+        self.metrics.watch(self)
+        admin = settings.admin
+        self.admin = AdminAPI(
+            self.metrics.registry,
+            self.gateway,
+            self.readiness,
+            reactor,
+            username=admin.username,
+            password=admin.password,
+        )
+        self.admin_port = None
         self._exit_on_startup_failure = exit_on_startup_failure
         self.started: defer.Deferred = defer.Deferred()
         self.listening_port = None
 
+    # -- GatewayState (read by metrics and /readyz) ------------------------
+
+    def chargers(self):
+        return self.gateway.chargers.values()
+
+    def broker_connected(self) -> bool:
+        return self.bridge.connected
+
+    def broker_blocked(self) -> bool:
+        return getattr(self.bridge, "blocked", False)
+
+    def readiness(self) -> dict:
+        return {
+            "broker": bool(self.bridge.connected),
+            "listening": self.listening_port is not None,
+            "accepting": self.gateway.accepting,
+        }
+
+    # -- lifecycle --------------------------------------------------------
+
     def startService(self) -> None:
         super().startService()
+        logs.bridge_stdlib(self.settings.log.level)
         d = self._start()
         d.addCallbacks(self._running, self._startup_failed)
 
     @defer.inlineCallbacks
     def _start(self):
+        admin = self.settings.admin
+        if admin.enabled:
+            endpoint = _server_endpoint(self._reactor, admin.tcp_ip, admin.tcp_port, backlog=50)
+            self.admin_port = yield endpoint.listen(self.admin.site())
         yield self.bridge.start()
+        if self.audit is not None:
+            yield self.bridge.declare_exchange(self.audit.exchange)
         listener = self.settings.listener
         endpoint = _server_endpoint(self._reactor, listener.tcp_ip, listener.tcp_port)
         self.listening_port = yield endpoint.listen(self.factory)
@@ -130,12 +186,23 @@ class GatewayService(service.MultiService):
             port=address.port,
             path=self.settings.listener.ws_path,
         )
+        if self.admin_port is not None:
+            admin = self.admin_port.getHost()
+            _log.info(
+                "Admin API on http://{host}:{port}/ (metrics, healthz, readyz, chargers)",
+                host=admin.host,
+                port=admin.port,
+            )
         self.started.callback(self)
 
+    @defer.inlineCallbacks
     def _startup_failed(self, failure):
         _log.critical(
             "ocppgw could not start: {error}", error=failure.getErrorMessage()
         )
+        if self.admin_port is not None:
+            port, self.admin_port = self.admin_port, None
+            yield port.stopListening()
         self.started.errback(failure)
         if self._exit_on_startup_failure:
             # twistd has no way to end with a non-zero status once the
@@ -155,6 +222,10 @@ class GatewayService(service.MultiService):
             self.listening_port = None
         yield self.gateway.close_all(CLOSE_GOING_AWAY, "Gateway shutting down")
         yield self.bridge.stop()
+        # last: /readyz says "not ready" while the gateway drains
+        if self.admin_port is not None:
+            yield self.admin_port.stopListening()
+            self.admin_port = None
         _log.info("ocppgw stopped")
 
 

@@ -134,13 +134,14 @@ class _OutstandingCall:
     The CSMS CALL the charger has been sent and has not answered yet.
     """
 
-    __slots__ = ("delivery", "message_id", "action", "timer")
+    __slots__ = ("delivery", "message_id", "action", "timer", "sent_at")
 
-    def __init__(self, delivery: Delivery, frame: Frame) -> None:
+    def __init__(self, delivery: Delivery, frame: Frame, sent_at: float) -> None:
         self.delivery = delivery
         self.message_id = frame.message_id
         self.action = frame.action
         self.timer = None
+        self.sent_at = sent_at
 
 
 class _AckWhenPublished:
@@ -198,6 +199,7 @@ class ChargerSession:
         "_held",
         "_unsettled",
         "_ended",
+        "_stats",
     )
 
     def __init__(
@@ -208,12 +210,15 @@ class ChargerSession:
         clock,
         call_timeout: float = 30.0,
         max_bad_frames: int = 10,
+        stats=None,
     ) -> None:
         """
         @param clock: an L{IReactorTime} for the call timeout.
         @param call_timeout: seconds the charger has to answer a CSMS CALL.
         @param max_bad_frames: malformed frames tolerated before closing
             the connection with 1002.
+        @param stats: told of every frame in and out, bad frame and CSMS
+            call round trip (an L{ocppgw.metrics.ChargerStats}), or C{None}.
         """
         self.identity = identity
         self.version = version
@@ -229,6 +234,7 @@ class ChargerSession:
         # are neither held nor outstanding, and must not be requeued.
         self._unsettled = 0
         self._ended = False
+        self._stats = stats
 
     # -- introspection (admin, tests) -------------------------------------
 
@@ -258,6 +264,17 @@ class ChargerSession:
             self._bad_frame(bad)
             return
         kind = frame.message_type
+        stats = self._stats
+        if stats is not None:
+            action = frame.action
+            if action is None:
+                outstanding = self._outstanding
+                action = (
+                    outstanding.action
+                    if outstanding is not None and outstanding.message_id == frame.message_id
+                    else topology.UNKNOWN_ACTION
+                )
+            stats.frame_in(kind, action)
         if kind == framing.CALL:
             self._charger_call(frame, data)
         elif kind == framing.CALLRESULT or kind == framing.CALLERROR:
@@ -286,7 +303,12 @@ class ChargerSession:
             code=bad.code,
             description=bad.description,
         )
+        stats = self._stats
+        if stats is not None:
+            stats.bad_frame(bad.code)
         if bad.reply is not None:
+            if stats is not None:
+                stats.frame_out(framing.CALLERROR, None)
             self._effects.send_to_charger(bad.reply)
         if self._bad_frames >= self._max_bad_frames:
             self._ended = True
@@ -313,6 +335,8 @@ class ChargerSession:
             else:
                 kind = ErrorKind.INTERNAL_ERROR
                 description = "The message could not be delivered; try again"
+            if self._stats is not None:
+                self._stats.frame_out(framing.CALLERROR, action)
             self._effects.send_to_charger(
                 framing.encode_call_error(self.version, message_id, kind, description)
             )
@@ -338,6 +362,10 @@ class ChargerSession:
             if frame.message_type == framing.CALLRESULT
             else topology.KIND_ERROR
         )
+        if self._stats is not None:
+            self._stats.csms_call(
+                self._clock.seconds() - outstanding.sent_at, False, outstanding.action
+            )
         self._finish_outstanding(outstanding, kind, data, None)
 
     def _publish_unmatched_answer(self, frame: Frame, data: bytes) -> None:
@@ -382,20 +410,27 @@ class ChargerSession:
             else:
                 self._held.append((delivery, frame))
         elif kind == framing.CALLRESULT or kind == framing.CALLERROR:
-            if self._open_charger_calls.pop(frame.message_id, None) is None:
+            action = self._open_charger_calls.pop(frame.message_id, None)
+            if action is None:
                 self._effects.reject(
                     delivery, "answer to a CALL the charger does not have open"
                 )
                 return
+            if self._stats is not None:
+                self._stats.frame_out(kind, action)
             self._effects.send_to_charger(delivery.body)
             self._effects.ack(delivery)
         else:  # SEND, CALLRESULTERROR: nothing to wait for.
+            if self._stats is not None:
+                self._stats.frame_out(kind, frame.action or topology.UNKNOWN_ACTION)
             self._effects.send_to_charger(delivery.body)
             self._effects.ack(delivery)
 
     def _send_call(self, delivery: Delivery, frame: Frame) -> None:
-        outstanding = _OutstandingCall(delivery, frame)
+        outstanding = _OutstandingCall(delivery, frame, self._clock.seconds())
         self._outstanding = outstanding
+        if self._stats is not None:
+            self._stats.frame_out(framing.CALL, frame.action)
         self._effects.send_to_charger(delivery.body)
         outstanding.timer = self._clock.callLater(
             self._call_timeout, self._call_timed_out, outstanding
@@ -412,6 +447,8 @@ class ChargerSession:
             f"No answer from the charge point within {self._call_timeout:g} s",
             {"reason": "timeout"},
         )
+        if self._stats is not None:
+            self._stats.csms_call(self._call_timeout, True, outstanding.action)
         self._finish_outstanding(
             outstanding, topology.KIND_ERROR, body, {topology.HEADER_TIMEOUT: True}
         )

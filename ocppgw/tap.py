@@ -32,6 +32,11 @@ class Options(usage.Options):
         except ConfigError as error:
             # usage.UsageError makes twistd print the message and exit 1.
             raise usage.UsageError(str(error)) from None
+        from ocppgw.logs import install_for_twistd
+
+        # twistd reads its parent options' "logger" after this, before it
+        # starts logging: the configuration file picks format and level.
+        install_for_twistd(self["settings"].log, getattr(self, "parent", None))
 
 
 def makeService(options: Options):

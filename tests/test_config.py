@@ -62,6 +62,21 @@ x-dead-letter-exchange = ocpp.dead
 call_timeout = 12.5
 offline_status = no
 presence_events = off
+
+[admin]
+enabled = no
+tcp.ip = 0.0.0.0
+tcp.port = 9200
+username = ops
+password = hunter2
+
+[log]
+format = json
+level = warn
+
+[audit]
+enabled = yes
+exchange = ocpp.trail
 """
 
 
@@ -353,7 +368,7 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
         self.assertParseRefused(
             "[listner]\n", "listner: unknown section (did you mean listener?)"
         )
-        self.assertParseRefused("[admin]\n", "admin: unknown section")
+        self.assertParseRefused("[tls]\n", "tls: unknown section")
 
     def test_defaultSectionIsUnknown(self) -> None:
         """
@@ -791,3 +806,30 @@ class ImportTests(SynchronousTestCase):
             or name == "twisted"
         }
         self.assertEqual(forbidden, set())
+
+
+class OperationsSettingsTests(SynchronousTestCase):
+    """[admin], [log] and [audit]."""
+
+    def test_adminCredentialsComeTogether(self) -> None:
+        for text in ("[admin]\nusername = ops\n", "[admin]\npassword = x\n"):
+            error = self.assertRaises(ConfigError, config.parse, text)
+            self.assertEqual(
+                error.problems,
+                ("admin.password: username and password are set together (both or neither)",),
+            )
+
+    def test_adminPasswordNotInRepr(self) -> None:
+        settings = config.parse("[admin]\nusername = ops\npassword = hunter2\n")
+        self.assertEqual(settings.admin.password, "hunter2")
+        self.assertNotIn("hunter2", repr(settings))
+
+    def test_badLogFormat(self) -> None:
+        error = self.assertRaises(ConfigError, config.parse, "[log]\nformat = xml\n")
+        self.assertEqual(error.problems, ("log.format: xml is not one of text, json",))
+
+    def test_auditExchangeNotReserved(self) -> None:
+        error = self.assertRaises(ConfigError, config.parse, "[audit]\nexchange = amq.x\n")
+        self.assertEqual(
+            error.problems, ("audit.exchange: amq.x is reserved by RabbitMQ (amq.*)",)
+        )
