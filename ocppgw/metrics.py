@@ -147,7 +147,7 @@ class Metrics:
         child = self._frame_children.get(key)
         if child is None:
             child = self._frame_children[key] = self._frames.labels(
-                direction, prefix, KINDS.get(message_type, str(message_type)), self._action(action)
+                direction, prefix, self._action(action), KINDS.get(message_type, str(message_type))
             )
         child.inc()
 
