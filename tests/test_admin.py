@@ -166,17 +166,6 @@ class MetricsTests(AdminTestCase):
         second = yield charger.next_call()
         charger.answer(second, {"status": "Accepted"})
 
-    @defer.inlineCallbacks
-    def test_registries_are_private(self):
-        """Two gateways in one process keep their own series."""
-        self.assertIsNot(self.gateway_service.metrics.registry, None)
-        from prometheus_client import REGISTRY
-
-        self.assertIsNot(self.gateway_service.metrics.registry, REGISTRY)
-        names = {metric.name for metric in REGISTRY.collect()}
-        self.assertNotIn("ocppgw_frames", names)
-        yield None
-
 
 class HealthTests(AdminTestCase):
     timeout = 40
