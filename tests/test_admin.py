@@ -167,6 +167,26 @@ class MetricsTests(AdminTestCase):
         charger.answer(second, {"status": "Accepted"})
 
 
+    @defer.inlineCallbacks
+    def test_blocked_state(self):
+        """
+        RabbitMQ's connection.blocked / unblocked (memory or disk alarm)
+        show in ocppgw_amqp_blocked. Raising a real alarm would block every
+        other user of the shared broker, so the broker's frames are handed
+        to pika's frame processing as if they came off the socket.
+        """
+        import pika.spec
+        from pika.frame import Method
+
+        impl = self.gateway_service.bridge._connection._impl
+        impl._process_frame(Method(0, pika.spec.Connection.Blocked("low on memory")))
+        scraped = yield self.scrape()
+        self.assertEqual(value(scraped, "ocppgw_amqp_blocked"), 1)
+        impl._process_frame(Method(0, pika.spec.Connection.Unblocked()))
+        scraped = yield self.scrape()
+        self.assertEqual(value(scraped, "ocppgw_amqp_blocked"), 0)
+
+
 class HealthTests(AdminTestCase):
     timeout = 40
 
