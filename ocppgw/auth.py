@@ -183,6 +183,15 @@ class PasswordFileChecker:
         self._stamp = None
         self._load(initial=True)
 
+    def refresh(self) -> bool:
+        """
+        Re-read the file if it changed; whether it did (the cache in front
+        forgets its answers then, so a change counts at once).
+        """
+        before = self._stamp
+        self._load()
+        return self._stamp != before
+
     def _load(self, initial: bool = False) -> None:
         try:
             stat = os.stat(self.path)
@@ -332,7 +341,9 @@ class CachingChecker:
     """
     Remembers the outcome (accepted or refused) of each checked login for
     C{ttl} seconds, so a reconnect storm costs the back end one check per
-    charger. Back end failures are not remembered.
+    charger. Back end failures are not remembered. A checker with a
+    C{refresh()} method (the password file) is asked before each lookup
+    whether its data changed; if so, everything remembered is forgotten.
 
     Entries are keyed by an HMAC of the credentials under a key made at
     start: the passwords themselves are never kept.
@@ -360,6 +371,9 @@ class CachingChecker:
         self._cache.clear()
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
+        refresh = getattr(self.checker, "refresh", None)
+        if refresh is not None and refresh():
+            self._cache.clear()
         if self._ttl <= 0:
             return defer.maybeDeferred(self.checker.requestAvatarId, credentials)
         key = self._digest(credentials)
