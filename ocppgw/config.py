@@ -116,6 +116,8 @@ class ListenerSettings:
     ssl_organization: str
     ssl_identity_map: str
     proxy_protocol: bool
+    client_cert_header: str
+    trusted_proxies: tuple[str, ...]
     allow_anonymous: bool
 
 
@@ -628,6 +630,43 @@ class OptionalAmqpUrl:
         return AmqpUrl()(value)
 
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderName:
+    """An HTTP header name (letters, digits, dashes), or empty."""
+
+    allowed: ClassVar[str] = "empty or an HTTP header name (letters, digits, -)"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if text and not _HEADER_NAME.fullmatch(text):
+            raise _refuse(value, self)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Networks:
+    """IP addresses or CIDR networks, separated by commas or spaces."""
+
+    allowed: ClassVar[str] = "a list of IP addresses or networks (10.0.0.0/8, ::1)"
+
+    def __call__(self, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            names = value.replace(",", " ").split()
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            names = list(value)
+        else:
+            raise _refuse(value, self)
+        for name in names:
+            try:
+                ipaddress.ip_network(name, strict=False)
+            except ValueError:
+                raise _Invalid(f"{_show(name)} is not an IP address or network") from None
+        return tuple(names)
+
+
 def is_loopback(host: str) -> bool:
     """
     Whether *host* (a configured listener address) can only be reached
@@ -679,6 +718,17 @@ def _consistency(settings: Settings) -> list[str]:
         if verify == "verify_peer" and not listener.ssl_cacertfile:
             problems.append("listener.ssl.cacertfile: verifying client certificates needs "
                             "the CA bundle that issued them")
+        if listener.ssl_identity == "map" and not listener.ssl_identity_map:
+            problems.append("listener.ssl.identity_map: ssl.identity = map needs the "
+                            "mapping file")
+        if listener.ssl_identity == "cn_and_o" and not listener.ssl_organization:
+            problems.append("listener.ssl.organization: ssl.identity = cn_and_o needs the "
+                            "organisation the certificates must name")
+    if listener.tcp_enabled and listener.tcp_profile == 3 and not (
+            listener.client_cert_header and listener.trusted_proxies):
+        problems.append("listener.tcp.profile: 3 on the plain listener needs a TLS-ending "
+                        "proxy: set client_cert_header and trusted_proxies")
+    if listener.tcp_enabled and listener.tcp_profile == 3:
         if listener.ssl_identity == "map" and not listener.ssl_identity_map:
             problems.append("listener.ssl.identity_map: ssl.identity = map needs the "
                             "mapping file")
@@ -761,9 +811,10 @@ SECTIONS: tuple[Section, ...] = (
                "Longest charger identity accepted."),
         Option("tcp.enabled", Boolean(), "true",
                "Run the plain ws:// listener."),
-        Option("tcp.profile", Profile((0, 1)), "0",
+        Option("tcp.profile", Profile((0, 1, 3)), "0",
                "OCPP security profile of the ws:// listener: 0 = no authentication "
-               "(loopback only unless allow_anonymous), 1 = HTTP Basic auth."),
+               "(loopback only unless allow_anonymous), 1 = HTTP Basic auth, 3 = client "
+               "certificate passed by a TLS-ending proxy (client_cert_header)."),
         Option("ssl.enabled", Boolean(), "false",
                "Run the TLS wss:// listener (needs ssl.certfile and ssl.keyfile)."),
         Option("ssl.ip", Host(), "127.0.0.1",
@@ -807,6 +858,13 @@ SECTIONS: tuple[Section, ...] = (
         Option("proxy_protocol", Boolean(), "false",
                "Expect a HAProxy PROXY protocol v1/v2 header on every connection of both "
                "listeners; the address it gives is the charger's."),
+        Option("client_cert_header", HeaderName(), "",
+               "With TLS ended by a trusted proxy: the request header carrying the "
+               "charger's verified client certificate (URL-encoded PEM, as nginx's "
+               "$ssl_client_escaped_cert), for tcp.profile = 3."),
+        Option("trusted_proxies", Networks(), "",
+               "Addresses or networks (CIDR) of the proxies allowed to send "
+               "client_cert_header; from anyone else it is ignored."),
         Option("allow_anonymous", Boolean(), "false",
                "Allow a listener with profile 0 (no authentication) on a non-loopback "
                "address."),

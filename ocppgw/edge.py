@@ -153,13 +153,21 @@ class ChargerProtocol(WebSocketServerProtocol):
         headers = list(responseHeaders or ()) + list(self._deny_headers)
         return super().failHandshake(reason, code, headers or None)
 
-    def _peer_certificate(self):
-        """The verified client certificate (cryptography), or None."""
+    def _peer_certificate(self, request):
+        """
+        The verified client certificate (cryptography), or None: from our
+        own TLS, or passed on by a trusted TLS-ending proxy.
+        """
         get = getattr(self.transport, "getPeerCertificate", None)
-        if get is None:
+        if get is not None:
+            certificate = get()
+            return certificate.to_cryptography() if certificate is not None else None
+        forwarded = self.factory.forwarded_certificates
+        if forwarded is None:
             return None
-        certificate = get()
-        return certificate.to_cryptography() if certificate is not None else None
+        # The TCP peer itself (under a PROXY header wrapper: its transport).
+        socket_transport = getattr(self.transport, "transport", None) or self.transport
+        return forwarded.certificate(request.headers, socket_transport.getPeer().host)
 
     def onConnect(self, request):
         factory = self.factory
@@ -203,7 +211,7 @@ class ChargerProtocol(WebSocketServerProtocol):
                 identity,
                 subprotocol,
                 request.headers.get("authorization"),
-                self._peer_certificate(),
+                self._peer_certificate(request),
                 self.peer,
             )
             d.addCallback(
@@ -367,6 +375,7 @@ class ChargerFactory(WebSocketServerFactory):
         max_connections: int = 0,
         protocol_class: type = ChargerProtocol,
         authenticator=None,
+        forwarded_certificates=None,
         max_request_size: int = 16384,
         max_request_headers: int = 100,
     ) -> None:
@@ -374,6 +383,8 @@ class ChargerFactory(WebSocketServerFactory):
         self.hub = hub
         #: an L{ocppgw.auth.ChargerAuthenticator}, or None (no authentication)
         self.authenticator = authenticator
+        #: an L{ocppgw.listeners.ForwardedCertificate}, or None
+        self.forwarded_certificates = forwarded_certificates
         #: bytes and lines an opening handshake request may have
         self.max_request_size = max_request_size
         self.max_request_headers = max_request_headers

@@ -49,10 +49,10 @@ class Security:
         self.certificate_identity: Optional[CertificateIdentity] = None
         if listener.ssl_enabled:
             self.tls = ServerTLS(TLSFiles.from_listener(listener))
-            if listener.ssl_profile == 3:
-                self.certificate_identity = CertificateIdentity(
-                    listener.ssl_identity, listener.ssl_organization, listener.ssl_identity_map
-                )
+        if 3 in [self.profile(kind) for kind in self.listener_kinds()]:
+            self.certificate_identity = CertificateIdentity(
+                listener.ssl_identity, listener.ssl_organization, listener.ssl_identity_map
+            )
         self._own_pool = False
         self.threadpool = threadpool
         self.checker = None
@@ -103,6 +103,16 @@ class Security:
     def authenticator(self, kind: str) -> auth.ChargerAuthenticator:
         return self._authenticators[kind]
 
+    def forwarded_certificates(self, kind: str):
+        """
+        For the plain listener with profile 3: a L{ForwardedCertificate}
+        reading the certificate a trusted TLS-ending proxy passes on.
+        """
+        listener = self._settings.listener
+        if kind != "tcp" or listener.tcp_profile != 3:
+            return None
+        return ForwardedCertificate(listener.client_cert_header, listener.trusted_proxies)
+
     def wrap(self, kind: str, factory):
         """The protocol factory to listen with for the listener C{kind}."""
         if kind == "ssl":
@@ -139,3 +149,54 @@ class Security:
         if self.checker is not None:
             # A changed password must not be accepted from the cache.
             self.checker.clear()
+
+
+class ForwardedCertificate:
+    """
+    The client certificate a TLS-ending proxy (nginx, Envoy, a cloud load
+    balancer) verified and passed on in a request header.
+
+    Only requests whose TCP peer -- the proxy itself, not an address a
+    PROXY header claims -- is in C{trusted} may use the header; from anyone
+    else it is ignored, so a charger cannot forge one by connecting to the
+    gateway directly. The proxy must verify the certificate (nginx:
+    C{ssl_verify_client on}); ocppgw binds it to the identity.
+    """
+
+    def __init__(self, header: str, trusted) -> None:
+        import ipaddress
+
+        self.header = header.lower()
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in trusted]
+
+    def trusts(self, host: str) -> bool:
+        import ipaddress
+
+        try:
+            address = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+    def certificate(self, headers: dict, socket_host: str):
+        """
+        The certificate from C{headers}, or C{None} (no header, untrusted
+        sender, or not a PEM certificate).
+        """
+        from urllib.parse import unquote
+
+        from cryptography import x509
+
+        value = headers.get(self.header)
+        if not value:
+            return None
+        if not self.trusts(socket_host):
+            _log.warn("Ignored {header} from {host}, which is not a trusted proxy",
+                      header=self.header, host=socket_host)
+            return None
+        try:
+            return x509.load_pem_x509_certificate(unquote(value).encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            return None

@@ -118,6 +118,7 @@ class GatewayService(service.MultiService):
                 close_timeout=ws.close_timeout,
                 max_connections=listener.max_connections,
                 authenticator=self.security.authenticator(kind),
+                forwarded_certificates=self.security.forwarded_certificates(kind),
             )
         self.factory = next(iter(self.factories.values()))
         self._exit_on_startup_failure = exit_on_startup_failure

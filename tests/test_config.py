@@ -54,6 +54,8 @@ ssl.identity = map
 ssl.organization = Example CPO
 ssl.identity_map = {A_FILE}
 proxy_protocol = yes
+client_cert_header = X-SSL-Client-Cert
+trusted_proxies = 10.0.0.0/8, ::1
 allow_anonymous = yes
 
 [websocket]
@@ -150,6 +152,8 @@ class DefaultsTests(SynchronousTestCase):
                 ssl_organization="",
                 ssl_identity_map="",
                 proxy_protocol=False,
+                client_cert_header="",
+                trusted_proxies=(),
                 allow_anonymous=False,
             ),
         )
@@ -266,6 +270,8 @@ class EveryKeyTests(SynchronousTestCase):
                 ssl_organization="Example CPO",
                 ssl_identity_map=A_FILE,
                 proxy_protocol=True,
+                client_cert_header="X-SSL-Client-Cert",
+                trusted_proxies=("10.0.0.0/8", "::1"),
                 allow_anonymous=True,
             ),
         )

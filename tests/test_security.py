@@ -464,3 +464,65 @@ class ProxyProtocolTests(SecurityTestCase):
     def test_withoutHeaderDropped(self):
         d = rawclient.handshake(self.port, self.path(self.identity("PX")))
         yield self.assertFailure(d, ConnectionError, OSError)
+
+
+# -- TLS ended by a trusted proxy ------------------------------------------------
+
+
+def _escaped(issued) -> str:
+    """The certificate as nginx's $ssl_client_escaped_cert passes it."""
+    return quote(open(issued.certfile).read(), safe="")
+
+
+class ForwardedCertificateTests(SecurityTestCase):
+    """Profile 3 behind a TLS-ending proxy that passes the certificate on."""
+
+    trusted = "127.0.0.0/8"
+
+    def security_settings(self):
+        self.charger_id = self.identity("PF")
+        self.mine = self.pki.issue(self.charger_id)
+        self.others = self.pki.issue(self.identity("PFo"))
+        return {
+            "listener": {
+                "tcp.profile": "3",
+                "client_cert_header": "X-SSL-Client-Cert",
+                "trusted_proxies": self.trusted,
+            },
+            "auth": {"failure_delay": "0"},
+        }
+
+    @defer.inlineCallbacks
+    def handshake(self, issued):
+        headers = {"X-SSL-Client-Cert": _escaped(issued)} if issued else {}
+        response = yield rawclient.handshake(
+            self.port, self.path(self.charger_id), headers=headers, keep_open=True
+        )
+        self.addCleanup(response.close)
+        return response
+
+    @defer.inlineCallbacks
+    def test_accepted(self):
+        response = yield self.handshake(self.mine)
+        self.assertEqual(response.status, 101)
+        self.assertIn(self.charger_id, self.gateway_service.gateway.chargers)
+
+    @defer.inlineCallbacks
+    def test_otherChargersCertificate403(self):
+        self.assertEqual((yield self.handshake(self.others)).status, 403)
+
+    @defer.inlineCallbacks
+    def test_noCertificate403(self):
+        self.assertEqual((yield self.handshake(None)).status, 403)
+
+
+class UntrustedProxyTests(ForwardedCertificateTests):
+    """The same header from an address that is not a trusted proxy is ignored."""
+
+    trusted = "10.0.0.0/8"
+
+    @defer.inlineCallbacks
+    def test_accepted(self):
+        response = yield self.handshake(self.mine)
+        self.assertEqual(response.status, 403)
+        self.assertNotIn(self.charger_id, self.gateway_service.gateway.chargers)
