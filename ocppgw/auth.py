@@ -154,11 +154,16 @@ def render_password_file(entries: dict[str, str]) -> str:
 _DUMMY_HASH = None
 
 
-def _dummy_hash() -> str:
+def _verify_unknown(password: bytes) -> bool:
+    """
+    Spend the time of a real check, then refuse. Runs in the pool, where
+    making the dummy hash the first time costs no one else anything.
+    """
     global _DUMMY_HASH
     if _DUMMY_HASH is None:
         _DUMMY_HASH = hash_password(secrets.token_bytes(16))
-    return _DUMMY_HASH
+    verify_password(password, _DUMMY_HASH)
+    return False
 
 
 @implementer(ICredentialsChecker)
@@ -222,10 +227,12 @@ class PasswordFileChecker:
         username = credentials.username.decode("utf-8", "replace")
         encoded = self._entries.get(username)
         known = encoded is not None
-        d = deferToThreadPool(
-            self._reactor, self._threadpool, verify_password,
-            credentials.password, encoded if known else _dummy_hash(),
-        )
+        if known:
+            d = deferToThreadPool(self._reactor, self._threadpool, verify_password,
+                                  credentials.password, encoded)
+        else:
+            d = deferToThreadPool(self._reactor, self._threadpool, _verify_unknown,
+                                  credentials.password)
 
         def checked(ok):
             if ok and known:

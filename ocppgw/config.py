@@ -592,7 +592,10 @@ class Profile:
         return "one of " + ", ".join(map(str, self.profiles))
 
     def __call__(self, value: object) -> int:
-        number = Integer(0)(value) if not isinstance(value, int) else value
+        try:
+            number = Integer(0)(value)
+        except _Invalid:
+            raise _refuse(value, self) from None
         if number not in self.profiles:
             raise _refuse(value, self)
         return number

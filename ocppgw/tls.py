@@ -283,7 +283,12 @@ class CertificateIdentity:
             identity = identity.strip()
             if not identity:
                 raise TLSConfigError(f"{self.map_file}:{number}: expected '<key> <identity>'")
-            mapping[_map_key(key)] = identity
+            try:
+                mapping[_map_key(key)] = identity
+            except ValueError:
+                raise TLSConfigError(
+                    f"{self.map_file}:{number}: not a fingerprint or serial:<hex>"
+                ) from None
         return mapping
 
     def reload(self) -> bool:

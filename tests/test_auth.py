@@ -255,10 +255,15 @@ class PasswordFileCheckerTests(unittest.TestCase):
 
         self.patch(auth, "verify_password", spy)
         d = self.checker.requestAvatarId(_credentials("CP1", "one"))
+        # an unknown identity costs a (dummy) check as well: no
+        # enumeration of identities by timing
+        d.addCallback(lambda _: self.assertFailure(
+            self.checker.requestAvatarId(_credentials("CP-unknown", "one")), UnauthorizedLogin))
 
         def check(_):
-            self.assertEqual(len(seen), 1)
-            self.assertIsNot(seen[0], threading.current_thread())
+            self.assertEqual(len(seen), 2)
+            for thread in seen:
+                self.assertIsNot(thread, threading.current_thread())
 
         return d.addCallback(check)
 

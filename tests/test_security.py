@@ -526,3 +526,32 @@ class UntrustedProxyTests(ForwardedCertificateTests):
         response = yield self.handshake(self.mine)
         self.assertEqual(response.status, 403)
         self.assertNotIn(self.charger_id, self.gateway_service.gateway.chargers)
+
+
+class ProxyProtocolTlsTests(SecurityTestCase):
+    """The PROXY header comes before TLS, as a TCP load balancer sends it."""
+
+    def security_settings(self):
+        self.charger_id = self.identity("PXT")
+        self.passwords = os.path.join(self.directory, "passwords")
+        _add_password(self.passwords, self.charger_id, b"pw-pw-pw")
+        server = self.pki.issue(SERVER_NAME, server=True, kind="ec")
+        return {
+            "listener": {"proxy_protocol": "true", "tcp.enabled": "false",
+                         "ssl.enabled": "true", "ssl.port": "0", "ssl.profile": "2",
+                         "ssl.certfile": server.certfile, "ssl.keyfile": server.keyfile},
+            "auth": {"password_file": self.passwords},
+        }
+
+    @defer.inlineCallbacks
+    def test_v2BeforeTls(self):
+        response = yield rawclient.handshake(
+            self.port_of("ssl"), self.path(self.charger_id),
+            proxy=rawclient.proxy_v2("198.51.100.9", 50000),
+            context=rawclient.client_context(self.pki.cafile),
+            headers=rawclient.basic(self.charger_id, "pw-pw-pw"), keep_open=True,
+        )
+        self.addCleanup(response.close)
+        self.assertEqual(response.status, 101)
+        link = self.gateway_service.gateway.chargers[self.charger_id]
+        self.assertEqual(link.edge.peer, "tcp4:198.51.100.9:50000")
