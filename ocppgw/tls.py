@@ -143,7 +143,9 @@ def build_context(files: TLSFiles) -> SSL.Context:
             raise TLSConfigError(f"{certfile}: not a PEM certificate chain") from None
         try:
             context.use_privatekey_file(keyfile)
-        except SSL.Error:
+        except SSL.Error as error:
+            if "mismatch" in str(error).lower():
+                raise TLSConfigError(f"{keyfile}: does not match {certfile}") from None
             raise TLSConfigError(
                 f"{keyfile}: not a PEM private key, or a wrong password in ssl.password_file"
             ) from None

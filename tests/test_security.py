@@ -555,3 +555,72 @@ class ProxyProtocolTlsTests(SecurityTestCase):
         self.assertEqual(response.status, 101)
         link = self.gateway_service.gateway.chargers[self.charger_id]
         self.assertEqual(link.edge.peer, "tcp4:198.51.100.9:50000")
+
+
+class Profile3HttpAnswerTests(SecurityTestCase):
+    """With fail_if_no_peer_cert = false a charger without certificate gets 403."""
+
+    def security_settings(self):
+        self.charger_id = self.identity("P3h")
+        server = self.pki.issue(SERVER_NAME, server=True, kind="ec")
+        return {
+            "listener": {
+                "tcp.enabled": "false", "ssl.enabled": "true", "ssl.port": "0",
+                "ssl.profile": "3", "ssl.certfile": server.certfile,
+                "ssl.keyfile": server.keyfile, "ssl.cacertfile": self.pki.cafile,
+                "ssl.fail_if_no_peer_cert": "false",
+            },
+            "auth": {"failure_delay": "0"},
+        }
+
+    @defer.inlineCallbacks
+    def test_noCertificate403(self):
+        response = yield rawclient.handshake(
+            self.port_of("ssl"), self.path(self.charger_id),
+            context=rawclient.client_context(self.pki.cafile),
+        )
+        self.assertEqual(response.status, 403)
+
+
+class AmqpCheckerGatewayTests(SecurityTestCase):
+    """checker = amqp end to end: RabbitMQ's own user database decides."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        import shutil
+
+        from twisted.internet import utils
+        from twisted.trial.unittest import SkipTest
+
+        rabbitmqctl = shutil.which("rabbitmqctl")
+        if rabbitmqctl is None:
+            raise SkipTest("rabbitmqctl is not available")
+
+        @defer.inlineCallbacks
+        def ctl(*arguments):
+            _out, err, code = yield utils.getProcessOutputAndValue(
+                rabbitmqctl, arguments, env=os.environ)
+            if code != 0:
+                raise RuntimeError(f"rabbitmqctl {arguments[0]} failed: {err!r}")
+
+        self.user = "CP-amqp-" + os.urandom(6).hex()
+        yield ctl("add_user", self.user, "broker-password")
+        self.addCleanup(ctl, "delete_user", self.user)
+        yield ctl("set_permissions", "-p", "/", self.user, "", "", "")
+        yield super().setUp()
+
+    def security_settings(self):
+        return {"listener": {"tcp.profile": "1"},
+                "auth": {"checker": "amqp", "failure_delay": "0"}}
+
+    @defer.inlineCallbacks
+    def test_acceptsAndRefuses(self):
+        self._identities.append(self.user)
+        refused = yield rawclient.handshake(
+            self.port, self.path(self.user), headers=rawclient.basic(self.user, "wrong"))
+        self.assertEqual(refused.status, 401)
+        charger = yield FakeCharger.connect(
+            reactor, self.url(self.user), ["ocpp1.6"],
+            headers=basic_auth(self.user, "broker-password"))
+        self.addCleanup(self._close_charger, charger)
+        self.assertIn(self.user, self.gateway_service.gateway.chargers)
