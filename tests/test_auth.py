@@ -278,6 +278,8 @@ class _AuthResource(resource.Resource):
         self.passwords = passwords
         self.requests = []
         self.hanging = []
+        #: fires when the first request to hang arrives
+        self.hung = defer.Deferred()
 
     def render_POST(self, request):
         username = request.args[b"username"][0]
@@ -285,6 +287,8 @@ class _AuthResource(resource.Resource):
         self.requests.append((username, password))
         if username == b"HANG":
             self.hanging.append(request)
+            if not self.hung.called:
+                self.hung.callback(None)
             return server.NOT_DONE_YET
         if username == b"BROKEN":
             request.setResponseCode(500)
@@ -351,9 +355,8 @@ class HungBackEndTests(_HttpServerMixin, GatewayTestCase):
                                    headers=rawclient.basic("HANG", "x"))
         order = []
         hung.addCallback(lambda response: order.append(("hung", response.status)))
-        # wait until the back end holds the hung request
-        while not self.auth_resource.hanging:
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        # the back end now holds the hung request
+        yield self.auth_resource.hung
         self._identities.append(self.good)
         charger = yield FakeCharger.connect(reactor, self.url(self.good), ["ocpp1.6"],
                                             headers=basic_auth(self.good, "pw"))
