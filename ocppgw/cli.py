@@ -1,23 +1,27 @@
 """
-The C{ocppgw} command line: operators' tools around a running gateway.
+The C{ocppgw} command: one subcommand per task.
 
-::
+Each subcommand is a function C{add_<name>(subparsers)} that declares its
+arguments and sets C{run} to the function doing the work; L{main} only
+dispatches. Adding a subcommand is one such function and one line in
+L{SUBCOMMANDS}.
 
-    ocppgw call IDENTITY ACTION [PAYLOAD] [--timeout 35]
-    ocppgw check-config FILE
-    ocppgw chargers [IDENTITY] [--json] [--disconnect]
+- C{ocppgw passwd FILE IDENTITY}: add or change a charger's password in a
+  password file (C{[auth] password_file}); C{--delete} removes it. The
+  running gateway picks the change up by itself.
+- C{ocppgw call IDENTITY ACTION [PAYLOAD]}: send a CSMS CALL to a charger
+  through RabbitMQ (direct reply-to) and print its answer.
+- C{ocppgw check-config FILE}: validate a configuration file.
+- C{ocppgw chargers [IDENTITY] [--json] [--disconnect]}: the connected
+  chargers, from the admin API.
 
-Each subcommand is one function, registered with L{subcommand} under its
-name together with a function that adds its arguments; L{main} builds the
-parser from the registry. A new subcommand is one more registered pair.
-
-Exit statuses, shared by all subcommands:
+Exit statuses of call, check-config and chargers:
 
 - 0: done (C{call}: the charger answered with a CALLRESULT);
 - 1: C{call}: the charger answered with a CALLERROR (or the gateway's
   timeout error); C{check-config}: the file has problems; C{chargers}: the
   admin API refused or failed;
-- 2: bad command line (argparse);
+- 2: bad command line;
 - 3: C{call}: no answer within C{--timeout};
 - 4: no such charger (C{call}: it has no queue, so it never connected or its
   queue expired; C{chargers IDENTITY}: not connected);
@@ -32,17 +36,111 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
+import getpass
 import json
 import os
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
+
+from ocppgw.auth import (
+    PasswordFileError,
+    hash_password,
+    parse_password_file,
+    render_password_file,
+)
 from urllib.parse import quote
 
 from ocppgw import config as _config
+from ocppgw.identity import BadIdentity, identity_from_path
+
+
+def _read_password(options) -> bytes:
+    if options.stdin:
+        line = sys.stdin.buffer.readline().rstrip(b"\r\n")
+    else:
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != first:
+            raise SystemExit("ocppgw passwd: the passwords differ")
+        line = first.encode("utf-8")
+    if options.hex:
+        try:
+            password = binascii.unhexlify(line.strip())
+        except (binascii.Error, ValueError):
+            raise SystemExit("ocppgw passwd: --hex needs an even number of hex digits") from None
+    else:
+        password = line
+    if not password:
+        raise SystemExit("ocppgw passwd: empty password")
+    return password
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """
+    Write C{text} to C{path} through a temporary file and a rename, so the
+    gateway never reads a half-written file; the file is private (0600).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".ocppgw-passwd-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def run_passwd(options) -> int:
+    try:
+        # the same rules as an identity in a charger's URL
+        identity_from_path("/ocpp/" + quote(options.identity, safe=""), "/ocpp", None, 255)
+    except BadIdentity as error:
+        print(f"ocppgw passwd: {error}", file=sys.stderr)
+        return 2
+    try:
+        with open(options.file, encoding="utf-8") as file:
+            entries = parse_password_file(file.read(), options.file)
+    except FileNotFoundError:
+        entries = {}
+    except (OSError, UnicodeDecodeError, PasswordFileError) as error:
+        print(f"ocppgw passwd: {error}", file=sys.stderr)
+        return 1
+    if options.delete:
+        if entries.pop(options.identity, None) is None:
+            print(f"ocppgw passwd: {options.identity} is not in {options.file}", file=sys.stderr)
+            return 1
+        verb = "removed"
+    else:
+        verb = "changed" if options.identity in entries else "added"
+        entries[options.identity] = hash_password(_read_password(options))
+    _write_atomically(options.file, render_password_file(entries))
+    print(f"{options.identity} {verb}")
+    return 0
+
+
+def add_passwd(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "passwd",
+        help="add, change or remove a charger in a password file",
+        description="Add, change (default) or remove a charger's Basic auth password in "
+        "the password file of [auth] password_file. The file is created if needed.",
+    )
+    parser.add_argument("file", help="the password file")
+    parser.add_argument("identity", help="the charger identity (the Basic username)")
+    parser.add_argument("--delete", action="store_true", help="remove the charger")
+    parser.add_argument("--stdin", action="store_true",
+                        help="read the password from the first line of standard input")
+    parser.add_argument("--hex", action="store_true",
+                        help="the password is hex (an OCPP 1.6 AuthorizationKey: the charger "
+                        "sends these bytes)")
+    parser.set_defaults(run=run_passwd)
+
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -59,28 +157,6 @@ DEFAULT_CALL_TIMEOUT = 35.0
 #: Environment variable with the admin API's password (never on the
 #: command line, where other users can see it in the process list).
 PASSWORD_ENV = "OCPPGW_ADMIN_PASSWORD"
-
-
-@dataclass(frozen=True)
-class Subcommand:
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
-
-#: name -> L{Subcommand}, in the order they were registered.
-SUBCOMMANDS: dict[str, Subcommand] = {}
-
-
-def subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register the decorated C{run(options) -> exit status} as C{name}."""
-
-    def register(run: Callable[[argparse.Namespace], int]):
-        SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, run)
-        return run
-
-    return register
 
 
 def _settings(options: argparse.Namespace) -> _config.Settings:
@@ -142,12 +218,7 @@ def _call_arguments(parser: argparse.ArgumentParser) -> None:
     _add_config(parser)
 
 
-@subcommand(
-    "call",
-    "send a CSMS CALL to a charger through RabbitMQ and print its answer",
-    _call_arguments,
-)
-def call(options: argparse.Namespace) -> int:
+def run_call(options: argparse.Namespace) -> int:
     """
     Send one CALL with RabbitMQ's direct reply-to and print the answer frame.
     """
@@ -215,6 +286,12 @@ def _call(reactor, url: str, exchange: str, identity: str, frame: list, timeout:
     return run()
 
 
+def add_call(subparsers) -> None:
+    parser = subparsers.add_parser("call", help="send a CSMS CALL to a charger through RabbitMQ and print its answer", description="Send a CSMS CALL to a charger through RabbitMQ and print its answer.")
+    _call_arguments(parser)
+    parser.set_defaults(run=run_call)
+
+
 # -- check-config ---------------------------------------------------------------
 
 
@@ -222,12 +299,7 @@ def _check_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="the INI file to check, e.g. etc/ocppgw.ini")
 
 
-@subcommand(
-    "check-config",
-    "validate a configuration file without starting anything",
-    _check_config_arguments,
-)
-def check_config(options: argparse.Namespace) -> int:
+def run_check_config(options: argparse.Namespace) -> int:
     try:
         _config.load(options.file)
     except _config.ConfigError as error:
@@ -235,6 +307,12 @@ def check_config(options: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(f"{options.file}: ok")
     return EXIT_OK
+
+
+def add_check_config(subparsers) -> None:
+    parser = subparsers.add_parser("check-config", help="validate a configuration file without starting anything", description="Validate a configuration file without starting anything.")
+    _check_config_arguments(parser)
+    parser.set_defaults(run=run_check_config)
 
 
 # -- chargers ----------------------------------------------------------------------
@@ -283,12 +361,7 @@ def _table(chargers: list) -> str:
     )
 
 
-@subcommand(
-    "chargers",
-    "list connected chargers from the admin API (or show, or disconnect, one)",
-    _chargers_arguments,
-)
-def chargers(options: argparse.Namespace) -> int:
+def run_chargers(options: argparse.Namespace) -> int:
     try:
         settings = _settings(options)
     except _config.ConfigError as error:
@@ -318,27 +391,27 @@ def chargers(options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- entry point -----------------------------------------------------------------
+def add_chargers(subparsers) -> None:
+    parser = subparsers.add_parser("chargers", help="list connected chargers from the admin API (or show, or disconnect, one)", description="List connected chargers from the admin API (or show, or disconnect, one).")
+    _chargers_arguments(parser)
+    parser.set_defaults(run=run_chargers)
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser, one sub-parser per registered subcommand."""
-    top = argparse.ArgumentParser(
-        prog="ocppgw",
-        description="Operate an ocppgw OCPP-J gateway (the gateway itself runs "
-        "as `twistd ocppgw`).",
-    )
-    commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for entry in SUBCOMMANDS.values():
-        sub = commands.add_parser(entry.name, help=entry.help, description=entry.help)
-        entry.add_arguments(sub)
-        sub.set_defaults(run=entry.run)
-    return top
+#: Every subcommand, in the order `ocppgw --help` lists them.
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_passwd,
+    add_call,
+    add_check_config,
+    add_chargers,
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """C{ocppgw} (console script): run one subcommand, return its status."""
-    options = parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="ocppgw", description="ocppgw tools (the gateway itself runs as `twistd ocppgw`).")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    options = parser.parse_args(argv)
     return options.run(options)
 
 

@@ -10,11 +10,17 @@ L{makeService}.
      |- the AMQP bridge: the exchange (and the audit exchange, when on)
      |  must be declared before a charger is accepted, and a broker that
      |  refuses us must stop the start-up with a clear message
-     '- ListenerService (ws), once the bridge is up
+     '- the listeners (ws and/or wss, see ocppgw.listeners), once the
+        bridge is up
+
+SIGHUP (when C{reload_signal} is set, as under twistd) calls L{reload}:
+certificates, CA bundle, CRL, identity map and password file are read
+again; connected chargers keep their sessions.
 
 Stopping (SIGTERM under twistd) runs the other way: stop listening, close
 every charger with 1001 and requeue the commands they held, wait (bounded)
-for the broker to confirm what is in flight, close the AMQP connection.
+for the broker to confirm what is in flight, close the AMQP connection,
+and last the admin listener (so that /readyz says "not ready" throughout).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from ocppgw.audit import AuditTrail
 from ocppgw.config import Settings
 from ocppgw.edge import ChargerFactory
 from ocppgw.gateway import CLOSE_GOING_AWAY, Gateway
+from ocppgw.listeners import Security
 from ocppgw.metrics import GatewayState, Metrics
 
 _log = Logger()
@@ -67,6 +74,8 @@ class GatewayService(service.MultiService, GatewayState):
         *,
         bridge: Optional[AmqpBridge] = None,
         exit_on_startup_failure: bool = False,
+        reload_signal: bool = False,
+        threadpool=None,
     ) -> None:
         super().__init__()
         self.setName("ocppgw")
@@ -107,22 +116,30 @@ class GatewayService(service.MultiService, GatewayState):
             audit=self.audit,
         )
         listener, ws = settings.listener, settings.websocket
-        self.factory = ChargerFactory(
-            self.gateway,
-            reactor,
-            ws_path=listener.ws_path,
-            vhost=listener.vhost or None,
-            subprotocols=listener.subprotocols,
-            max_identity_length=listener.max_identity_length,
-            max_message_size=ws.ws_opts_max_frame_size,
-            ping_interval=ws.ws_opts_idle_timeout,
-            ping_timeout=ws.ping_timeout,
-            handshake_timeout=ws.handshake_timeout,
-            close_timeout=ws.close_timeout,
-            max_connections=listener.max_connections,
-            listener="ws",
-            metrics=self.metrics,
-        )
+        #: TLS material, checkers and one authenticator per listener
+        self.security = Security(settings, reactor, threadpool=threadpool)
+        #: "tcp" and/or "ssl" -> ChargerFactory
+        self.factories = {}
+        for kind in self.security.listener_kinds():
+            self.factories[kind] = ChargerFactory(
+                self.gateway,
+                reactor,
+                ws_path=listener.ws_path,
+                vhost=listener.vhost or None,
+                subprotocols=listener.subprotocols,
+                max_identity_length=listener.max_identity_length,
+                max_message_size=ws.ws_opts_max_frame_size,
+                ping_interval=ws.ws_opts_idle_timeout,
+                ping_timeout=ws.ping_timeout,
+                handshake_timeout=ws.handshake_timeout,
+                close_timeout=ws.close_timeout,
+                max_connections=listener.max_connections,
+                authenticator=self.security.authenticator(kind),
+                forwarded_certificates=self.security.forwarded_certificates(kind),
+                listener="ws" if kind == "tcp" else "wss",
+                metrics=self.metrics,
+            )
+        self.factory = next(iter(self.factories.values()))
         self.metrics.watch(self)
         admin = settings.admin
         self.admin = AdminAPI(
@@ -135,8 +152,13 @@ class GatewayService(service.MultiService, GatewayState):
         )
         self.admin_port = None
         self._exit_on_startup_failure = exit_on_startup_failure
+        self._reload_signal = reload_signal
+        self._previous_sighup = None
         self.started: defer.Deferred = defer.Deferred()
+        #: the first listener's port (ws if enabled); see listening_ports
         self.listening_port = None
+        #: "tcp" and/or "ssl" -> the bound IListeningPort
+        self.listening_ports: dict = {}
 
     # -- GatewayState (read by metrics and /readyz) ------------------------
 
@@ -166,6 +188,7 @@ class GatewayService(service.MultiService, GatewayState):
 
     @defer.inlineCallbacks
     def _start(self):
+        self.security.start()
         admin = self.settings.admin
         if admin.enabled:
             endpoint = _server_endpoint(self._reactor, admin.tcp_ip, admin.tcp_port, backlog=50)
@@ -174,18 +197,30 @@ class GatewayService(service.MultiService, GatewayState):
         if self.audit is not None:
             yield self.bridge.declare_exchange(self.audit.exchange)
         listener = self.settings.listener
-        endpoint = _server_endpoint(self._reactor, listener.tcp_ip, listener.tcp_port)
-        self.listening_port = yield endpoint.listen(self.factory)
+        for kind, factory in self.factories.items():
+            host = listener.tcp_ip if kind == "tcp" else listener.ssl_ip
+            port = listener.tcp_port if kind == "tcp" else listener.ssl_port
+            endpoint = self.security.endpoint(_server_endpoint(self._reactor, host, port))
+            self.listening_ports[kind] = yield endpoint.listen(
+                self.security.wrap(kind, factory)
+            )
+        self.listening_port = next(iter(self.listening_ports.values()))
+        if self._reload_signal:
+            self._install_sighup()
 
     def _running(self, _):
-        address = self.listening_port.getHost()
-        _log.info(
-            "ocppgw node {node} listening on ws://{host}:{port}{path}/<identity>",
-            node=self.node,
-            host=address.host,
-            port=address.port,
-            path=self.settings.listener.ws_path,
-        )
+        for kind, port in self.listening_ports.items():
+            address = port.getHost()
+            _log.info(
+                "ocppgw node {node} listening on {scheme}://{host}:{port}{path}/<identity> "
+                "(security profile {profile})",
+                node=self.node,
+                scheme="ws" if kind == "tcp" else "wss",
+                host=address.host,
+                port=address.port,
+                path=self.settings.listener.ws_path,
+                profile=self.security.profile(kind),
+            )
         if self.admin_port is not None:
             admin = self.admin_port.getHost()
             _log.info(
@@ -194,6 +229,32 @@ class GatewayService(service.MultiService, GatewayState):
                 port=admin.port,
             )
         self.started.callback(self)
+
+    def reload(self) -> None:
+        """
+        Re-read certificates, CA bundle, CRL, identity map and password
+        file. New chargers see the new material; connected ones keep their
+        sessions. What cannot be read is logged and the old material kept.
+        """
+        _log.info("Reloading TLS material and credentials")
+        self.security.reload()
+
+    def _install_sighup(self) -> None:
+        import signal
+
+        def handler(_signum, _frame):
+            # Signal handlers run between bytecodes of whatever the
+            # reactor thread was doing: only schedule the work.
+            self._reactor.callFromThread(self.reload)
+
+        self._previous_sighup = signal.signal(signal.SIGHUP, handler)
+
+    def _remove_sighup(self) -> None:
+        import signal
+
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
 
     @defer.inlineCallbacks
     def _startup_failed(self, failure):
@@ -216,12 +277,15 @@ class GatewayService(service.MultiService, GatewayState):
         Stop listening, close chargers (1001), requeue, drain confirms.
         """
         yield defer.maybeDeferred(super().stopService)
+        self._remove_sighup()
         self.gateway.stop_accepting()
-        if self.listening_port is not None:
-            yield self.listening_port.stopListening()
-            self.listening_port = None
+        ports, self.listening_ports = self.listening_ports, {}
+        for port in ports.values():
+            yield port.stopListening()
+        self.listening_port = None
         yield self.gateway.close_all(CLOSE_GOING_AWAY, "Gateway shutting down")
         yield self.bridge.stop()
+        yield self.security.stop()
         # last: /readyz says "not ready" while the gateway drains
         if self.admin_port is not None:
             yield self.admin_port.stopListening()

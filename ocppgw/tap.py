@@ -42,9 +42,20 @@ class Options(usage.Options):
 def makeService(options: Options):
     """
     Build the service for twistd; a failure to start ends the process with 1.
+
+    SIGHUP reloads certificates and credentials (see L{GatewayService.reload}).
+    Certificate or password files that exist but cannot be used end the
+    start with their reason, not a traceback.
     """
     from twisted.internet import reactor
 
+    from ocppgw.auth import PasswordFileError
     from ocppgw.service import GatewayService
+    from ocppgw.tls import TLSConfigError
 
-    return GatewayService(options["settings"], reactor, exit_on_startup_failure=True)
+    try:
+        return GatewayService(
+            options["settings"], reactor, exit_on_startup_failure=True, reload_signal=True
+        )
+    except (TLSConfigError, PasswordFileError, OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"ocppgw could not start: {error}") from None

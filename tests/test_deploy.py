@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
 BIN = Path(sys.executable).parent
+#: where the Deployment mounts the Secret with the password file
+PASSWORDS = "/etc/ocppgw/passwords/passwords"
 MANIFESTS = ("configmap.yaml", "deployment.yaml", "service.yaml", "poddisruptionbudget.yaml")
 
 
@@ -49,14 +51,29 @@ class KubernetesTests(unittest.SynchronousTestCase):
         self.deployment = self.docs["Deployment/ocppgw"]
         self.pod = self.deployment["spec"]["template"]["spec"]
         [self.container] = self.pod["containers"]
-        self.settings = config.parse(self.docs["ConfigMap/ocppgw"]["data"]["ocppgw.ini"])
+        text = self.docs["ConfigMap/ocppgw"]["data"]["ocppgw.ini"]
+        # the password file comes from a Secret in the cluster: a stand-in
+        stand_in = self.mktemp()
+        with open(stand_in, "w") as f:
+            f.write("")
+        self.ini = text
+        self.settings = config.parse(
+            text.replace(PASSWORDS, os.path.abspath(stand_in))
+        )
 
     def test_config_map_is_a_valid_config(self):
+        self.assertIn(f"password_file = {PASSWORDS}", self.ini)
         self.assertEqual(self.settings.listener.tcp_ip, "0.0.0.0")
+        self.assertEqual(self.settings.listener.tcp_profile, 1)
+        self.assertEqual(self.settings.auth.checker, "file")
         self.assertEqual(self.settings.admin.tcp_ip, "0.0.0.0")
         self.assertEqual(self.settings.log.format, "json")
-        mount = self.container["volumeMounts"][0]["mountPath"]
-        self.assertEqual(self.container["args"], ["--config", f"{mount}/ocppgw.ini"])
+        mounts = {m["name"]: m for m in self.container["volumeMounts"]}
+        self.assertEqual(self.container["args"], ["--config", mounts["config"]["mountPath"]])
+        self.assertEqual(mounts["config"]["subPath"], "ocppgw.ini")
+        self.assertEqual(os.path.dirname(PASSWORDS), mounts["passwords"]["mountPath"])
+        volumes = {v["name"]: v for v in self.pod["volumes"]}
+        self.assertEqual(volumes["passwords"]["secret"]["secretName"], "ocppgw-passwords")
 
     def test_probes_on_the_admin_listener(self):
         ports = {p["name"]: p["containerPort"] for p in self.container["ports"]}
@@ -134,6 +151,7 @@ class LintTests(unittest.SynchronousTestCase):
         # the image's configuration is valid and listens on all interfaces
         settings = config.load(DEPLOY / "ocppgw.ini")
         self.assertEqual(settings.listener.tcp_ip, "0.0.0.0")
+        self.assertEqual((settings.listener.tcp_profile, settings.auth.checker), (1, "amqp"))
         self.assertIn("COPY deploy/ocppgw.ini /etc/ocppgw/ocppgw.ini", lines)
 
     def test_systemd_unit(self):
