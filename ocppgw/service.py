@@ -30,6 +30,8 @@ from ocppgw import config as _config
 from ocppgw.amqp import AmqpBridge
 from ocppgw.config import Settings
 from ocppgw.edge import ChargerFactory
+from ocppgw.framing import VERSIONS
+from ocppgw.validation import Validation
 from ocppgw.gateway import CLOSE_GOING_AWAY, Gateway
 
 _log = Logger()
@@ -80,6 +82,12 @@ class GatewayService(service.MultiService):
             declare_channels=amqp.declare_channels,
         )
         ocpp = settings.ocpp
+        # Compiled here, once, before anything listens: a schema that cannot
+        # be loaded stops the start (SchemaError), like a bad config.
+        self.validation = Validation.from_settings(
+            settings.validation,
+            [VERSIONS[name] for name in settings.listener.subprotocols],
+        )
         self.gateway = Gateway(
             reactor,
             self.bridge,
@@ -89,6 +97,7 @@ class GatewayService(service.MultiService):
             max_bad_frames=settings.websocket.max_bad_frames,
             offline_status=ocpp.offline_status,
             presence_events=ocpp.presence_events,
+            validation=self.validation,
         )
         listener, ws = settings.listener, settings.websocket
         self.factory = ChargerFactory(
@@ -117,9 +126,30 @@ class GatewayService(service.MultiService):
     @defer.inlineCallbacks
     def _start(self):
         yield self.bridge.start()
+        yield self._check_dead_letter_exchange()
         listener = self.settings.listener
         endpoint = _server_endpoint(self._reactor, listener.tcp_ip, listener.tcp_port)
         self.listening_port = yield endpoint.listen(self.factory)
+
+    @defer.inlineCallbacks
+    def _check_dead_letter_exchange(self):
+        """
+        Commands refused by validation are copied to the charger queues'
+        dead-letter exchange with the reason in headers; a publish to a
+        missing exchange would close the channel every charger publishes
+        on, so it is only done when the exchange exists now.
+        """
+        exchange = self.settings.queue.x_dead_letter_exchange
+        if not exchange or self.validation.mode == "off":
+            return
+        if (yield self.bridge.exchange_exists(exchange)):
+            self.gateway.dead_letter_exchange = exchange
+        else:
+            _log.warn(
+                "Dead-letter exchange {exchange} does not exist: commands refused by "
+                "validation are rejected without the reason in headers",
+                exchange=exchange,
+            )
 
     def _running(self, _):
         address = self.listening_port.getHost()

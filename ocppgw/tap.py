@@ -41,5 +41,10 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from ocppgw.service import GatewayService
+    from ocppgw.validation import SchemaError
 
-    return GatewayService(options["settings"], reactor, exit_on_startup_failure=True)
+    try:
+        return GatewayService(options["settings"], reactor, exit_on_startup_failure=True)
+    except SchemaError as error:
+        # A clear line and status 1, not a traceback: like a bad config.
+        raise SystemExit(f"ocppgw: {error}") from None
