@@ -255,6 +255,56 @@ class CheckerTests(SynchronousTestCase):
         self.assertTrue(violation.description.startswith("payload must not contain"))
         self.assertLessEqual(len(violation.description), 200)
 
+    def test_enum_rewrite_keeps_meaning(self):
+        """
+        String enums are checked through a set (a speed-up): the error is
+        still PropertyConstraintViolation listing the members, a value of
+        the wrong type still TypeConstraintViolation.
+        """
+        checker = Validation(ENFORCE, [OCPP201]).checker_for(IDENTITY, OCPP201)
+        payload = {**_TRANSACTION_2X, "triggerReason": "Whim"}
+        violation = checker.request("TransactionEvent", payload)
+        self.assertEqual(violation.kind, ErrorKind.PROPERTY_CONSTRAINT_VIOLATION)
+        self.assertTrue(
+            violation.description.startswith(
+                "payload.triggerReason must be one of ['Authorized', "
+            ),
+            violation.description,
+        )
+        payload = {**_TRANSACTION_2X, "triggerReason": 3}
+        self.assertEqual(
+            checker.request("TransactionEvent", payload).kind,
+            ErrorKind.TYPE_CONSTRAINT_VIOLATION,
+        )
+
+    def test_rewritten_schemas_agree_with_originals(self):
+        """
+        Every example, valid or not, is judged alike by the schema as
+        published (compiled plainly) and by the rewritten one.
+        """
+        import fastjsonschema
+
+        for subprotocol, examples in EXAMPLES.items():
+            version = framing.VERSIONS[subprotocol]
+            checker = Validation(ENFORCE, [version]).checker_for(IDENTITY, version)
+            directory = package_schema_dir(subprotocol)
+            suffix = ".json" if subprotocol == "ocpp1.6" else "Request.json"
+            cases = [(a, p) for a, valid, invalid, *_ in examples["charger"]
+                     for p in (valid, invalid)]
+            action, valid, invalid, *_ = examples["command"]
+            cases += [(action, valid), (action, invalid)]
+            for action, payload in cases:
+                with open(os.path.join(directory, action + suffix), "rb") as f:
+                    plain = fastjsonschema.compile(json.load(f), use_default=False)
+                try:
+                    plain(json.loads(json.dumps(payload)))
+                    plain_valid = True
+                except fastjsonschema.JsonSchemaValueException:
+                    plain_valid = False
+                self.assertEqual(
+                    checker.request(action, payload) is None, plain_valid, (subprotocol, action)
+                )
+
     def test_validator_does_not_fill_defaults(self):
         checker = Validation(ENFORCE, [OCPP201]).checker_for(IDENTITY, OCPP201)
         payload = json.loads(json.dumps(_METER_2X))
