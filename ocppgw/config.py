@@ -745,8 +745,9 @@ SECTIONS: tuple[Section, ...] = (
                "refusing them as FormatViolation."),
         Option("schema_dir", Directory(), "",
                "Directory with one subdirectory per subprotocol (ocpp1.6, ocpp2.0, "
-               "ocpp2.0.1, ocpp2.1) whose schemas replace the ones of the ocpp package; "
-               "empty = the package's (ocpp2.0 uses the ocpp2.0.1 schemas)."),
+               "ocpp2.0.1, ocpp2.1) whose schemas replace the ones of the ocpp package "
+               "(ocpp2.0 uses the ocpp2.0.1 schemas unless it has its own); empty = the "
+               "package's."),
     )),
 )
 

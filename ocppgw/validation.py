@@ -121,6 +121,15 @@ _PACKAGE_SCHEMAS: Final[Mapping[str, str]] = {
     "ocpp2.1": "v21/schemas",
 }
 
+# Where a version looks in [validation] schema_dir, in order: 2.0 takes
+# the 2.0.1 schemas there too, unless it has its own.
+_OWN_SCHEMAS: Final[Mapping[str, tuple[str, ...]]] = {
+    "ocpp1.6": ("ocpp1.6",),
+    "ocpp2.0": ("ocpp2.0", "ocpp2.0.1"),
+    "ocpp2.0.1": ("ocpp2.0.1",),
+    "ocpp2.1": ("ocpp2.1",),
+}
+
 _REQUEST_SUFFIX: Final = "Request.json"
 _RESPONSE_SUFFIX: Final = "Response.json"
 
@@ -466,9 +475,11 @@ class Validation:
         for version in versions:
             directory = ""
             if schema_dir:
-                own = os.path.join(schema_dir, version.subprotocol)
-                if os.path.isdir(own):
-                    directory = own
+                for name in _OWN_SCHEMAS[version.subprotocol]:
+                    own = os.path.join(schema_dir, name)
+                    if os.path.isdir(own):
+                        directory = own
+                        break
             if not directory:
                 directory = package_schema_dir(version.subprotocol)
             schemas = compile_schemas(os.path.abspath(directory), allow_additional_properties)

@@ -222,6 +222,42 @@ class SchemaLoadingTests(SynchronousTestCase):
             ErrorKind.OCCURRENCE_CONSTRAINT_VIOLATION,
         )
 
+    def test_schema_dir_201_serves_20(self):
+        """
+        Without an C{ocpp2.0} subdirectory, 2.0 follows the 2.0.1 schemas
+        of C{schema_dir}.
+        """
+        base = self.mktemp()
+        os.makedirs(os.path.join(base, "ocpp2.0.1"))
+        with open(os.path.join(base, "ocpp2.0.1", "HeartbeatRequest.json"), "w") as f:
+            json.dump({"type": "object", "required": ["beat"]}, f)
+        validation = Validation(ENFORCE, [OCPP20, OCPP201, OCPP16], schema_dir=base)
+        for version in (OCPP20, OCPP201):
+            self.assertEqual(
+                validation.checker_for(IDENTITY, version).request("Heartbeat", {}).kind,
+                ErrorKind.OCCURRENCE_CONSTRAINT_VIOLATION,
+            )
+        # 1.6 has no subdirectory: the shipped schemas
+        self.assertIsNone(validation.checker_for(IDENTITY, OCPP16).request("Heartbeat", {}))
+
+    def test_unloadable_schemas_stop_twistd(self):
+        """
+        Under twistd a schema that cannot be loaded ends the start with one
+        line naming the file, not a traceback.
+        """
+        from ocppgw import tap
+        from ocppgw.config import settings_from_dict
+
+        base = self.mktemp()
+        os.makedirs(os.path.join(base, "ocpp1.6"))
+        with open(os.path.join(base, "ocpp1.6", "Heartbeat.json"), "w") as f:
+            f.write("[")
+        settings = settings_from_dict(
+            {"listener": {"subprotocols": "ocpp1.6"}, "validation": {"schema_dir": base}}
+        )
+        error = self.assertRaises(SystemExit, tap.makeService, {"settings": settings})
+        self.assertIn("Heartbeat.json: cannot load schema", str(error))
+
     def test_broken_schema_named(self):
         base = self.mktemp()
         os.makedirs(base)
