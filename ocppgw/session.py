@@ -429,7 +429,8 @@ class ChargerSession:
         exchange. With neither, it is rejected (dropped) and logged.
         """
         code = framing.error_code(self.version, violation.kind)
-        reason = f"{code}: {violation.description}"
+        # Logged by the gateway: the description may quote peer-chosen names.
+        reason = framing.truncate_for_log(f"{code}: {violation.description}")
         headers = self._violation_headers(violation)
         settle = _SettleRefusal(self._effects, delivery, reason)
         # One count for this function itself, released at the end: an
