@@ -10,6 +10,7 @@ from twisted.internet import defer, reactor
 
 from ocppgw.amqp import BackEndClient
 from ocppgw.testing import amqp_url, unique_name
+from tests import test_ocpp_clients as clients
 from tests.support import GatewayTestCase
 
 METER_16_INVALID = {
@@ -164,3 +165,30 @@ class MissingDeadLetterExchangeTests(GatewayTestCase):
         charger.send([2, "m1", "MeterValues", METER_16_VALID])
         message = yield self.backend.next_message("ocpp16.MeterValues.req")
         self.assertEqual(message.correlation_id, "m1")
+
+
+class _EnforcedRealClients:
+    """
+    The real OCPP client tests (tests.test_ocpp_clients) again with
+    validation enforced: what the C{ocpp} package's charge points send, and
+    what the back end answers them, is valid, and nothing is refused.
+    """
+
+    settings = {"validation": {"mode": "enforce"}}
+
+    def setUp(self):
+        d = super().setUp()
+
+        def check_nothing_invalid(_):
+            stats = self.gateway_service.validation.stats
+            self.addCleanup(lambda: self.assertEqual(dict(stats.invalid), {}))
+
+        return d.addCallback(check_nothing_invalid)
+
+
+class EnforcedOcpp16ClientTests(_EnforcedRealClients, clients.Ocpp16ClientTests):
+    pass
+
+
+class EnforcedOcpp201ClientTests(_EnforcedRealClients, clients.Ocpp201ClientTests):
+    pass
