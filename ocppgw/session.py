@@ -242,6 +242,11 @@ class _SettleRefusal:
             self._effects.ack(self._delivery)
 
 
+#: What L{ocppgw.validation.ValidationStats} counts actions without a
+#: schema under (an action name has only letters and digits, so no real
+#: action is spelled like this).
+UNKNOWN_ACTION = "(unknown)"
+
 #: Direction words of L{ocppgw.validation.ValidationStats}.
 _FROM_CHARGER = "charger"
 _FROM_BACKEND = "backend"
@@ -398,12 +403,16 @@ class ChargerSession:
         """
         checker = self._checker
         refused = checker.enforce
-        checker.count(direction, action, refused)
+        # Actions without a schema are counted and logged under one name:
+        # a peer can make up any number of action names, and neither the
+        # counters nor this session's memory may grow with them.
+        known = action if violation.kind is not ErrorKind.NOT_IMPLEMENTED else UNKNOWN_ACTION
+        checker.count(direction, known, refused)
         logged = self._invalid_logged
         if logged is None:
             logged = self._invalid_logged = set()
-        if (direction, action) not in logged:
-            logged.add((direction, action))
+        if (direction, known) not in logged:
+            logged.add((direction, known))
             _log.warn(
                 "Invalid {action} payload {direction} {identity} ({version}), "
                 "{outcome}: {code}: {description} (further ones of this "

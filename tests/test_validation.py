@@ -478,6 +478,20 @@ class _VersionTests:
         warnings = [e for e in logged if e.get("action") == action]
         self.assertEqual(len(warnings), 1)
 
+    def test_unknown_actions_counted_under_one_name(self):
+        """
+        Made-up action names do not grow the counters or the session.
+        """
+        self.start(mode=WARN)
+        for number in range(50):
+            self.session.charger_frame(call(f"u{number}", f"Made{number}Up", {}))
+        self.assertEqual(len(self.effects.published), 50)
+        self.assertEqual(
+            dict(self.validation.stats.invalid),
+            {(self.version.subprotocol, "charger", "(unknown)"): 50},
+        )
+        self.assertEqual(len(self.session._invalid_logged), 1)
+
     def test_exempt_action(self):
         action, _valid, invalid, _kind, _field = self.examples["charger"][1]
         self.start(exempt_actions=[action])
