@@ -37,14 +37,21 @@ class Options(usage.Options):
 def makeService(options: Options):
     """
     Build the service for twistd; a failure to start ends the process with 1.
+
+    SIGHUP reloads certificates and credentials (see L{GatewayService.reload}).
+    Certificate or password files that exist but cannot be used end the
+    start with their reason, not a traceback.
     """
     from twisted.internet import reactor
 
+    from ocppgw.auth import PasswordFileError
     from ocppgw.service import GatewayService
+    from ocppgw.tls import TLSConfigError
     from ocppgw.validation import SchemaError
 
     try:
-        return GatewayService(options["settings"], reactor, exit_on_startup_failure=True)
-    except SchemaError as error:
-        # A clear line and status 1, not a traceback: like a bad config.
-        raise SystemExit(f"ocppgw: {error}") from None
+        return GatewayService(
+            options["settings"], reactor, exit_on_startup_failure=True, reload_signal=True
+        )
+    except (TLSConfigError, PasswordFileError, SchemaError, OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"ocppgw could not start: {error}") from None
