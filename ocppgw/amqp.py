@@ -595,6 +595,32 @@ class AmqpBridge:
         channel.close()
 
     @defer.inlineCallbacks
+    def exchange_exists(self, name: str):
+        """
+        Whether exchange C{name} exists (a passive declare on a channel of
+        its own, which the broker closes when it does not).
+
+        Publishing to a missing exchange closes the publishing channel, and
+        with it every charger's unconfirmed publishes: check first.
+
+        @return: a Deferred firing with C{True} or C{False}.
+        """
+        connection = self._connection
+        if connection is None or not self.connected:
+            raise BrokerUnavailable("not connected to the broker")
+        channel = yield _channel(connection)
+        closed: defer.Deferred = defer.Deferred()
+        declared: defer.Deferred = defer.Deferred()
+        channel.add_on_close_callback(lambda _ch, reason: closed.callback(reason))
+        channel.exchange_declare(name, passive=True, callback=declared.callback)
+        _result, index = yield defer.DeferredList(
+            [declared, closed], fireOnOneCallback=True, consumeErrors=True
+        )
+        if index == 0:
+            channel.close()
+        return index == 0
+
+    @defer.inlineCallbacks
     def _open_publisher(self, connection):
         channel = yield _channel(connection)
         publisher = _ConfirmChannel(channel, self._window, self._publisher_closed)

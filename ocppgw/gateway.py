@@ -94,6 +94,11 @@ class ChargerLink:
             call_timeout=gateway.call_timeout,
             max_bad_frames=gateway.max_bad_frames,
             stats=self.stats,
+            checker=(
+                gateway.validation.checker_for(self.identity, self.version)
+                if gateway.validation is not None
+                else None
+            ),
         )
         self.consumer = None
         self.consumer_ready: Optional[defer.Deferred] = None
@@ -153,6 +158,32 @@ class ChargerLink:
         )
         if self.consumer is not None:
             self.consumer.reject(delivery)
+
+    def dead_letter(self, delivery: Delivery, headers: dict, on_outcome) -> bool:
+        exchange = self.gateway.dead_letter_exchange
+        if not exchange:
+            return False
+        _log.warn(
+            "Command for {identity} not sent, dead-lettered to {exchange}: {code}: {reason}",
+            identity=self.identity,
+            exchange=exchange,
+            code=headers.get(topology.HEADER_VALIDATION_CODE),
+            reason=framing.truncate_for_log(
+                headers.get(topology.HEADER_VALIDATION_ERROR, "")
+            ),
+        )
+        # As RabbitMQ would dead-letter it: to the dead-letter exchange with
+        # the routing key it was published with (the identity).
+        self.gateway.bridge.publish(
+            exchange,
+            topology.charger_binding_key(self.identity),
+            delivery.body,
+            correlation_id=delivery.correlation_id,
+            reply_to=delivery.reply_to,
+            headers={**self.headers, **headers},
+            on_outcome=on_outcome,
+        )
+        return True
 
     def requeue(self, delivery: Delivery) -> None:
         if self.consumer is not None:
@@ -244,10 +275,13 @@ class Gateway:
         max_bad_frames: int = 10,
         offline_status: bool = True,
         presence_events: bool = True,
+        validation=None,
         metrics=None,
         audit=None,
     ) -> None:
         """
+        @param validation: an L{ocppgw.validation.Validation} that gives
+            each charger's session its payload checker, or C{None}.
         @param metrics: an L{ocppgw.metrics.Metrics}, or C{None}.
         @param audit: an L{ocppgw.audit.AuditTrail} that mirrors every
             frame and connection event, or C{None} (the default: off).
@@ -262,6 +296,11 @@ class Gateway:
         self.max_bad_frames = max_bad_frames
         self.offline_status = offline_status
         self.presence_events = presence_events
+        self.validation = validation
+        #: Where refused commands are copied with the reason in headers: the
+        #: charger queues' dead-letter exchange once it is known to exist
+        #: (the service checks at start), else None.
+        self.dead_letter_exchange: Optional[str] = None
         #: identity -> ChargerLink of attached chargers
         self.chargers: dict[str, ChargerLink] = {}
         # identity -> the edge whose handshake most recently claimed it

@@ -293,6 +293,10 @@ class GatewayState:
         """C{{check: bool}}; ready when every check is true."""
         raise NotImplementedError
 
+    def validation_stats(self):
+        """The L{ocppgw.validation.ValidationStats} of payload checks, or None."""
+        return None
+
 
 class GatewayCollector:
     """
@@ -354,6 +358,18 @@ class GatewayCollector:
         for check, passing in state.readiness().items():
             ready.add_metric([check], int(passing))
         yield ready
+        stats = state.validation_stats()
+        if stats is not None:
+            for name, counts, text in (
+                ("ocppgw_invalid_payloads", stats.invalid,
+                 "Payloads that broke their OCPP JSON schema ([validation] warn or enforce)."),
+                ("ocppgw_refused_payloads", stats.refused,
+                 "Invalid payloads refused ([validation] mode = enforce)."),
+            ):
+                family = CounterMetricFamily(name, text, labels=["version", "direction", "action"])
+                for (subprotocol, direction, action), count in sorted(counts.items()):
+                    family.add_metric([subprotocol, direction, action], count)
+                yield family
         info = InfoMetricFamily("ocppgw_build", "ocppgw version.")
         info.add_metric([], {"version": __version__})
         yield info

@@ -41,8 +41,10 @@ from ocppgw.amqp import AmqpBridge
 from ocppgw.audit import AuditTrail
 from ocppgw.config import Settings
 from ocppgw.edge import ChargerFactory
+from ocppgw.framing import VERSIONS
 from ocppgw.gateway import CLOSE_GOING_AWAY, Gateway
 from ocppgw.listeners import Security
+from ocppgw.validation import Validation
 from ocppgw.metrics import GatewayState, Metrics
 
 _log = Logger()
@@ -103,6 +105,12 @@ class GatewayService(service.MultiService, GatewayState):
             AuditTrail(self.bridge, audit.exchange, self.node, reactor) if audit.enabled else None
         )
         ocpp = settings.ocpp
+        # Compiled here, once, before anything listens: a schema that cannot
+        # be loaded stops the start (SchemaError), like a bad config.
+        self.validation = Validation.from_settings(
+            settings.validation,
+            [VERSIONS[name] for name in settings.listener.subprotocols],
+        )
         self.gateway = Gateway(
             reactor,
             self.bridge,
@@ -112,6 +120,7 @@ class GatewayService(service.MultiService, GatewayState):
             max_bad_frames=settings.websocket.max_bad_frames,
             offline_status=ocpp.offline_status,
             presence_events=ocpp.presence_events,
+            validation=self.validation,
             metrics=self.metrics,
             audit=self.audit,
         )
@@ -171,6 +180,9 @@ class GatewayService(service.MultiService, GatewayState):
     def broker_blocked(self) -> bool:
         return getattr(self.bridge, "blocked", False)
 
+    def validation_stats(self):
+        return self.validation.stats
+
     def readiness(self) -> dict:
         return {
             "broker": bool(self.bridge.connected),
@@ -194,6 +206,7 @@ class GatewayService(service.MultiService, GatewayState):
             endpoint = _server_endpoint(self._reactor, admin.tcp_ip, admin.tcp_port, backlog=50)
             self.admin_port = yield endpoint.listen(self.admin.site())
         yield self.bridge.start()
+        yield self._check_dead_letter_exchange()
         if self.audit is not None:
             yield self.bridge.declare_exchange(self.audit.exchange)
         listener = self.settings.listener
@@ -207,6 +220,26 @@ class GatewayService(service.MultiService, GatewayState):
         self.listening_port = next(iter(self.listening_ports.values()))
         if self._reload_signal:
             self._install_sighup()
+
+    @defer.inlineCallbacks
+    def _check_dead_letter_exchange(self):
+        """
+        Commands refused by validation are copied to the charger queues'
+        dead-letter exchange with the reason in headers; a publish to a
+        missing exchange would close the channel every charger publishes
+        on, so it is only done when the exchange exists now.
+        """
+        exchange = self.settings.queue.x_dead_letter_exchange
+        if not exchange or self.validation.mode == "off":
+            return
+        if (yield self.bridge.exchange_exists(exchange)):
+            self.gateway.dead_letter_exchange = exchange
+        else:
+            _log.warn(
+                "Dead-letter exchange {exchange} does not exist: commands refused by "
+                "validation are rejected without the reason in headers",
+                exchange=exchange,
+            )
 
     def _running(self, _):
         for kind, port in self.listening_ports.items():

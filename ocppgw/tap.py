@@ -52,10 +52,11 @@ def makeService(options: Options):
     from ocppgw.auth import PasswordFileError
     from ocppgw.service import GatewayService
     from ocppgw.tls import TLSConfigError
+    from ocppgw.validation import SchemaError
 
     try:
         return GatewayService(
             options["settings"], reactor, exit_on_startup_failure=True, reload_signal=True
         )
-    except (TLSConfigError, PasswordFileError, OSError, UnicodeDecodeError) as error:
+    except (TLSConfigError, PasswordFileError, SchemaError, OSError, UnicodeDecodeError) as error:
         raise SystemExit(f"ocppgw could not start: {error}") from None

@@ -146,6 +146,27 @@ class MetricsTests(AdminTestCase):
         self.assertEqual(value(gone, "ocppgw_disconnects_total", version="ocpp16", code="1000"), 1)
 
     @defer.inlineCallbacks
+    def test_invalid_payloads(self):
+        """Payloads breaking their schema ([validation] warn) are counted."""
+        self.backend.handle(
+            "Heartbeat", lambda m, p: {"currentTime": "2026-01-01T00:00:00Z"}
+        )
+        charger = yield self.connect(self.identity())
+        answer = yield charger.call("Heartbeat", {"unexpected": 1})
+        self.assertEqual(answer[0], 3)
+        scraped = yield self.scrape()
+        self.assertEqual(
+            value(scraped, "ocppgw_invalid_payloads_total", version="ocpp1.6",
+                  direction="charger", action="Heartbeat"),
+            1,
+        )
+        self.assertEqual(
+            value(scraped, "ocppgw_refused_payloads_total", version="ocpp1.6",
+                  direction="charger", action="Heartbeat"),
+            0,
+        )
+
+    @defer.inlineCallbacks
     def test_held_and_outstanding_calls(self):
         """A CSMS CALL sent and one held behind it show as gauges."""
         identity = self.identity()

@@ -99,6 +99,13 @@ cache_ttl = 0
 failure_delay = 0.25
 hash_threads = 4
 
+[validation]
+mode = enforce
+exempt_actions = DataTransfer, FirmwareStatusNotification
+exempt_identities = LAB-*, RDAM?123
+allow_additional_properties = yes
+schema_dir = /
+
 [admin]
 enabled = no
 tcp.ip = 0.0.0.0
@@ -211,6 +218,16 @@ class DefaultsTests(SynchronousTestCase):
             settings.ocpp,
             config.OcppSettings(
                 call_timeout=30.0, offline_status=True, presence_events=True
+            ),
+        )
+        self.assertEqual(
+            settings.validation,
+            config.ValidationSettings(
+                mode="warn",
+                exempt_actions=(),
+                exempt_identities=(),
+                allow_additional_properties=False,
+                schema_dir="",
             ),
         )
 
@@ -342,6 +359,16 @@ class EveryKeyTests(SynchronousTestCase):
             settings.ocpp,
             config.OcppSettings(
                 call_timeout=12.5, offline_status=False, presence_events=False
+            ),
+        )
+        self.assertEqual(
+            settings.validation,
+            config.ValidationSettings(
+                mode="enforce",
+                exempt_actions=("DataTransfer", "FirmwareStatusNotification"),
+                exempt_identities=("LAB-*", "RDAM?123"),
+                allow_additional_properties=True,
+                schema_dir="/",
             ),
         )
 
@@ -706,6 +733,46 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
         self.assertEqual(
             error.problems,
             (f"queue.x-queue-type: {'q' * 57}... is not one of classic, quorum",),
+        )
+
+
+class ValidationSectionTests(ParseErrorMixin, SynchronousTestCase):
+    """The [validation] keys: modes, lists, the schema directory."""
+
+    def test_modes(self) -> None:
+        for mode in ("off", "warn", "enforce"):
+            settings = config.settings_from_dict({"validation": {"mode": mode}})
+            self.assertEqual(settings.validation.mode, mode)
+        self.assertRefused(
+            {"validation": {"mode": "strict"}},
+            "validation.mode: strict is not one of off, warn, enforce",
+        )
+
+    def test_exemptActions(self) -> None:
+        settings = config.settings_from_dict(
+            {"validation": {"exempt_actions": "DataTransfer DataTransfer,Heartbeat"}}
+        )
+        self.assertEqual(settings.validation.exempt_actions, ("DataTransfer", "Heartbeat"))
+        self.assertRefused(
+            {"validation": {"exempt_actions": "Data.Transfer"}},
+            "validation.exempt_actions: Data.Transfer is not an OCPP action name",
+        )
+
+    def test_exemptIdentities(self) -> None:
+        settings = config.settings_from_dict(
+            {"validation": {"exempt_identities": ["DE*ABC*", "CP?1"]}}
+        )
+        self.assertEqual(settings.validation.exempt_identities, ("DE*ABC*", "CP?1"))
+        self.assertRefused(
+            {"validation": {"exempt_identities": "CP[12]"}},
+            "validation.exempt_identities: CP[12] is not an identity pattern",
+        )
+
+    def test_schemaDirMustExist(self) -> None:
+        missing = "/nonexistent/ocppgw-schemas"
+        self.assertRefused(
+            {"validation": {"schema_dir": missing}},
+            f"validation.schema_dir: {missing} is not an existing directory",
         )
 
 
