@@ -11,9 +11,11 @@ Two kinds of numbers:
   confirm latency) are counted where they happen. Frames and publish
   confirms are on the hot path: they are plain integers in a dict keyed by
   a small tuple (and a bucket list), turned into Prometheus families only
-  when scraped. C{prometheus_client}'s own C{Counter.inc()} takes a lock
-  and cost about 3 us a frame here, as much as a sixth of the gateway's
-  share of a round trip; the dict costs a tenth of that. The action label
+  when scraped, with no lock (everything runs in the reactor thread).
+  Measured with C{timeit} on the project's machine: a frame count costs
+  0.29 us (key tuple, lookup, increment) against 0.41 us for a pre-bound
+  C{prometheus_client} counter child alone, and a confirm observation
+  0.26 us against 1.1 us for C{Histogram.observe}. The action label
   comes from the charger: the number of distinct actions is capped
   (L{MAX_ACTIONS}) and later ones are counted as C{other}, so a charger
   making up action names cannot grow the registry without bound.
