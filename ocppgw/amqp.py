@@ -139,6 +139,8 @@ class _ConfirmChannel(_Channel):
         self._frame_max = channel.connection._body_max_length + 8
         self._on_closed = on_closed
         self._drained: list[defer.Deferred] = []
+        #: called with the seconds from publish to confirm, or None
+        self.observe_latency: Optional[Callable[[float], None]] = None
         channel.add_on_return_callback(self._on_return)
         channel.add_on_close_callback(self._closed)
 
@@ -170,7 +172,7 @@ class _ConfirmChannel(_Channel):
         # the broker numbers the channel's publishes 1, 2, ...: so do we
         self._seq += 1
         seq = self._seq
-        self._pending[seq] = [on_outcome, False]
+        self._pending[seq] = [on_outcome, False, time.monotonic()]
         # encoded here rather than by pika: see ocppgw.amqpwire
         channel.connection._output_marshaled_frames((encode_publish(
             channel.channel_number, self._frame_max, exchange, routing_key, mandatory,
@@ -194,15 +196,22 @@ class _ConfirmChannel(_Channel):
         nacked = isinstance(method, pika.spec.Basic.Nack)
         tag = method.delivery_tag
         pending = self._pending
+        observe = self.observe_latency
+        now = time.monotonic() if observe is not None else 0.0
         if method.multiple:
             while pending:
                 seq = next(iter(pending))
                 if seq > tag:
                     break
-                self._settle(pending.popitem(last=False)[1], nacked)
+                entry = pending.popitem(last=False)[1]
+                if observe is not None:
+                    observe(now - entry[2])
+                self._settle(entry, nacked)
         else:
             entry = pending.pop(tag, None)
             if entry is not None:
+                if observe is not None:
+                    observe(now - entry[2])
                 self._settle(entry, nacked)
         backlog = self._backlog
         while backlog and len(pending) < self._window:
@@ -463,6 +472,10 @@ class AmqpBridge:
         self._reconnect_call = None
         self._attempt = 0
         self._observers: list[Callable[[bool, str], None]] = []
+        #: whether RabbitMQ blocks our publishes (connection.blocked)
+        self.blocked = False
+        #: called with the seconds each publish took to be confirmed
+        self.observe_confirm: Optional[Callable[[float], None]] = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -542,6 +555,8 @@ class AmqpBridge:
                 timeout.cancel()
         self._connection = connection
         connection.closed.addCallback(self._connection_closed, connection)
+        connection._impl.add_on_connection_blocked_callback(self._blocked)
+        connection._impl.add_on_connection_unblocked_callback(self._unblocked)
         try:
             yield self._declare_exchange(connection)
             publishers = []
@@ -556,6 +571,8 @@ class AmqpBridge:
         except Exception:
             connection.close()
             raise
+        for publisher in publishers:
+            publisher.observe_latency = self.observe_confirm
         self._publishers = publishers
         self._declarers = declarers
         self._consumer_channels = consumer_channels
@@ -564,14 +581,37 @@ class AmqpBridge:
         _log.info("Connected to the broker as node {node}", node=self.node)
         self._notify(True, "connected")
 
+    def _blocked(self, _connection, frame) -> None:
+        self.blocked = True
+        _log.warn(
+            "The broker blocks publishing: {reason}",
+            reason=getattr(frame.method, "reason", ""),
+            event="amqp_blocked",
+        )
+
+    def _unblocked(self, _connection, _frame) -> None:
+        self.blocked = False
+        _log.info("The broker unblocked publishing", event="amqp_unblocked")
+
     @defer.inlineCallbacks
-    def _declare_exchange(self, connection):
+    def declare_exchange(self, name: str) -> defer.Deferred:
+        """
+        Declare another durable topic exchange (the audit exchange) on a
+        channel of its own; fails with L{DeclareFailed} when refused.
+        """
+        if self._connection is None:
+            raise BrokerUnavailable("not connected to the broker")
+        yield self._declare_exchange(self._connection, name)
+
+    @defer.inlineCallbacks
+    def _declare_exchange(self, connection, name: Optional[str] = None):
         channel = yield _channel(connection)
         closed: defer.Deferred = defer.Deferred()
         declared: defer.Deferred = defer.Deferred()
         channel.add_on_close_callback(lambda _ch, reason: closed.callback(reason))
+        name = self.exchange if name is None else name
         channel.exchange_declare(
-            self.exchange,
+            name,
             exchange_type="topic",
             durable=True,
             callback=declared.callback,
@@ -581,14 +621,41 @@ class AmqpBridge:
         )
         if index == 1:
             raise DeclareFailed(
-                f"the broker refused to declare exchange {self.exchange!r}: {result}"
+                f"the broker refused to declare exchange {name!r}: {result}"
             )
         channel.close()
+
+    @defer.inlineCallbacks
+    def exchange_exists(self, name: str):
+        """
+        Whether exchange C{name} exists (a passive declare on a channel of
+        its own, which the broker closes when it does not).
+
+        Publishing to a missing exchange closes the publishing channel, and
+        with it every charger's unconfirmed publishes: check first.
+
+        @return: a Deferred firing with C{True} or C{False}.
+        """
+        connection = self._connection
+        if connection is None or not self.connected:
+            raise BrokerUnavailable("not connected to the broker")
+        channel = yield _channel(connection)
+        closed: defer.Deferred = defer.Deferred()
+        declared: defer.Deferred = defer.Deferred()
+        channel.add_on_close_callback(lambda _ch, reason: closed.callback(reason))
+        channel.exchange_declare(name, passive=True, callback=declared.callback)
+        _result, index = yield defer.DeferredList(
+            [declared, closed], fireOnOneCallback=True, consumeErrors=True
+        )
+        if index == 0:
+            channel.close()
+        return index == 0
 
     @defer.inlineCallbacks
     def _open_publisher(self, connection):
         channel = yield _channel(connection)
         publisher = _ConfirmChannel(channel, self._window, self._publisher_closed)
+        publisher.observe_latency = self.observe_confirm
         yield publisher.start()
         return publisher
 
@@ -669,6 +736,7 @@ class AmqpBridge:
             return
         was_connected = self.connected
         self.connected = False
+        self.blocked = False
         self._connection = None
         why = f"broker connection closed: {reason}"
         waiting, self._waiting_declares = self._waiting_declares, []
@@ -742,19 +810,23 @@ class AmqpBridge:
         mandatory: bool = False,
         persistent: bool = True,
         on_outcome=None,
+        ordered: bool = False,
     ) -> None:
         """
         Publish with confirms; C{on_outcome(PublishOutcome)} is called once.
 
         @param exchange: the exchange, C{None} for the OCPP exchange and
             C{""} for the default exchange (replies to C{reply_to}).
+        @param ordered: always use the first publish channel, so that
+            such publishes reach the broker in the order they were made
+            (the audit trail); others are spread over the channels.
         """
         publishers = self._publishers
         if not self.connected or not publishers:
             if on_outcome is not None:
                 on_outcome(_FAILED)
             return
-        if len(publishers) == 1:
+        if len(publishers) == 1 or ordered:
             publisher = publishers[0]
         else:
             publisher = publishers[next(self._round_robin) % len(publishers)]
@@ -908,6 +980,56 @@ class Message:
         return f"<Message {self.routing_key!r} {self.body[:80]!r}>"
 
 
+@defer.inlineCallbacks
+def check_login(reactor, url: str, username: bytes, password: bytes, timeout: float = 5.0):
+    """
+    Whether the broker at C{url} accepts C{username}/C{password} (the
+    URL's own user is ignored): open a connection, and close it at once.
+
+    Used to let RabbitMQ (its users, LDAP, ...) authenticate chargers; no
+    connection is kept per charger.
+
+    @return: a Deferred firing C{True} (accepted) or C{False} (refused),
+        or failing with L{BrokerUnavailable} when the broker cannot be
+        reached or answers something else.
+    """
+    parameters = pika.URLParameters(url)
+    parameters.credentials = pika.PlainCredentials(username, password, erase_on_connect=True)
+    parameters.heartbeat = 0
+    parameters.client_properties = {"connection_name": "ocppgw login check",
+                                    "product": "ocppgw"}
+    connection = TwistedProtocolConnection(parameters, custom_reactor=reactor)
+    open_errors: list = []
+    connection._impl.add_on_open_error_callback(
+        lambda _connection, error: open_errors.append(error), remove_default=False
+    )
+    try:
+        yield connectProtocol(_endpoint(reactor, url, timeout), connection)
+    except Exception as error:
+        raise BrokerUnavailable(f"cannot reach {mask_url(url)}: {error}") from None
+    timer = reactor.callLater(timeout, connection.transport.abortConnection)
+    try:
+        yield connection.ready
+    except Exception as error:
+        yield deferLater(reactor, 0, lambda: None)
+        reason = open_errors[0] if open_errors else error
+        if isinstance(reason, (pika.exceptions.AuthenticationError,
+                               pika.exceptions.ProbableAuthenticationError,
+                               pika.exceptions.ProbableAccessDeniedError,
+                               ConnectionDone, ConnectionLost)) and timer.active():
+            # As in AmqpBridge._connect: a close during the AMQP handshake
+            # is the broker refusing the login or the vhost.
+            return False
+        raise BrokerUnavailable(f"login check at {mask_url(url)} failed: {reason!r}") from None
+    finally:
+        if timer.active():
+            timer.cancel()
+    closed = connection.closed
+    connection.close()
+    yield closed
+    return True
+
+
 #: RabbitMQ's direct reply-to pseudo-queue.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
@@ -961,13 +1083,22 @@ class BackEndClient:
         return name
 
     @defer.inlineCallbacks
-    def consume(self, queue: str, auto_ack: bool = True):
+    def consume(self, queue: str, auto_ack: bool = True, *, prefetch: int = 0,
+                arguments: Optional[dict] = None):
         """
+        @param prefetch: a per-consumer prefetch (RabbitMQ streams need one,
+            with C{auto_ack=False}).
+        @param arguments: consume arguments (for a stream,
+            C{{"x-stream-offset": "first"}} or a timestamp).
         @return: a L{defer.DeferredQueue} of L{Message}s (and, with
             C{auto_ack=False}, an C{ack(message_tag)} is needed: use
             L{ack}).
         """
-        queue_object, _tag = yield self._channel.basic_consume(queue, auto_ack=auto_ack)
+        if prefetch:
+            yield self._channel.basic_qos(prefetch_count=prefetch)
+        queue_object, _tag = yield self._channel.basic_consume(
+            queue, auto_ack=auto_ack, arguments=arguments
+        )
         messages: defer.DeferredQueue = defer.DeferredQueue()
 
         def pump(item):
@@ -1043,6 +1174,22 @@ class BackEndClient:
 
     def ack(self, message: Message) -> None:
         self._channel.basic_ack(message.delivery_tag)
+
+    @defer.inlineCallbacks
+    def queue_exists(self, name: str):
+        """
+        Whether the queue C{name} exists (a passive declare on a channel of
+        its own, because the broker closes the channel when it does not).
+        """
+        channel = yield self._connection.channel()
+        try:
+            yield channel.queue_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code == 404:
+                return False
+            raise
+        channel.close()
+        return True
 
     def delete_queue(self, name: str) -> defer.Deferred:
         return self._channel.queue_delete(name)

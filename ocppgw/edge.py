@@ -43,6 +43,7 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
 from ocppgw.framing import SOAP_ONLY_SUBPROTOCOLS, VERSIONS, OcppVersion
@@ -57,12 +58,15 @@ class Refused(Exception):
 
     @ivar status: the HTTP status code.
     @ivar reason: a fixed reason phrase (never charger-supplied text).
+    @ivar headers: extra response headers, as (name, value) pairs (the
+        C{WWW-Authenticate} challenge of a 401).
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, headers=()) -> None:
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
+        self.headers = tuple(headers)
 
 
 class ChargerHub(TypingProtocol):
@@ -83,6 +87,15 @@ class ChargerHub(TypingProtocol):
 
     def charger_closed(self, edge: "ChargerProtocol", code: Optional[int], reason: str) -> None:
         """The connection is gone, however it ended."""
+
+
+def _peer_string(address, fallback: str) -> str:
+    """autobahn's peer notation (C{tcp4:1.2.3.4:5678}) for an address."""
+    if isinstance(address, IPv6Address):
+        return f"tcp6:{address.host}:{address.port}"
+    if isinstance(address, IPv4Address):
+        return f"tcp4:{address.host}:{address.port}"
+    return fallback
 
 
 def choose_subprotocol(offered: Iterable[str], enabled: Iterable[str]) -> Optional[str]:
@@ -156,10 +169,71 @@ class ChargerProtocol(WebSocketServerProtocol):
     #: open CALLs taken over from a replaced connection, for the hub
     inherited_calls = None
 
+    #: response headers for the refusal being sent (see failHandshake)
+    _deny_headers = ()
+
     # autobahn's own logger lives at self.log; ours is _log.
+
+    def _dataReceived(self, data: bytes) -> None:
+        # autobahn buffers the opening handshake without a bound; a client
+        # that streams headers forever would grow it until the handshake
+        # timeout. Refuse oversized requests outright.
+        if (
+            self.state == WebSocketProtocol.STATE_CONNECTING
+            and len(self.data) + len(data) > self.factory.max_request_size
+        ):
+            _log.info(
+                "Refused {peer}: handshake request too large", peer=self.peer,
+                event="refused", status=431,
+            )
+            self._count_handshake(431)
+            self.sendHttpErrorResponse(431, "Request Header Fields Too Large")
+            self.dropConnection(abort=True)
+            return
+        super()._dataReceived(data)
+
+    def _count_handshake(self, status: int) -> None:
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.handshake(self.factory.listener, status)
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None):
+        # Every refusal before the upgrade ends here (ours, a
+        # ConnectionDeny from onConnect, and autobahn's own: 426, malformed
+        # requests) except the oversized request above.
+        self._count_handshake(code)
+        # autobahn passes only the status and reason of a ConnectionDeny
+        # on; a 401 must also carry the Basic challenge.
+        headers = list(responseHeaders or ()) + list(self._deny_headers)
+        return super().failHandshake(reason, code, headers or None)
+
+    def _peer_certificate(self, request):
+        """
+        The verified client certificate (cryptography), or None: from our
+        own TLS, or passed on by a trusted TLS-ending proxy.
+        """
+        get = getattr(self.transport, "getPeerCertificate", None)
+        if get is not None:
+            certificate = get()
+            return certificate.to_cryptography() if certificate is not None else None
+        forwarded = self.factory.forwarded_certificates
+        if forwarded is None:
+            return None
+        # The TCP peer itself (under a PROXY header wrapper: its transport).
+        socket_transport = getattr(self.transport, "transport", None) or self.transport
+        return forwarded.certificate(request.headers, socket_transport.getPeer().host)
 
     def onConnect(self, request):
         factory = self.factory
+        # Behind a PROXY protocol header the real address is known only
+        # now (autobahn read it at connectionMade, before the header).
+        self.peer = _peer_string(self.transport.getPeer(), self.peer)
+        if self.http_request_data.count(b"\n") > factory.max_request_headers:
+            _log.info(
+                "Refused {peer}: too many request headers", peer=self.peer,
+                event="refused", status=431,
+            )
+            raise ConnectionDeny(431, "Request Header Fields Too Large")
         try:
             identity = identity_from_path(
                 self.http_request_uri,
@@ -169,7 +243,8 @@ class ChargerProtocol(WebSocketServerProtocol):
             )
         except BadIdentity as error:
             _log.info(
-                "Refused {peer}: bad identity ({why})", peer=self.peer, why=str(error)
+                "Refused {peer}: bad identity ({why})", peer=self.peer, why=str(error),
+                event="refused", status=400,
             )
             raise ConnectionDeny(400, "Bad charger identity")
         offered = [p for p in request.protocols if p]
@@ -180,13 +255,28 @@ class ChargerProtocol(WebSocketServerProtocol):
                 identity=identity,
                 peer=self.peer,
                 offered=offered[:8],
+                event="refused",
+                status=400,
             )
             raise ConnectionDeny(400, "No supported OCPP subprotocol")
         self.identity = identity
         self.version = VERSIONS[subprotocol]
-        d = defer.maybeDeferred(
-            factory.hub.charger_connecting, self, identity, self.version
-        )
+        authenticator = factory.authenticator
+        if authenticator is None:
+            d = defer.maybeDeferred(
+                factory.hub.charger_connecting, self, identity, self.version
+            )
+        else:
+            d = authenticator.authenticate(
+                identity,
+                subprotocol,
+                request.headers.get("authorization"),
+                self._peer_certificate(request),
+                self.peer,
+            )
+            d.addCallback(
+                lambda _: factory.hub.charger_connecting(self, identity, self.version)
+            )
 
         def accepted(_):
             # The handshake request is not needed again: drop it, it is
@@ -197,6 +287,7 @@ class ChargerProtocol(WebSocketServerProtocol):
 
         def refused(failure):
             if failure.check(Refused):
+                self._deny_headers = failure.value.headers
                 raise ConnectionDeny(failure.value.status, failure.value.reason)
             _log.failure(
                 "Preparing charger {identity} failed", failure, identity=identity
@@ -240,6 +331,7 @@ class ChargerProtocol(WebSocketServerProtocol):
         pass
 
     def onOpen(self):
+        self._count_handshake(101)
         self._compact()
         self.factory.hub.charger_opened(self)
 
@@ -402,9 +494,29 @@ class ChargerFactory(WebSocketServerFactory):
         close_timeout: float = 5.0,
         max_connections: int = 0,
         protocol_class: type = ChargerProtocol,
+        authenticator=None,
+        forwarded_certificates=None,
+        max_request_size: int = 16384,
+        max_request_headers: int = 100,
+        listener: str = "ws",
+        metrics=None,
     ) -> None:
+        """
+        @param listener: this listener's name in metrics and C{/chargers}.
+        @param metrics: an L{ocppgw.metrics.Metrics} told of every
+            handshake answered, or C{None}.
+        """
         super().__init__(reactor=reactor)
         self.hub = hub
+        #: an L{ocppgw.auth.ChargerAuthenticator}, or None (no authentication)
+        self.authenticator = authenticator
+        #: an L{ocppgw.listeners.ForwardedCertificate}, or None
+        self.forwarded_certificates = forwarded_certificates
+        #: bytes and lines an opening handshake request may have
+        self.max_request_size = max_request_size
+        self.max_request_headers = max_request_headers
+        self.listener = listener
+        self.metrics = metrics
         self.ws_path = ws_path
         self.vhost = vhost or None
         self.subprotocols = tuple(subprotocols)

@@ -5,14 +5,22 @@ L{makeService}.
 ::
 
     GatewayService (MultiService)
-     |- the AMQP bridge is started first: the exchange must be declared
-     |  before a charger is accepted, and a broker that refuses us must stop
-     |  the start-up with a clear message
-     '- ListenerService (ws), once the bridge is up
+     |- the admin listener (metrics, health, chargers) first, so that
+     |  liveness probes answer while the broker connection is made
+     |- the AMQP bridge: the exchange (and the audit exchange, when on)
+     |  must be declared before a charger is accepted, and a broker that
+     |  refuses us must stop the start-up with a clear message
+     '- the listeners (ws and/or wss, see ocppgw.listeners), once the
+        bridge is up
+
+SIGHUP (when C{reload_signal} is set, as under twistd) calls L{reload}:
+certificates, CA bundle, CRL, identity map and password file are read
+again; connected chargers keep their sessions.
 
 Stopping (SIGTERM under twistd) runs the other way: stop listening, close
 every charger with 1001 and requeue the commands they held, wait (bounded)
-for the broker to confirm what is in flight, close the AMQP connection.
+for the broker to confirm what is in flight, close the AMQP connection,
+and last the admin listener (so that /readyz says "not ready" throughout).
 """
 
 from __future__ import annotations
@@ -27,10 +35,17 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
 from ocppgw import config as _config
+from ocppgw import logs
+from ocppgw.admin import AdminAPI
 from ocppgw.amqp import AmqpBridge
+from ocppgw.audit import AuditTrail
 from ocppgw.config import Settings
 from ocppgw.edge import ChargerFactory
+from ocppgw.framing import VERSIONS
 from ocppgw.gateway import CLOSE_GOING_AWAY, Gateway
+from ocppgw.listeners import Security
+from ocppgw.validation import Validation
+from ocppgw.metrics import GatewayState, Metrics
 
 _log = Logger()
 
@@ -41,7 +56,7 @@ def _server_endpoint(reactor, host: str, port: int, backlog: int = 1024):
     return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
 
 
-class GatewayService(service.MultiService):
+class GatewayService(service.MultiService, GatewayState):
     """
     The whole gateway as one Twisted service.
 
@@ -50,6 +65,8 @@ class GatewayService(service.MultiService):
     @ivar started: a Deferred that fires once the gateway listens, or
         fails with the reason it could not start.
     @ivar listening_port: the bound C{IListeningPort}, once started.
+    @ivar metrics: the gateway's L{Metrics} (its own registry).
+    @ivar admin_port: the admin listener's C{IListeningPort}, if enabled.
     """
 
     def __init__(
@@ -59,6 +76,8 @@ class GatewayService(service.MultiService):
         *,
         bridge: Optional[AmqpBridge] = None,
         exit_on_startup_failure: bool = False,
+        reload_signal: bool = False,
+        threadpool=None,
     ) -> None:
         super().__init__()
         self.setName("ocppgw")
@@ -79,7 +98,19 @@ class GatewayService(service.MultiService):
             consumer_channels=amqp.consumer_channels,
             declare_channels=amqp.declare_channels,
         )
+        self.metrics = Metrics()
+        self.bridge.observe_confirm = self.metrics.observe_confirm
+        audit = settings.audit
+        self.audit = (
+            AuditTrail(self.bridge, audit.exchange, self.node, reactor) if audit.enabled else None
+        )
         ocpp = settings.ocpp
+        # Compiled here, once, before anything listens: a schema that cannot
+        # be loaded stops the start (SchemaError), like a bad config.
+        self.validation = Validation.from_settings(
+            settings.validation,
+            [VERSIONS[name] for name in settings.listener.subprotocols],
+        )
         self.gateway = Gateway(
             reactor,
             self.bridge,
@@ -89,53 +120,183 @@ class GatewayService(service.MultiService):
             max_bad_frames=settings.websocket.max_bad_frames,
             offline_status=ocpp.offline_status,
             presence_events=ocpp.presence_events,
+            validation=self.validation,
+            metrics=self.metrics,
+            audit=self.audit,
         )
         listener, ws = settings.listener, settings.websocket
-        self.factory = ChargerFactory(
+        #: TLS material, checkers and one authenticator per listener
+        self.security = Security(settings, reactor, threadpool=threadpool)
+        #: "tcp" and/or "ssl" -> ChargerFactory
+        self.factories = {}
+        for kind in self.security.listener_kinds():
+            self.factories[kind] = ChargerFactory(
+                self.gateway,
+                reactor,
+                ws_path=listener.ws_path,
+                vhost=listener.vhost or None,
+                subprotocols=listener.subprotocols,
+                max_identity_length=listener.max_identity_length,
+                max_message_size=ws.ws_opts_max_frame_size,
+                ping_interval=ws.ws_opts_idle_timeout,
+                ping_timeout=ws.ping_timeout,
+                handshake_timeout=ws.handshake_timeout,
+                close_timeout=ws.close_timeout,
+                max_connections=listener.max_connections,
+                authenticator=self.security.authenticator(kind),
+                forwarded_certificates=self.security.forwarded_certificates(kind),
+                listener="ws" if kind == "tcp" else "wss",
+                metrics=self.metrics,
+            )
+        self.factory = next(iter(self.factories.values()))
+        self.metrics.watch(self)
+        admin = settings.admin
+        self.admin = AdminAPI(
+            self.metrics.registry,
             self.gateway,
+            self.readiness,
             reactor,
-            ws_path=listener.ws_path,
-            vhost=listener.vhost or None,
-            subprotocols=listener.subprotocols,
-            max_identity_length=listener.max_identity_length,
-            max_message_size=ws.ws_opts_max_frame_size,
-            ping_interval=ws.ws_opts_idle_timeout,
-            ping_timeout=ws.ping_timeout,
-            handshake_timeout=ws.handshake_timeout,
-            close_timeout=ws.close_timeout,
-            max_connections=listener.max_connections,
+            username=admin.username,
+            password=admin.password,
         )
+        self.admin_port = None
         self._exit_on_startup_failure = exit_on_startup_failure
+        self._reload_signal = reload_signal
+        self._previous_sighup = None
         self.started: defer.Deferred = defer.Deferred()
+        #: the first listener's port (ws if enabled); see listening_ports
         self.listening_port = None
+        #: "tcp" and/or "ssl" -> the bound IListeningPort
+        self.listening_ports: dict = {}
+
+    # -- GatewayState (read by metrics and /readyz) ------------------------
+
+    def chargers(self):
+        return self.gateway.chargers.values()
+
+    def broker_connected(self) -> bool:
+        return self.bridge.connected
+
+    def broker_blocked(self) -> bool:
+        return getattr(self.bridge, "blocked", False)
+
+    def validation_stats(self):
+        return self.validation.stats
+
+    def readiness(self) -> dict:
+        return {
+            "broker": bool(self.bridge.connected),
+            "listening": self.listening_port is not None,
+            "accepting": self.gateway.accepting,
+        }
+
+    # -- lifecycle --------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        logs.bridge_stdlib(self.settings.log.level)
         d = self._start()
         d.addCallbacks(self._running, self._startup_failed)
 
     @defer.inlineCallbacks
     def _start(self):
+        self.security.start()
+        admin = self.settings.admin
+        if admin.enabled:
+            endpoint = _server_endpoint(self._reactor, admin.tcp_ip, admin.tcp_port, backlog=50)
+            self.admin_port = yield endpoint.listen(self.admin.site())
         yield self.bridge.start()
+        yield self._check_dead_letter_exchange()
+        if self.audit is not None:
+            yield self.bridge.declare_exchange(self.audit.exchange)
         listener = self.settings.listener
-        endpoint = _server_endpoint(self._reactor, listener.tcp_ip, listener.tcp_port)
-        self.listening_port = yield endpoint.listen(self.factory)
+        for kind, factory in self.factories.items():
+            host = listener.tcp_ip if kind == "tcp" else listener.ssl_ip
+            port = listener.tcp_port if kind == "tcp" else listener.ssl_port
+            endpoint = self.security.endpoint(_server_endpoint(self._reactor, host, port))
+            self.listening_ports[kind] = yield endpoint.listen(
+                self.security.wrap(kind, factory)
+            )
+        self.listening_port = next(iter(self.listening_ports.values()))
+        if self._reload_signal:
+            self._install_sighup()
+
+    @defer.inlineCallbacks
+    def _check_dead_letter_exchange(self):
+        """
+        Commands refused by validation are copied to the charger queues'
+        dead-letter exchange with the reason in headers; a publish to a
+        missing exchange would close the channel every charger publishes
+        on, so it is only done when the exchange exists now.
+        """
+        exchange = self.settings.queue.x_dead_letter_exchange
+        if not exchange or self.validation.mode == "off":
+            return
+        if (yield self.bridge.exchange_exists(exchange)):
+            self.gateway.dead_letter_exchange = exchange
+        else:
+            _log.warn(
+                "Dead-letter exchange {exchange} does not exist: commands refused by "
+                "validation are rejected without the reason in headers",
+                exchange=exchange,
+            )
 
     def _running(self, _):
-        address = self.listening_port.getHost()
-        _log.info(
-            "ocppgw node {node} listening on ws://{host}:{port}{path}/<identity>",
-            node=self.node,
-            host=address.host,
-            port=address.port,
-            path=self.settings.listener.ws_path,
-        )
+        for kind, port in self.listening_ports.items():
+            address = port.getHost()
+            _log.info(
+                "ocppgw node {node} listening on {scheme}://{host}:{port}{path}/<identity> "
+                "(security profile {profile})",
+                node=self.node,
+                scheme="ws" if kind == "tcp" else "wss",
+                host=address.host,
+                port=address.port,
+                path=self.settings.listener.ws_path,
+                profile=self.security.profile(kind),
+            )
+        if self.admin_port is not None:
+            admin = self.admin_port.getHost()
+            _log.info(
+                "Admin API on http://{host}:{port}/ (metrics, healthz, readyz, chargers)",
+                host=admin.host,
+                port=admin.port,
+            )
         self.started.callback(self)
 
+    def reload(self) -> None:
+        """
+        Re-read certificates, CA bundle, CRL, identity map and password
+        file. New chargers see the new material; connected ones keep their
+        sessions. What cannot be read is logged and the old material kept.
+        """
+        _log.info("Reloading TLS material and credentials")
+        self.security.reload()
+
+    def _install_sighup(self) -> None:
+        import signal
+
+        def handler(_signum, _frame):
+            # Signal handlers run between bytecodes of whatever the
+            # reactor thread was doing: only schedule the work.
+            self._reactor.callFromThread(self.reload)
+
+        self._previous_sighup = signal.signal(signal.SIGHUP, handler)
+
+    def _remove_sighup(self) -> None:
+        import signal
+
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+
+    @defer.inlineCallbacks
     def _startup_failed(self, failure):
         _log.critical(
             "ocppgw could not start: {error}", error=failure.getErrorMessage()
         )
+        if self.admin_port is not None:
+            port, self.admin_port = self.admin_port, None
+            yield port.stopListening()
         self.started.errback(failure)
         if self._exit_on_startup_failure:
             # twistd has no way to end with a non-zero status once the
@@ -149,12 +310,19 @@ class GatewayService(service.MultiService):
         Stop listening, close chargers (1001), requeue, drain confirms.
         """
         yield defer.maybeDeferred(super().stopService)
+        self._remove_sighup()
         self.gateway.stop_accepting()
-        if self.listening_port is not None:
-            yield self.listening_port.stopListening()
-            self.listening_port = None
+        ports, self.listening_ports = self.listening_ports, {}
+        for port in ports.values():
+            yield port.stopListening()
+        self.listening_port = None
         yield self.gateway.close_all(CLOSE_GOING_AWAY, "Gateway shutting down")
         yield self.bridge.stop()
+        yield self.security.stop()
+        # last: /readyz says "not ready" while the gateway drains
+        if self.admin_port is not None:
+            yield self.admin_port.stopListening()
+            self.admin_port = None
         _log.info("ocppgw stopped")
 
 

@@ -32,16 +32,33 @@ class Options(usage.Options):
         except ConfigError as error:
             # usage.UsageError makes twistd print the message and exit 1.
             raise usage.UsageError(str(error)) from None
+        from ocppgw.logs import install_for_twistd
+
+        # twistd reads its parent options' "logger" after this, before it
+        # starts logging: the configuration file picks format and level.
+        install_for_twistd(self["settings"].log, getattr(self, "parent", None))
 
 
 def makeService(options: Options):
     """
     Build the service for twistd; a failure to start ends the process with 1.
+
+    SIGHUP reloads certificates and credentials (see L{GatewayService.reload}).
+    Certificate or password files that exist but cannot be used end the
+    start with their reason, not a traceback.
     """
     from twisted.internet import reactor
 
+    from ocppgw.auth import PasswordFileError
     from ocppgw.service import GatewayService
+    from ocppgw.tls import TLSConfigError
     from ocppgw.tuning import tune_gc
+    from ocppgw.validation import SchemaError
 
     tune_gc()
-    return GatewayService(options["settings"], reactor, exit_on_startup_failure=True)
+    try:
+        return GatewayService(
+            options["settings"], reactor, exit_on_startup_failure=True, reload_signal=True
+        )
+    except (TLSConfigError, PasswordFileError, SchemaError, OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"ocppgw could not start: {error}") from None

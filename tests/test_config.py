@@ -21,8 +21,12 @@ from ocppgw.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: A readable file for the keys that name files (their content is read
+#: when the gateway starts, not by the configuration).
+A_FILE = str(ROOT / "setup.cfg")
+
 #: An INI file that sets every key to a value other than its default.
-EVERY_KEY = """\
+EVERY_KEY = f"""\
 [listener]
 tcp.ip = ::1
 tcp.port = 29520
@@ -31,6 +35,28 @@ vhost = /
 subprotocols = ocpp2.1,ocpp2.0.1 ocpp1.6
 max_connections = 5000
 max_identity_length = 20
+tcp.enabled = false
+tcp.profile = 1
+ssl.enabled = true
+ssl.ip = ::
+ssl.port = 29521
+ssl.profile = 3
+ssl.certfile = {A_FILE}
+ssl.keyfile = {A_FILE}
+ssl.password_file = {A_FILE}
+ssl.alt_certfile = {A_FILE}
+ssl.alt_keyfile = {A_FILE}
+ssl.cacertfile = {A_FILE}
+ssl.crlfile = {A_FILE}
+ssl.verify = verify_peer
+ssl.fail_if_no_peer_cert = false
+ssl.identity = map
+ssl.organization = Example CPO
+ssl.identity_map = {A_FILE}
+proxy_protocol = yes
+client_cert_header = X-SSL-Client-Cert
+trusted_proxies = 10.0.0.0/8, ::1
+allow_anonymous = yes
 
 [websocket]
 ws_opts.max_frame_size = 65536
@@ -62,6 +88,38 @@ x-dead-letter-exchange = ocpp.dead
 call_timeout = 12.5
 offline_status = no
 presence_events = off
+
+[auth]
+checker = http
+password_file = {A_FILE}
+http.url = https://csms.example.com/auth/user
+amqp.url = amqp://broker.example.com/chargers
+timeout = 2
+cache_ttl = 0
+failure_delay = 0.25
+hash_threads = 4
+
+[validation]
+mode = enforce
+exempt_actions = DataTransfer, FirmwareStatusNotification
+exempt_identities = LAB-*, RDAM?123
+allow_additional_properties = yes
+schema_dir = /
+
+[admin]
+enabled = no
+tcp.ip = 0.0.0.0
+tcp.port = 9200
+username = ops
+password = hunter2
+
+[log]
+format = json
+level = warn
+
+[audit]
+enabled = yes
+exchange = ocpp.trail
 """
 
 
@@ -97,6 +155,28 @@ class DefaultsTests(SynchronousTestCase):
                 subprotocols=("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1"),
                 max_connections=100000,
                 max_identity_length=48,
+                tcp_enabled=True,
+                tcp_profile=0,
+                ssl_enabled=False,
+                ssl_ip="127.0.0.1",
+                ssl_port=19521,
+                ssl_profile=2,
+                ssl_certfile="",
+                ssl_keyfile="",
+                ssl_password_file="",
+                ssl_alt_certfile="",
+                ssl_alt_keyfile="",
+                ssl_cacertfile="",
+                ssl_crlfile="",
+                ssl_verify="",
+                ssl_fail_if_no_peer_cert=True,
+                ssl_identity="cn",
+                ssl_organization="",
+                ssl_identity_map="",
+                proxy_protocol=False,
+                client_cert_header="",
+                trusted_proxies=(),
+                allow_anonymous=False,
             ),
         )
         self.assertEqual(
@@ -138,6 +218,16 @@ class DefaultsTests(SynchronousTestCase):
             settings.ocpp,
             config.OcppSettings(
                 call_timeout=30.0, offline_status=True, presence_events=True
+            ),
+        )
+        self.assertEqual(
+            settings.validation,
+            config.ValidationSettings(
+                mode="warn",
+                exempt_actions=(),
+                exempt_identities=(),
+                allow_additional_properties=False,
+                schema_dir="",
             ),
         )
 
@@ -193,6 +283,41 @@ class EveryKeyTests(SynchronousTestCase):
                 subprotocols=("ocpp2.1", "ocpp2.0.1", "ocpp1.6"),
                 max_connections=5000,
                 max_identity_length=20,
+                tcp_enabled=False,
+                tcp_profile=1,
+                ssl_enabled=True,
+                ssl_ip="::",
+                ssl_port=29521,
+                ssl_profile=3,
+                ssl_certfile=A_FILE,
+                ssl_keyfile=A_FILE,
+                ssl_password_file=A_FILE,
+                ssl_alt_certfile=A_FILE,
+                ssl_alt_keyfile=A_FILE,
+                ssl_cacertfile=A_FILE,
+                ssl_crlfile=A_FILE,
+                ssl_verify="verify_peer",
+                ssl_fail_if_no_peer_cert=False,
+                ssl_identity="map",
+                ssl_organization="Example CPO",
+                ssl_identity_map=A_FILE,
+                proxy_protocol=True,
+                client_cert_header="X-SSL-Client-Cert",
+                trusted_proxies=("10.0.0.0/8", "::1"),
+                allow_anonymous=True,
+            ),
+        )
+        self.assertEqual(
+            settings.auth,
+            config.AuthSettings(
+                checker="http",
+                password_file=A_FILE,
+                http_url="https://csms.example.com/auth/user",
+                amqp_url="amqp://broker.example.com/chargers",
+                timeout=2.0,
+                cache_ttl=0.0,
+                failure_delay=0.25,
+                hash_threads=4,
             ),
         )
         self.assertEqual(
@@ -234,6 +359,16 @@ class EveryKeyTests(SynchronousTestCase):
             settings.ocpp,
             config.OcppSettings(
                 call_timeout=12.5, offline_status=False, presence_events=False
+            ),
+        )
+        self.assertEqual(
+            settings.validation,
+            config.ValidationSettings(
+                mode="enforce",
+                exempt_actions=("DataTransfer", "FirmwareStatusNotification"),
+                exempt_identities=("LAB-*", "RDAM?123"),
+                allow_additional_properties=True,
+                schema_dir="/",
             ),
         )
 
@@ -283,7 +418,9 @@ class EveryKeyTests(SynchronousTestCase):
     def test_hosts(self) -> None:
         """IPv4, IPv6 and host names are accepted as listener address."""
         for host in ["0.0.0.0", "::", "fe80::1%eth0", "localhost", "gw-1.example.com"]:
-            settings = config.settings_from_dict({"listener": {"tcp.ip": host}})
+            settings = config.settings_from_dict(
+                {"listener": {"tcp.ip": host, "allow_anonymous": "true"}}
+            )
             self.assertEqual(settings.listener.tcp_ip, host)
 
     def test_emptyNodeIsHostName(self) -> None:
@@ -353,7 +490,7 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
         self.assertParseRefused(
             "[listner]\n", "listner: unknown section (did you mean listener?)"
         )
-        self.assertParseRefused("[admin]\n", "admin: unknown section")
+        self.assertParseRefused("[tls]\n", "tls: unknown section")
 
     def test_defaultSectionIsUnknown(self) -> None:
         """
@@ -599,6 +736,46 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
         )
 
 
+class ValidationSectionTests(ParseErrorMixin, SynchronousTestCase):
+    """The [validation] keys: modes, lists, the schema directory."""
+
+    def test_modes(self) -> None:
+        for mode in ("off", "warn", "enforce"):
+            settings = config.settings_from_dict({"validation": {"mode": mode}})
+            self.assertEqual(settings.validation.mode, mode)
+        self.assertRefused(
+            {"validation": {"mode": "strict"}},
+            "validation.mode: strict is not one of off, warn, enforce",
+        )
+
+    def test_exemptActions(self) -> None:
+        settings = config.settings_from_dict(
+            {"validation": {"exempt_actions": "DataTransfer DataTransfer,Heartbeat"}}
+        )
+        self.assertEqual(settings.validation.exempt_actions, ("DataTransfer", "Heartbeat"))
+        self.assertRefused(
+            {"validation": {"exempt_actions": "Data.Transfer"}},
+            "validation.exempt_actions: Data.Transfer is not an OCPP action name",
+        )
+
+    def test_exemptIdentities(self) -> None:
+        settings = config.settings_from_dict(
+            {"validation": {"exempt_identities": ["DE*ABC*", "CP?1"]}}
+        )
+        self.assertEqual(settings.validation.exempt_identities, ("DE*ABC*", "CP?1"))
+        self.assertRefused(
+            {"validation": {"exempt_identities": "CP[12]"}},
+            "validation.exempt_identities: CP[12] is not an identity pattern",
+        )
+
+    def test_schemaDirMustExist(self) -> None:
+        missing = "/nonexistent/ocppgw-schemas"
+        self.assertRefused(
+            {"validation": {"schema_dir": missing}},
+            f"validation.schema_dir: {missing} is not an existing directory",
+        )
+
+
 class SyntaxTests(ParseErrorMixin, SynchronousTestCase):
     """INI syntax errors name the place, never the offending line's text."""
 
@@ -791,3 +968,30 @@ class ImportTests(SynchronousTestCase):
             or name == "twisted"
         }
         self.assertEqual(forbidden, set())
+
+
+class OperationsSettingsTests(SynchronousTestCase):
+    """[admin], [log] and [audit]."""
+
+    def test_adminCredentialsComeTogether(self) -> None:
+        for text in ("[admin]\nusername = ops\n", "[admin]\npassword = x\n"):
+            error = self.assertRaises(ConfigError, config.parse, text)
+            self.assertEqual(
+                error.problems,
+                ("admin.password: username and password are set together (both or neither)",),
+            )
+
+    def test_adminPasswordNotInRepr(self) -> None:
+        settings = config.parse("[admin]\nusername = ops\npassword = hunter2\n")
+        self.assertEqual(settings.admin.password, "hunter2")
+        self.assertNotIn("hunter2", repr(settings))
+
+    def test_badLogFormat(self) -> None:
+        error = self.assertRaises(ConfigError, config.parse, "[log]\nformat = xml\n")
+        self.assertEqual(error.problems, ("log.format: xml is not one of text, json",))
+
+    def test_auditExchangeNotReserved(self) -> None:
+        error = self.assertRaises(ConfigError, config.parse, "[audit]\nexchange = amq.x\n")
+        self.assertEqual(
+            error.problems, ("audit.exchange: amq.x is reserved by RabbitMQ (amq.*)",)
+        )
