@@ -187,19 +187,44 @@ def apply_settings(args) -> None:
     GATEWAY_SETTINGS[:] = args.set
 
 
-def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int = 600000) -> str:
-    """A gateway configuration for a benchmark run (a temporary INI file)."""
+def make_certificate() -> tuple:
+    """A throw-away self-signed server certificate: (certfile, keyfile)."""
+    directory = tempfile.mkdtemp(prefix="bench-tls-")
+    cert, key = os.path.join(directory, "server.pem"), os.path.join(directory, "server.key")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int = 600000,
+                tls: bool = False) -> str:
+    """
+    A gateway configuration for a benchmark run (a temporary INI file).
+
+    With C{tls}, chargers connect to a wss:// listener on C{port} (profile
+    0: no charger authentication, allowed on 127.0.0.1) and the plain
+    listener moves to another free port.
+    """
     sections: dict = {}
     for item in GATEWAY_SETTINGS:
         name, _, value = item.partition("=")
         section, _, key = name.partition(".")
         sections.setdefault(section, []).append(f"{key} = {value}")
     extra = {section: "\n".join(lines) for section, lines in sections.items()}
+    listener = extra.pop("listener", "")
+    if tls:
+        cert, key = make_certificate()
+        listener += (f"\nssl.enabled = true\nssl.ip = 127.0.0.1\nssl.port = {port}\n"
+                     f"ssl.profile = 0\nssl.certfile = {cert}\nssl.keyfile = {key}")
+        port = free_port()
     text = f"""[listener]
 tcp.ip = 127.0.0.1
 tcp.port = {port}
 max_connections = 200000
-{extra.pop("listener", "")}
+{listener}
 [websocket]
 ws_opts.idle_timeout = {ping:g}
 handshake_timeout = 60
@@ -222,7 +247,7 @@ x-expires = {expires_ms}
 
 
 def start_target(target: str, port: int, exchange: str, *, ping: float = 60,
-                 expires_ms: int = 600000) -> Proc:
+                 expires_ms: int = 600000, tls: bool = False) -> Proc:
     """
     Start the server under test as its own process and wait until it listens.
 
@@ -231,13 +256,16 @@ def start_target(target: str, port: int, exchange: str, *, ping: float = 60,
     """
     python = sys.executable
     if target == "gateway":
-        ini = gateway_ini(port, exchange, ping=ping, expires_ms=expires_ms)
+        ini = gateway_ini(port, exchange, ping=ping, expires_ms=expires_ms, tls=tls)
         twistd = os.path.join(os.path.dirname(python), "twistd")
         argv = [twistd, "-n", "--pidfile=", "ocppgw", "--config", ini]
     elif target == "bridge":
+        if tls:
+            raise ValueError("the bare bridge has no TLS listener")
         argv = [python, os.path.join(HERE, "bare_bridge.py"), str(port), exchange, AMQP_URL, str(ping)]
     elif target == "echo":
-        argv = [python, os.path.join(HERE, "bare_echo.py"), str(port), str(ping)]
+        argv = [python, os.path.join(HERE, "bare_echo.py"), str(port), str(ping),
+                *(make_certificate() if tls else ())]
     else:
         raise ValueError(target)
     proc = Proc(target, argv)
@@ -345,8 +373,8 @@ def merge_samples(results: list, key: str) -> array:
     return out
 
 
-def ws_url(port: int, identity: str) -> str:
-    return f"ws://127.0.0.1:{port}/ocpp/{identity}"
+def ws_url(port: int, identity: str, tls: bool = False) -> str:
+    return f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/ocpp/{identity}"
 
 
 def print_table(title: str, rows: list) -> None:

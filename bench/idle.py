@@ -23,19 +23,32 @@ from bench._common import (
 from bench.roundtrip import WORKER_KEYS
 
 
+def _settled_rss(server, timeout: float = 30.0) -> int:
+    """The server's RSS once start-up has stopped growing it."""
+    deadline = time.monotonic() + timeout
+    rss = server.memory()["rss"]
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = server.memory()["rss"]
+        if now - rss < 256 * 1024:
+            return now
+        rss = now
+    return rss
+
+
 def bench_target(target: str, args) -> dict:
     exchange = unique("bench-idle")
     port = free_port()
     identities = [unique("id") for _ in range(args.chargers)]
-    server = start_target(target, port, exchange, ping=args.ping)
+    server = start_target(target, port, exchange, ping=args.ping, tls=args.tls)
     worker = start_worker(exchange, WORKER_KEYS) if target != "echo" else None
     loadgen = LoadGen(args.procs)
-    result: dict = {"target": target, "chargers": args.chargers, "ping": args.ping}
+    result: dict = {"target": target, "chargers": args.chargers, "ping": args.ping,
+                    "tls": args.tls}
     try:
-        time.sleep(1.0)
-        rss0 = server.memory()["rss"]
+        rss0 = _settled_rss(server)
         broker0 = broker_memory()
-        urls = [ws_url(port, i) for i in identities]
+        urls = [ws_url(port, i, args.tls) for i in identities]
         runs = loadgen.send([("connect", {"urls": part}) for part in split(urls, len(loadgen))])
         booted = sum(r.get("booted", 0) for r in runs)
         result["booted"] = booted
@@ -84,7 +97,8 @@ def report(results) -> None:
             if ref in base and ref != r["target"]:
                 rows.append((f"RSS per charger vs {ref}",
                              f"{r['rss_per_charger'] / max(1, base[ref]['rss_per_charger']):.2f}x"))
-        print_table(f"idle: {r['target']}, {r['chargers']} chargers (plain ws)", rows)
+        print_table(f"idle: {r['target']}, {r['chargers']} chargers "
+                    f"({'wss' if r.get('tls') else 'plain ws'})", rows)
 
 
 def main(argv=None):
@@ -94,6 +108,8 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=30.0, help="idle time measured")
     parser.add_argument("--ping", type=float, default=10.0, help="server ping interval")
     parser.add_argument("--targets", default="gateway")
+    parser.add_argument("--tls", action="store_true",
+                        help="wss:// (gateway and echo; a throw-away self-signed certificate)")
     add_settings_argument(parser)
     parser.add_argument("--json")
     args = parser.parse_args(argv)

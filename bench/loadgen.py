@@ -142,6 +142,21 @@ class Charger(asyncio.Protocol):
         self.transport.close()
 
 
+_TLS = None
+
+
+def _client_tls():
+    """One TLS context for every charger: the bench's certificate is self-signed."""
+    global _TLS
+    if _TLS is None:
+        import ssl
+
+        _TLS = ssl.create_default_context()
+        _TLS.check_hostname = False
+        _TLS.verify_mode = ssl.CERT_NONE
+    return _TLS
+
+
 async def _drained(chargers, timeout: float) -> None:
     """Wait until no charger has a CALL outstanding (or C{timeout})."""
     loop = asyncio.get_running_loop()
@@ -177,12 +192,15 @@ class Runner:
             finished()
 
         async def one(url):
-            host_port, path = url[5:].split("/", 1)
+            scheme, rest = url.split("://", 1)
+            host_port, path = rest.split("/", 1)
             host, port = host_port.split(":")
             opened = loop.create_future()
             charger = Charger("/" + path, opened)
             try:
-                await loop.create_connection(lambda: charger, host, int(port))
+                await loop.create_connection(
+                    lambda: charger, host, int(port),
+                    ssl=_client_tls() if scheme == "wss" else None)
             except OSError as error:
                 refused[type(error).__name__] = refused.get(type(error).__name__, 0) + 1
                 finished()
