@@ -31,6 +31,11 @@ vhost = /
 subprotocols = ocpp2.1,ocpp2.0.1 ocpp1.6
 max_connections = 5000
 max_identity_length = 20
+accept_rate = 250.5
+accept_burst = 7
+max_handshakes = 64
+retry_after_max = 30
+drain_window = 0
 
 [websocket]
 ws_opts.max_frame_size = 65536
@@ -39,6 +44,9 @@ ping_timeout = 2.5
 handshake_timeout = 4
 close_timeout = 0.5
 max_bad_frames = 3
+max_message_rate = 20
+message_burst = 5
+max_rate_violations = 9
 
 [amqp]
 url = amqps://gw:s3cret@broker.example.com:5671/ocpp
@@ -51,12 +59,17 @@ publish_channels = 2
 consumer_channels = 8
 declare_channels = 3
 node = gw-1
+failover_urls = amqp://gw:s3cret@b2:5672/ocpp, amqp://b3/ocpp
+outage_grace = 0
+outage_keep_chargers = yes
+reconnect_max_delay = 4
 
 [queue]
 x-queue-type = quorum
 x-message-ttl = 0
 x-expires = 60000
 x-dead-letter-exchange = ocpp.dead
+x-single-active-consumer = true
 
 [ocpp]
 call_timeout = 12.5
@@ -97,6 +110,11 @@ class DefaultsTests(SynchronousTestCase):
                 subprotocols=("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1"),
                 max_connections=100000,
                 max_identity_length=48,
+                accept_rate=0.0,
+                accept_burst=100,
+                max_handshakes=0,
+                retry_after_max=10,
+                drain_window=10.0,
             ),
         )
         self.assertEqual(
@@ -108,6 +126,9 @@ class DefaultsTests(SynchronousTestCase):
                 handshake_timeout=30.0,
                 close_timeout=5.0,
                 max_bad_frames=10,
+                max_message_rate=0.0,
+                message_burst=50,
+                max_rate_violations=200,
             ),
         )
         self.assertEqual(
@@ -123,6 +144,10 @@ class DefaultsTests(SynchronousTestCase):
                 consumer_channels=4,
                 declare_channels=4,
                 node=f"{socket.gethostname()}:{os.getpid()}",
+                failover_urls=(),
+                outage_grace=30.0,
+                outage_keep_chargers=False,
+                reconnect_max_delay=30.0,
             ),
         )
         self.assertEqual(
@@ -132,6 +157,7 @@ class DefaultsTests(SynchronousTestCase):
                 x_message_ttl=300000,
                 x_expires=604800000,
                 x_dead_letter_exchange="",
+                x_single_active_consumer=False,
             ),
         )
         self.assertEqual(
@@ -193,6 +219,11 @@ class EveryKeyTests(SynchronousTestCase):
                 subprotocols=("ocpp2.1", "ocpp2.0.1", "ocpp1.6"),
                 max_connections=5000,
                 max_identity_length=20,
+                accept_rate=250.5,
+                accept_burst=7,
+                max_handshakes=64,
+                retry_after_max=30,
+                drain_window=0.0,
             ),
         )
         self.assertEqual(
@@ -204,6 +235,9 @@ class EveryKeyTests(SynchronousTestCase):
                 handshake_timeout=4.0,
                 close_timeout=0.5,
                 max_bad_frames=3,
+                max_message_rate=20.0,
+                message_burst=5,
+                max_rate_violations=9,
             ),
         )
         self.assertEqual(
@@ -219,6 +253,10 @@ class EveryKeyTests(SynchronousTestCase):
                 consumer_channels=8,
                 declare_channels=3,
                 node="gw-1",
+                failover_urls=("amqp://gw:s3cret@b2:5672/ocpp", "amqp://b3/ocpp"),
+                outage_grace=0.0,
+                outage_keep_chargers=True,
+                reconnect_max_delay=4.0,
             ),
         )
         self.assertEqual(
@@ -228,6 +266,7 @@ class EveryKeyTests(SynchronousTestCase):
                 x_message_ttl=0,
                 x_expires=60000,
                 x_dead_letter_exchange="ocpp.dead",
+                x_single_active_consumer=True,
             ),
         )
         self.assertEqual(
@@ -342,6 +381,7 @@ class QueueArgumentsTests(SynchronousTestCase):
                 "x-queue-type": "quorum",
                 "x-expires": 60000,
                 "x-dead-letter-exchange": "ocpp.dead",
+                "x-single-active-consumer": True,
             },
         )
 
