@@ -12,7 +12,11 @@ subprotocols. Before the upgrade ocppgw answers
   escapes) or is just C{*}; when no offered subprotocol is enabled (or only
   the SOAP-era C{ocpp1.2}/C{ocpp1.5} are);
 - 426 when a plain GET arrives without an upgrade;
-- 503 when the broker is not reachable, or the connection limit is reached;
+- 503 when the broker is not reachable, the connection limit is reached,
+  or more chargers arrive than the accept rate or the number of concurrent
+  handshakes allows (a reconnection storm); every 503 carries a
+  C{Retry-After} of a random 1 to C{retry_after_max} seconds, so that
+  refused chargers come back spread out;
 
 and otherwise 101 with the first subprotocol I{in the charger's order of
 preference} that is enabled. No C{Server} banner is sent.
@@ -33,6 +37,7 @@ decoded identity is never echoed into the HTTP status line.
 from __future__ import annotations
 
 import math
+import random
 from typing import Iterable, Optional, Protocol as TypingProtocol
 
 from autobahn.twisted.websocket import (
@@ -58,10 +63,11 @@ class Refused(Exception):
     @ivar reason: a fixed reason phrase (never charger-supplied text).
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, retry_after: Optional[int] = None) -> None:
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after
 
 
 class ChargerHub(TypingProtocol):
@@ -114,6 +120,8 @@ class ChargerProtocol(WebSocketServerProtocol):
     link = None
     #: open CALLs taken over from a replaced connection, for the hub
     inherited_calls = None
+    #: seconds for the Retry-After of a 503 answer
+    _retry_after = None
 
     # autobahn's own logger lives at self.log; ours is _log.
 
@@ -141,11 +149,25 @@ class ChargerProtocol(WebSocketServerProtocol):
                 offered=offered[:8],
             )
             raise ConnectionDeny(400, "No supported OCPP subprotocol")
+        admission = factory.admission
+        if admission is not None:
+            # Before any broker work: a storm must not queue up declares.
+            wait = admission.admit()
+            if wait is not None:
+                self._retry_after = wait
+                raise ConnectionDeny(503, "Service Unavailable")
         self.identity = identity
         self.version = VERSIONS[subprotocol]
         d = defer.maybeDeferred(
             factory.hub.charger_connecting, self, identity, self.version
         )
+        if admission is not None:
+
+            def finished(result):
+                admission.done()
+                return result
+
+            d.addBoth(finished)
 
         def accepted(_):
             # The handshake request is not needed again: drop it, it is
@@ -156,6 +178,7 @@ class ChargerProtocol(WebSocketServerProtocol):
 
         def refused(failure):
             if failure.check(Refused):
+                self._retry_after = failure.value.retry_after
                 raise ConnectionDeny(failure.value.status, failure.value.reason)
             _log.failure(
                 "Preparing charger {identity} failed", failure, identity=identity
@@ -163,6 +186,15 @@ class ChargerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(500, "Internal Server Error")
 
         return d.addCallbacks(accepted, refused)
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None):
+        # Every 503 (storm, broker down, shutting down, connection limit)
+        # says when to come back, at a random moment so that the refused
+        # chargers do not return together.
+        if code == 503:
+            wait = self._retry_after or self.factory.retry_after()
+            responseHeaders = [*(responseHeaders or ()), ("Retry-After", str(wait))]
+        super().failHandshake(reason, code, responseHeaders)
 
     def onOpen(self):
         self.factory.hub.charger_opened(self)
@@ -184,6 +216,20 @@ class ChargerProtocol(WebSocketServerProtocol):
             self.factory.hub.charger_closed(self, code, reason or "")
 
     # -- what the hub can do with a charger -------------------------------
+
+    def pause_reading(self) -> None:
+        """
+        Stop reading from the charger (flow control): TCP backpressure
+        then holds its frames in the network, not in our memory.
+        """
+        transport = self.transport
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.resumeProducing()
 
     def send_frame(self, frame: bytes) -> None:
         """
@@ -302,6 +348,8 @@ class ChargerFactory(WebSocketServerFactory):
         close_timeout: float = 5.0,
         max_connections: int = 0,
         protocol_class: type = ChargerProtocol,
+        admission=None,
+        retry_after_max: int = 10,
     ) -> None:
         super().__init__(reactor=reactor)
         self.hub = hub
@@ -309,6 +357,9 @@ class ChargerFactory(WebSocketServerFactory):
         self.vhost = vhost or None
         self.subprotocols = tuple(subprotocols)
         self.max_identity_length = max_identity_length
+        #: an L{ocppgw.limits.Admission}, or None for no accept limits
+        self.admission = admission
+        self._retry_after_max = max(1, retry_after_max)
         # no version banner anywhere
         self.server = None
         self.setProtocolOptions(
@@ -331,3 +382,9 @@ class ChargerFactory(WebSocketServerFactory):
             options[name] = staticmethod(value) if callable(value) else value
         options["CONFIG_ATTRS"] = ()
         self.protocol = type(protocol_class.__name__, (protocol_class,), options)
+
+    def retry_after(self) -> int:
+        """
+        A random C{Retry-After} for a 503, 1 to C{retry_after_max} seconds.
+        """
+        return random.randint(1, self._retry_after_max)

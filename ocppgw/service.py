@@ -11,8 +11,10 @@ L{makeService}.
      '- ListenerService (ws), once the bridge is up
 
 Stopping (SIGTERM under twistd) runs the other way: stop listening, close
-every charger with 1001 and requeue the commands they held, wait (bounded)
-for the broker to confirm what is in flight, close the AMQP connection.
+the chargers with 1012 spread over C{[listener] drain_window} (so the fleet
+moves to other gateways gradually) and requeue the commands they held, wait
+(bounded) for the broker to confirm what is in flight, close the AMQP
+connection.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from ocppgw import config as _config
 from ocppgw.amqp import AmqpBridge
 from ocppgw.config import Settings
 from ocppgw.edge import ChargerFactory
-from ocppgw.gateway import CLOSE_GOING_AWAY, Gateway
+from ocppgw.gateway import Gateway
+from ocppgw.limits import Admission
 
 _log = Logger()
 
@@ -78,8 +81,11 @@ class GatewayService(service.MultiService):
             publish_channels=amqp.publish_channels,
             consumer_channels=amqp.consumer_channels,
             declare_channels=amqp.declare_channels,
+            failover_urls=amqp.failover_urls,
+            reconnect_max_delay=amqp.reconnect_max_delay,
         )
         ocpp = settings.ocpp
+        listener, ws = settings.listener, settings.websocket
         self.gateway = Gateway(
             reactor,
             self.bridge,
@@ -89,8 +95,21 @@ class GatewayService(service.MultiService):
             max_bad_frames=settings.websocket.max_bad_frames,
             offline_status=ocpp.offline_status,
             presence_events=ocpp.presence_events,
+            outage_grace=amqp.outage_grace,
+            outage_keep_chargers=amqp.outage_keep_chargers,
+            max_message_rate=ws.max_message_rate,
+            message_burst=ws.message_burst,
+            max_rate_violations=ws.max_rate_violations,
         )
-        listener, ws = settings.listener, settings.websocket
+        admission = None
+        if listener.accept_rate or listener.max_handshakes:
+            admission = Admission(
+                reactor,
+                rate=listener.accept_rate,
+                burst=listener.accept_burst,
+                max_concurrent=listener.max_handshakes,
+                retry_after_max=listener.retry_after_max,
+            )
         self.factory = ChargerFactory(
             self.gateway,
             reactor,
@@ -104,6 +123,8 @@ class GatewayService(service.MultiService):
             handshake_timeout=ws.handshake_timeout,
             close_timeout=ws.close_timeout,
             max_connections=listener.max_connections,
+            admission=admission,
+            retry_after_max=listener.retry_after_max,
         )
         self._exit_on_startup_failure = exit_on_startup_failure
         self.started: defer.Deferred = defer.Deferred()
@@ -146,14 +167,15 @@ class GatewayService(service.MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         """
-        Stop listening, close chargers (1001), requeue, drain confirms.
+        Stop listening, close chargers (1012) over the drain window,
+        requeue, drain confirms.
         """
         yield defer.maybeDeferred(super().stopService)
         self.gateway.stop_accepting()
         if self.listening_port is not None:
             yield self.listening_port.stopListening()
             self.listening_port = None
-        yield self.gateway.close_all(CLOSE_GOING_AWAY, "Gateway shutting down")
+        yield self.gateway.drain(self.settings.listener.drain_window)
         yield self.bridge.stop()
         _log.info("ocppgw stopped")
 

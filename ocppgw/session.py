@@ -22,6 +22,13 @@ The rules it keeps (DESIGN §3):
   redelivered when the charger comes back.
 - When the session ends, the commands it still holds are handed back to be
   requeued.
+- When the broker connection breaks, the charger may stay connected: its
+  unacknowledged commands come back (C{redelivered}) on the new consumer.
+  A command the charger already has (the outstanding one) or has already
+  answered is then not sent again: the session remembers the message ids
+  and answers, re-publishes an answer the broker never confirmed, and
+  acknowledges. Commands that were only held are simply forgotten, since
+  the broker delivers them again.
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ _log = Logger()
 #: CSMS's answer. OCPP-J allows one; a few more tolerate chargers that
 #: pipeline, and the bound keeps a charger that never gets answers small.
 MAX_OPEN_CHARGER_CALLS = 16
+
+#: How many answers to CSMS CALLs a session remembers, so that a command
+#: redelivered after a broker reconnect is not sent to the charger again.
+#: Only the commands in flight when the connection broke can come back:
+#: at most the consumer's prefetch, so a few dozen is plenty.
+MAX_REMEMBERED_ANSWERS = 32
 
 
 class PublishOutcome(enum.Enum):
@@ -152,13 +165,15 @@ class _AckWhenPublished:
     not take it, the command is requeued so the answer is not lost.
     """
 
-    __slots__ = ("_session", "_delivery", "_waiting", "_failed")
+    __slots__ = ("_session", "_delivery", "_waiting", "_failed", "_message_id")
 
-    def __init__(self, session: "ChargerSession", delivery: Delivery, waiting: int):
+    def __init__(self, session: "ChargerSession", delivery: Delivery, waiting: int,
+                 message_id: Optional[str] = None):
         self._session = session
         self._delivery = delivery
         self._waiting = waiting
         self._failed = False
+        self._message_id = message_id
 
     def routed(self, outcome: PublishOutcome) -> None:
         if outcome is PublishOutcome.FAILED:
@@ -174,7 +189,7 @@ class _AckWhenPublished:
         self._waiting -= 1
         if self._waiting:
             return
-        self._session._settled(self._delivery, self._failed)
+        self._session._settled(self._delivery, self._failed, self._message_id)
 
 
 class ChargerSession:
@@ -198,6 +213,7 @@ class ChargerSession:
         "_held",
         "_unsettled",
         "_ended",
+        "_answers",
     )
 
     def __init__(
@@ -229,6 +245,9 @@ class ChargerSession:
         # are neither held nor outstanding, and must not be requeued.
         self._unsettled = 0
         self._ended = False
+        # message id -> [routing key, body, extra headers, reply_to,
+        # correlation id, confirmed] of the last answers to CSMS CALLs
+        self._answers: OrderedDict[str, list] = OrderedDict()
 
     # -- introspection (admin, tests) -------------------------------------
 
@@ -277,6 +296,39 @@ class ChargerSession:
             )
         else:  # CALLRESULTERROR: the charger refuses a CSMS answer.
             self._publish_unmatched_answer(frame, data)
+
+    def rate_limited(self, data: bytes) -> None:
+        """
+        The charger sent a frame over its message rate limit.
+
+        A CALL is answered with a CALLERROR and not published (the charger
+        may retry it later); the answer to the CSMS's outstanding CALL still
+        goes through, since there is at most one; anything else is dropped.
+        """
+        if self._ended:
+            return
+        try:
+            frame = framing.parse_frame(data, self.version)
+        except BadFrame as bad:
+            self._bad_frame(bad)
+            return
+        kind = frame.message_type
+        if kind == framing.CALL:
+            self._effects.send_to_charger(
+                framing.encode_call_error(
+                    self.version,
+                    frame.message_id,
+                    ErrorKind.GENERIC_ERROR,
+                    "Too many messages; slow down and retry later",
+                    {"reason": "rate-limit"},
+                )
+            )
+        elif (
+            kind in (framing.CALLRESULT, framing.CALLERROR)
+            and self._outstanding is not None
+            and self._outstanding.message_id == frame.message_id
+        ):
+            self._charger_answer(frame, data)
 
     def _bad_frame(self, bad: BadFrame) -> None:
         self._bad_frames += 1
@@ -377,6 +429,8 @@ class ChargerSession:
             return
         kind = frame.message_type
         if kind == framing.CALL:
+            if delivery.redelivered and self._redelivered_call(delivery, frame):
+                return
             if self._outstanding is None:
                 self._send_call(delivery, frame)
             else:
@@ -392,6 +446,47 @@ class ChargerSession:
         else:  # SEND, CALLRESULTERROR: nothing to wait for.
             self._effects.send_to_charger(delivery.body)
             self._effects.ack(delivery)
+
+    def _redelivered_call(self, delivery: Delivery, frame: Frame) -> bool:
+        """
+        A command came back after a broker reconnect: if the charger has it
+        already, adopt the new delivery instead of sending it again.
+
+        @return: whether the delivery was dealt with.
+        """
+        outstanding = self._outstanding
+        if outstanding is not None and outstanding.message_id == frame.message_id:
+            outstanding.delivery = delivery
+            return True
+        answer = self._answers.get(frame.message_id)
+        if answer is None:
+            return False
+        routing_key, body, extra_headers, _reply_to, _correlation_id, confirmed = answer
+        if confirmed:
+            self._effects.ack(delivery)
+            return True
+        reply_to = delivery.reply_to
+        settle = _AckWhenPublished(self, delivery, 2 if reply_to else 1, frame.message_id)
+        self._unsettled += 1
+        self._effects.publish(
+            routing_key, body, frame.message_id, None, False, settle.routed, extra_headers
+        )
+        if reply_to:
+            self._effects.publish_reply(
+                reply_to, delivery.correlation_id, body, settle.replied, extra_headers
+            )
+        return True
+
+    def broker_lost(self) -> None:
+        """
+        The broker connection broke; the charger stays connected.
+
+        Every unacknowledged command goes back to the queue on the broker's
+        side, so the held ones are forgotten here (they will be delivered
+        again); the outstanding one stays outstanding, to be matched with
+        its redelivery.
+        """
+        self._held.clear()
 
     def _send_call(self, delivery: Delivery, frame: Frame) -> None:
         outstanding = _OutstandingCall(delivery, frame)
@@ -432,10 +527,22 @@ class ChargerSession:
             outstanding.timer = None
         delivery = outstanding.delivery
         reply_to = delivery.reply_to
-        settle = _AckWhenPublished(self, delivery, 2 if reply_to else 1)
+        routing_key = topology.routing_key(
+            self.version.routing_prefix, outstanding.action, kind
+        )
+        answers = self._answers
+        answers[outstanding.message_id] = [
+            routing_key, body, extra_headers, reply_to, delivery.correlation_id, False
+        ]
+        answers.move_to_end(outstanding.message_id)
+        if len(answers) > MAX_REMEMBERED_ANSWERS:
+            answers.popitem(last=False)
+        settle = _AckWhenPublished(
+            self, delivery, 2 if reply_to else 1, outstanding.message_id
+        )
         self._unsettled += 1
         self._effects.publish(
-            topology.routing_key(self.version.routing_prefix, outstanding.action, kind),
+            routing_key,
             body,
             outstanding.message_id,
             None,
@@ -450,8 +557,12 @@ class ChargerSession:
         if not self._ended:
             self._send_next_held()
 
-    def _settled(self, delivery: Delivery, failed: bool) -> None:
+    def _settled(self, delivery: Delivery, failed: bool, message_id=None) -> None:
         self._unsettled -= 1
+        if not failed and message_id is not None:
+            answer = self._answers.get(message_id)
+            if answer is not None:
+                answer[5] = True
         if failed:
             self._effects.requeue(delivery)
         else:

@@ -83,6 +83,8 @@ class FakeCharger:
         L{call}.
     @ivar closed: a Deferred firing with C{(code, reason)} when the
         connection ends.
+    @ivar received_call_ids: the message id of every CALL received, in
+        order (to check that nothing came twice).
     """
 
     def __init__(self) -> None:
@@ -94,6 +96,7 @@ class FakeCharger:
         self._open: defer.Deferred = defer.Deferred()
         self._waiting: dict[str, defer.Deferred] = {}
         self._ids = itertools.count(1)
+        self.received_call_ids: list = []
 
     @classmethod
     def connect(
@@ -139,6 +142,7 @@ class FakeCharger:
     def _message(self, payload: bytes, is_binary: bool) -> None:
         frame = orjson.loads(payload)
         if frame[0] == 2:
+            self.received_call_ids.append(frame[1])
             self.calls.put(frame)
             return
         waiting = self._waiting.pop(frame[1], None) if len(frame) > 1 else None
