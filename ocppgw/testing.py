@@ -249,7 +249,9 @@ class FakeBackEnd:
             self._dispatch(message)
             return incoming.get().addCallback(got)
 
-        incoming.get().addCallback(got)
+        # the consumer's queue fails when the connection closes (stop, or
+        # a broker that went away): that ends the pump, it is no error
+        incoming.get().addCallback(got).addErrback(lambda _failure: None)
 
     def _dispatch(self, message: Message) -> None:
         handler = self._handlers.get(message.type or "")
@@ -261,9 +263,11 @@ class FakeBackEnd:
         ):
             frame = orjson.loads(message.body)
             payload = handler(message, frame[3])
+            # nobody waits for this confirm; a back end stopped before it
+            # comes must not leave an unhandled error behind
             self.client.send_to_charger(
                 message.reply_to, orjson.dumps([3, frame[1], payload])
-            )
+            ).addErrback(lambda _failure: None)
         self.received.append(message)
         for position, (routing_key, waiting) in enumerate(self._waiters):
             if routing_key is None or routing_key == message.routing_key:
