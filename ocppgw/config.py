@@ -665,8 +665,8 @@ SECTIONS: tuple[Section, ...] = (
         Option("message_burst", Integer(1), "50",
                "Messages a charger may send at once before max_message_rate applies."),
         Option("max_rate_violations", Integer(1), "200",
-               "Messages over the rate limit in a row before the connection is closed "
-               "with 1008."),
+               "Messages over the rate limit, with no quiet second in between, before "
+               "the connection is closed with 1008."),
     )),
     Section("amqp", AmqpSettings,
             "The RabbitMQ connection shared by all chargers.", (

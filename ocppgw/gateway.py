@@ -97,6 +97,7 @@ class ChargerLink:
         "detached",
         "bucket",
         "violations",
+        "last_violation",
     )
 
     def __init__(self, gateway: "Gateway", edge: ChargerProtocol, clock) -> None:
@@ -128,6 +129,7 @@ class ChargerLink:
             else None
         )
         self.violations = 0
+        self.last_violation = 0.0
 
     # -- SessionEffects ------------------------------------------------------
 
@@ -416,11 +418,18 @@ class Gateway:
         if link is None:
             return
         bucket = link.bucket
-        if bucket is None or bucket.take():
-            link.violations = 0
+        if bucket is None:
+            link.session.charger_frame(data)
+            return
+        now = self._reactor.seconds()
+        if bucket.take():
+            # a second without excess ends a violation streak
+            if link.violations and now - link.last_violation > 1.0:
+                link.violations = 0
             link.session.charger_frame(data)
             return
         link.violations += 1
+        link.last_violation = now
         if link.violations == 1:
             _log.warn(
                 "{identity} is over its message rate limit", identity=link.identity
