@@ -104,19 +104,18 @@ class CrossProcessTakeoverTests(GatewaysTestCase):
         self.assertEqual(code, 1000)
         self.assertLess(time.monotonic() - moved_at, 2.0)
         self.assertNotIn(identity, a.gateway.chargers)
-        first = yield new.next_call()
-        self.assertEqual(first[1], "c1")
-        new.answer(first, {"status": "Accepted"})
-        second = yield new.next_call()
-        self.assertEqual(second[1], "c2")
-        new.answer(second, {"status": "Accepted"})
+        # c1 is requeued by A after its consumer is cancelled, c2 may
+        # already be on its way to B: the order across a move is not kept
+        for _ in range(2):
+            command = yield new.next_call()
+            new.answer(command, {"status": "Accepted"})
         answers = []
         for _ in range(2):
             message = yield backend.next_message("ocpp16.Reset.conf")
             answers.append(message.correlation_id)
-        self.assertEqual(answers, ["c1", "c2"])
+        self.assertEqual(sorted(answers), ["c1", "c2"])
         self.assertEqual(old.received_call_ids, ["c1"])
-        self.assertEqual(new.received_call_ids, ["c1", "c2"])
+        self.assertEqual(sorted(new.received_call_ids), ["c1", "c2"])
         # the replaced connection announced no offline status
         self.assertEqual(
             [m for m in backend.received if m.routing_key == "ocppgw.disconnected"], []
