@@ -144,7 +144,8 @@ class RateLimitTests(GatewaysTestCase):
         def flood_tick(state=[0]):
             # 10,000 frames/s: 100 frames every 10 ms
             for _ in range(100):
-                if flooder.closed.called:
+                # stop once the gateway starts closing, not only once closed
+                if flooder.protocol.state != flooder.protocol.STATE_OPEN:
                     return
                 state[0] += 1
                 flooder.send([2, f"f{state[0]}", "Heartbeat", {}])
