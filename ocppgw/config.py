@@ -101,6 +101,7 @@ class ListenerSettings:
     max_handshakes: int
     retry_after_max: int
     drain_window: float
+    workers: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,6 +645,9 @@ SECTIONS: tuple[Section, ...] = (
         Option("drain_window", Seconds(zero_allowed=True), "10",
                "At shutdown, chargers are closed with 1012 spread evenly over this many "
                "seconds, so the fleet reconnects elsewhere gradually."),
+        Option("workers", Integer(1, 256), "1",
+               "Gateway processes sharing the listening port (SO_REUSEPORT, Linux), so one "
+               "host uses all its cores; each has its own node name. Needs a fixed tcp.port."),
     )),
     Section("websocket", WebSocketSettings,
             "Limits and keep-alive of each charger's WebSocket connection.", (

@@ -62,6 +62,7 @@ class GatewayService(service.MultiService):
         *,
         bridge: Optional[AmqpBridge] = None,
         exit_on_startup_failure: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__()
         self.setName("ocppgw")
@@ -127,6 +128,8 @@ class GatewayService(service.MultiService):
             retry_after_max=listener.retry_after_max,
         )
         self._exit_on_startup_failure = exit_on_startup_failure
+        # a worker of a [listener] workers group shares the port
+        self._reuse_port = reuse_port
         self.started: defer.Deferred = defer.Deferred()
         self.listening_port = None
 
@@ -139,6 +142,13 @@ class GatewayService(service.MultiService):
     def _start(self):
         yield self.bridge.start()
         listener = self.settings.listener
+        if self._reuse_port:
+            from ocppgw.workers import listen_reuse_port
+
+            self.listening_port = listen_reuse_port(
+                self._reactor, listener.tcp_ip, listener.tcp_port, self.factory
+            )
+            return
         endpoint = _server_endpoint(self._reactor, listener.tcp_ip, listener.tcp_port)
         self.listening_port = yield endpoint.listen(self.factory)
 

@@ -36,6 +36,7 @@ accept_burst = 7
 max_handshakes = 64
 retry_after_max = 30
 drain_window = 0
+workers = 4
 
 [websocket]
 ws_opts.max_frame_size = 65536
@@ -115,6 +116,7 @@ class DefaultsTests(SynchronousTestCase):
                 max_handshakes=0,
                 retry_after_max=10,
                 drain_window=10.0,
+                workers=1,
             ),
         )
         self.assertEqual(
@@ -224,6 +226,7 @@ class EveryKeyTests(SynchronousTestCase):
                 max_handshakes=64,
                 retry_after_max=30,
                 drain_window=0.0,
+                workers=4,
             ),
         )
         self.assertEqual(

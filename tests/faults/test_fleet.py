@@ -222,3 +222,54 @@ class DrainTests(FleetTestCase):
         for identity in holders:
             frame = yield client._channel.queue_declare("ocpp." + identity, passive=True)
             self.assertEqual(frame.method.message_count, 2, identity)
+
+
+class WorkersTests(FleetTestCase):
+    @defer.inlineCallbacks
+    def test_two_workers_share_the_port(self):
+        """
+        C{workers = 2}: two gateway processes listen on one port and both
+        take chargers; SIGTERM to the supervisor drains both (1012) and it
+        ends once they have.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(
+                f"[listener]\ntcp.port = {self.port}\nworkers = 2\ndrain_window = 0.5\n"
+                f"[amqp]\nurl = {amqp_url()}\nexchange = {self.exchange}\n"
+                f"[queue]\nx-expires = 30000\n"
+            )
+        backend = yield FakeBackEnd.start(reactor, amqp_url(), self.exchange,
+                                          bindings=("ocppgw.connected",))
+        self.addCleanup(backend.stop)
+        child = _Collect(None)
+        reactor.spawnProcess(
+            child, sys.executable,
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "ocppgw", "--config", path],
+            env={**os.environ, "PYTHONPATH": REPO}, path=REPO,
+        )
+        self.addCleanup(self._kill, child)
+        url = f"ws://127.0.0.1:{self.port}/ocpp/"
+        # both workers listening: wait until two nodes have taken chargers
+        chargers, nodes = [], set()
+        deadline = time.monotonic() + 30
+        while len(nodes) < 2:
+            self.assertLess(time.monotonic(), deadline, child.output[-2000:])
+            try:
+                charger = yield FakeCharger.connect(reactor, url + unique_name("W"))
+            except Exception:
+                yield task.deferLater(reactor, 0.2, lambda: None)
+                continue
+            chargers.append(charger)
+            event = yield backend.next_message("ocppgw.connected")
+            nodes.add(json.loads(event.body)["node"])
+        self.assertEqual(len(nodes), 2, nodes)
+        child.transport.signalProcess("TERM")
+        codes = []
+        for charger in chargers:
+            code, _ = yield charger.closed
+            codes.append(code)
+        self.assertEqual(set(codes), {1012})
+        yield child.ended
+        self.assertIn(b"Started gateway worker 2", child.output)
