@@ -392,7 +392,11 @@ class Gateway:
 
     def charger_opened(self, edge: ChargerProtocol) -> None:
         identity = edge.identity
-        if self._claims.get(identity) is not edge or not self._accepting:
+        if not self._accepting:
+            # the handshake finished while the gateway began to drain
+            edge.close(CLOSE_SERVICE_RESTART, "Gateway restarting")
+            return
+        if self._claims.get(identity) is not edge:
             edge.close(*CLOSE_REPLACED)
             return
         link = ChargerLink(self, edge, self._reactor)
@@ -440,7 +444,7 @@ class Gateway:
                 identity=link.identity,
                 count=link.violations,
             )
-            link.session._ended = True
+            link.session.stop_reading()
             link.close(CLOSE_POLICY, "Message rate limit exceeded")
             return
         link.session.rate_limited(data)

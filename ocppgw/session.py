@@ -55,6 +55,11 @@ MAX_OPEN_CHARGER_CALLS = 16
 #: at most the consumer's prefetch, so a few dozen is plenty.
 MAX_REMEMBERED_ANSWERS = 32
 
+# States of a remembered answer's publish.
+_PENDING = "pending"
+_CONFIRMED = "confirmed"
+_FAILED = "failed"
+
 
 class PublishOutcome(enum.Enum):
     """
@@ -245,8 +250,9 @@ class ChargerSession:
         # are neither held nor outstanding, and must not be requeued.
         self._unsettled = 0
         self._ended = False
-        # message id -> [routing key, body, extra headers, reply_to,
-        # correlation id, confirmed] of the last answers to CSMS CALLs
+        # message id -> [routing key, body, extra headers, state, waiting]
+        # of the last answers to CSMS CALLs; state is _PENDING, _CONFIRMED
+        # or _FAILED, waiting the redeliveries that wait for a pending one
         self._answers: OrderedDict[str, list] = OrderedDict()
 
     # -- introspection (admin, tests) -------------------------------------
@@ -296,6 +302,13 @@ class ChargerSession:
             )
         else:  # CALLRESULTERROR: the charger refuses a CSMS answer.
             self._publish_unmatched_answer(frame, data)
+
+    def stop_reading(self) -> None:
+        """
+        Ignore the charger's further frames (its connection is being closed
+        for misbehaving); what the session holds is handed back by L{end}.
+        """
+        self._ended = True
 
     def rate_limited(self, data: bytes) -> None:
         """
@@ -461,21 +474,32 @@ class ChargerSession:
         answer = self._answers.get(frame.message_id)
         if answer is None:
             return False
-        routing_key, body, extra_headers, _reply_to, _correlation_id, confirmed = answer
-        if confirmed:
+        state = answer[3]
+        if state is _CONFIRMED:
             self._effects.ack(delivery)
-            return True
+        elif state is _PENDING:
+            # settled when the publish in flight is (no second copy)
+            answer[4].append(delivery)
+        else:
+            self._republish(frame.message_id, answer, delivery)
+        return True
+
+    def _republish(self, message_id: str, answer: list, delivery: Delivery) -> None:
+        """
+        Publish a remembered answer again, for a redelivered command.
+        """
+        routing_key, body, extra_headers = answer[0], answer[1], answer[2]
+        answer[3] = _PENDING
         reply_to = delivery.reply_to
-        settle = _AckWhenPublished(self, delivery, 2 if reply_to else 1, frame.message_id)
+        settle = _AckWhenPublished(self, delivery, 2 if reply_to else 1, message_id)
         self._unsettled += 1
         self._effects.publish(
-            routing_key, body, frame.message_id, None, False, settle.routed, extra_headers
+            routing_key, body, message_id, None, False, settle.routed, extra_headers
         )
         if reply_to:
             self._effects.publish_reply(
                 reply_to, delivery.correlation_id, body, settle.replied, extra_headers
             )
-        return True
 
     def broker_lost(self) -> None:
         """
@@ -531,9 +555,7 @@ class ChargerSession:
             self.version.routing_prefix, outstanding.action, kind
         )
         answers = self._answers
-        answers[outstanding.message_id] = [
-            routing_key, body, extra_headers, reply_to, delivery.correlation_id, False
-        ]
+        answers[outstanding.message_id] = [routing_key, body, extra_headers, _PENDING, []]
         answers.move_to_end(outstanding.message_id)
         if len(answers) > MAX_REMEMBERED_ANSWERS:
             answers.popitem(last=False)
@@ -559,10 +581,15 @@ class ChargerSession:
 
     def _settled(self, delivery: Delivery, failed: bool, message_id=None) -> None:
         self._unsettled -= 1
-        if not failed and message_id is not None:
-            answer = self._answers.get(message_id)
-            if answer is not None:
-                answer[5] = True
+        answer = self._answers.get(message_id) if message_id is not None else None
+        if answer is not None:
+            answer[3] = _FAILED if failed else _CONFIRMED
+            waiting, answer[4] = answer[4], []
+            for other in waiting:
+                if failed:
+                    self._republish(message_id, answer, other)
+                else:
+                    self._effects.ack(other)
         if failed:
             self._effects.requeue(delivery)
         else:

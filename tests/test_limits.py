@@ -147,6 +147,20 @@ class RedeliveryTests(SynchronousTestCase):
         self.call("c1", 2)
         self.assertEqual([f[1] for f in self.effects.sent], ["c1", "c1"])
 
+    def test_redelivery_while_answer_pending_waits_for_it(self):
+        """
+        A command redelivered while its answer's publish is in flight is
+        settled by that publish: no second copy of the answer.
+        """
+        self.call("c1", 1)
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        pending = self.effects.published[-1]
+        self.call("c1", 11, redelivered=True)
+        self.assertEqual(len(self.effects.published), 1)
+        pending["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(sorted(self.effects.acked), [1, 11])
+        self.assertEqual(len(self.effects.published), 1)
+
 
 class RateLimitedFrameTests(SynchronousTestCase):
     def setUp(self):

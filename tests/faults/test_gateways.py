@@ -177,3 +177,64 @@ class RateLimitTests(GatewaysTestCase):
         # the neighbour is still served after the flooder is gone
         answer = yield neighbour.call("Heartbeat", {})
         self.assertEqual(answer[0], 3)
+
+
+class BrokerConnectionKilledTests(GatewaysTestCase):
+    @defer.inlineCallbacks
+    def test_commands_in_flight_survive_a_killed_connection(self):
+        """
+        The broker closes the gateway's connection while 20 chargers each
+        have one command sent and one held, and are sending CALLs: the
+        chargers stay, every command reaches its charger exactly once and
+        every answer reaches the back end; each charger CALL is either
+        answered by the back end or refused with InternalError (retryable),
+        never dropped.
+        """
+        from tests.test_amqp import close_broker_connections
+
+        service = yield self.gateway(amqp={"outage_grace": "30"})
+        backend = yield self.backend()
+        backend.handle("Heartbeat", lambda m, p: {"currentTime": "2026-01-01T00:00:00Z"})
+        chargers = {}
+        for _ in range(20):
+            identity = self.identity()
+            chargers[identity] = yield self.charger(service, identity)
+        for identity in chargers:
+            for n in (1, 2):
+                yield backend.send_to_charger(
+                    identity, [2, f"{identity}-c{n}", "Reset", {"type": "Soft"}]
+                )
+        firsts = {}
+        for identity, charger in chargers.items():
+            firsts[identity] = yield charger.next_call()
+        reconnected: defer.Deferred = defer.Deferred()
+        service.bridge.add_observer(
+            lambda up, why: up and not reconnected.called and reconnected.callback(None)
+        )
+        in_flight = [charger.call("Heartbeat", {}) for charger in chargers.values()]
+        closed = yield close_broker_connections(f"ocppgw {service.node}")
+        self.assertEqual(closed, 1)
+        in_flight += [charger.call("Heartbeat", {}) for charger in chargers.values()]
+        outcomes = yield defer.gatherResults(in_flight)
+        for answer in outcomes:
+            self.assertTrue(answer[0] == 3 or answer[2] == "InternalError", answer)
+        yield reconnected
+        for identity, charger in chargers.items():
+            charger.answer(firsts[identity], {"status": "Accepted"})
+        for identity, charger in chargers.items():
+            second = yield charger.next_call()
+            self.assertEqual(second[1], f"{identity}-c2")
+            charger.answer(second, {"status": "Accepted"})
+        answers = []
+        while len(answers) < 40:
+            message = yield backend.next_message("ocpp16.Reset.conf")
+            answers.append(message.correlation_id)
+        self.assertEqual(
+            sorted(answers), sorted(f"{i}-c{n}" for i in chargers for n in (1, 2))
+        )
+        for identity, charger in chargers.items():
+            self.assertFalse(charger.closed.called)
+            self.assertEqual(charger.received_call_ids, [f"{identity}-c1", f"{identity}-c2"])
+        # after the reconnect the chargers' CALLs reach the back end again
+        answer = yield next(iter(chargers.values())).call("Heartbeat", {})
+        self.assertEqual(answer[0], 3)
