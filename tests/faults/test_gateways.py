@@ -238,3 +238,39 @@ class BrokerConnectionKilledTests(GatewaysTestCase):
         # after the reconnect the chargers' CALLs reach the back end again
         answer = yield next(iter(chargers.values())).call("Heartbeat", {})
         self.assertEqual(answer[0], 3)
+
+
+class QuorumTakeoverTests(CrossProcessTakeoverTests):
+    """
+    The same move with quorum charger queues (C{[queue] x-queue-type}).
+    """
+
+    @defer.inlineCallbacks
+    def gateway(self, **sections):
+        sections.setdefault("queue", {})["x-queue-type"] = "quorum"
+        service = yield super().gateway(**sections)
+        return service
+
+
+class SlowChargerTests(GatewaysTestCase):
+    @defer.inlineCallbacks
+    def test_commands_for_a_charger_that_does_not_answer_stay_in_the_broker(self):
+        """
+        A charger that never answers has one command sent and at most
+        prefetch_count - 1 held by the gateway; the rest wait in its queue.
+        """
+        service = yield self.gateway(amqp={"prefetch_count": "5"})
+        backend = yield self.backend()
+        identity = self.identity()
+        charger = yield self.charger(service, identity)
+        for n in range(50):
+            yield backend.send_to_charger(identity, [2, f"c{n}", "Reset", {"type": "Soft"}])
+        first = yield charger.next_call()
+        self.assertEqual(first[1], "c0")
+        session = service.gateway.chargers[identity].session
+        while session.held_calls < 4:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        frame = yield backend.client._channel.queue_declare("ocpp." + identity, passive=True)
+        self.assertEqual(frame.method.message_count, 45)
+        self.assertEqual(session.held_calls, 4)
+        self.assertEqual(charger.received_call_ids, ["c0"])
