@@ -122,6 +122,10 @@ class ChargerProtocol(WebSocketServerProtocol):
     inherited_calls = None
     #: seconds for the Retry-After of a 503 answer
     _retry_after = None
+    #: flow control: not reading from the charger now
+    _reading_paused = False
+    #: a pong timeout fell while not reading; re-armed on resume
+    _ping_timeout_deferred = False
 
     # autobahn's own logger lives at self.log; ours is _log.
 
@@ -222,14 +226,32 @@ class ChargerProtocol(WebSocketServerProtocol):
         Stop reading from the charger (flow control): TCP backpressure
         then holds its frames in the network, not in our memory.
         """
+        self._reading_paused = True
         transport = self.transport
         if transport is not None:
             transport.pauseProducing()
 
     def resume_reading(self) -> None:
+        self._reading_paused = False
         transport = self.transport
         if transport is not None:
             transport.resumeProducing()
+        if self._ping_timeout_deferred:
+            self._ping_timeout_deferred = False
+            # the pong may be among what we have not read yet: a new timeout
+            if self.autoPingPending is not None and self.autoPingTimeout:
+                self.autoPingTimeoutCall = self.factory._batched_timer.call_later(
+                    self.autoPingTimeout, self.onAutoPingTimeout
+                )
+
+    def onAutoPingTimeout(self) -> None:
+        # While we do not read, a charger's pong cannot reach us: a broker
+        # alarm must not make us drop chargers that are answering.
+        if self._reading_paused:
+            self.autoPingTimeoutCall = None
+            self._ping_timeout_deferred = True
+            return
+        super().onAutoPingTimeout()
 
     def send_frame(self, frame: bytes) -> None:
         """

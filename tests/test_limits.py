@@ -181,3 +181,30 @@ class RateLimitedFrameTests(SynchronousTestCase):
     def test_other_frames_dropped(self):
         self.session.rate_limited(frame(3, "unknown", {}))
         self.assertEqual((self.effects.published, self.effects.sent), ([], []))
+
+
+class PausedPingTimeoutTests(SynchronousTestCase):
+    """
+    While reading is paused (flow control) a pong timeout does not drop
+    the charger; it is re-armed when reading resumes.
+    """
+
+    def test_timeout_deferred_until_resume(self):
+        from ocppgw.edge import ChargerFactory
+
+        clock = Clock()
+        factory = ChargerFactory(hub=None, reactor=clock, ping_interval=10, ping_timeout=2)
+        edge = factory.protocol()
+        edge.factory = factory
+        edge.transport = None
+        dropped = []
+        edge.dropConnection = lambda abort=False: dropped.append(abort)
+        edge.autoPingPending = b"ping"
+        edge.pause_reading()
+        edge.onAutoPingTimeout()
+        self.assertEqual(dropped, [])
+        edge.resume_reading()
+        clock.advance(1.9)
+        self.assertEqual(dropped, [])
+        clock.advance(0.5)
+        self.assertEqual(dropped, [True])
