@@ -51,9 +51,14 @@ MAX_OPEN_CHARGER_CALLS = 16
 
 #: How many answers to CSMS CALLs a session remembers, so that a command
 #: redelivered after a broker reconnect is not sent to the charger again.
-#: Only the commands in flight when the connection broke can come back:
-#: at most the consumer's prefetch, so a few dozen is plenty.
-MAX_REMEMBERED_ANSWERS = 32
+#: Only commands answered just before the connection broke (whose ack may
+#: not have reached the broker) can come back answered; a charger answers
+#: one CALL at a time, so a handful is plenty, and the memory of thousands
+#: of idle chargers stays small.
+MAX_REMEMBERED_ANSWERS = 8
+#: Larger answers are not remembered (a charger could otherwise pin
+#: megabytes per connection); such a command, if redelivered, is sent again.
+MAX_REMEMBERED_ANSWER_SIZE = 16384
 
 # States of a remembered answer's publish.
 _PENDING = "pending"
@@ -555,10 +560,13 @@ class ChargerSession:
             self.version.routing_prefix, outstanding.action, kind
         )
         answers = self._answers
-        answers[outstanding.message_id] = [routing_key, body, extra_headers, _PENDING, []]
-        answers.move_to_end(outstanding.message_id)
-        if len(answers) > MAX_REMEMBERED_ANSWERS:
-            answers.popitem(last=False)
+        if len(body) <= MAX_REMEMBERED_ANSWER_SIZE:
+            answers[outstanding.message_id] = [routing_key, body, extra_headers, _PENDING, []]
+            answers.move_to_end(outstanding.message_id)
+            if len(answers) > MAX_REMEMBERED_ANSWERS:
+                answers.popitem(last=False)
+        else:
+            answers.pop(outstanding.message_id, None)
         settle = _AckWhenPublished(
             self, delivery, 2 if reply_to else 1, outstanding.message_id
         )
