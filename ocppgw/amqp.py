@@ -553,7 +553,12 @@ class AmqpBridge:
             return
         if len(errors) == 1:
             raise errors[0]
-        raise BrokerUnavailable("; ".join(str(error) for error in errors))
+        reasons = []
+        for url, error in zip(self._urls, errors):
+            text = str(error)
+            shown = mask_url(url)
+            reasons.append(text if shown in text else f"{shown}: {text}")
+        raise BrokerUnavailable("no broker could be reached: " + "; ".join(reasons))
 
     def _parameters(self) -> pika.URLParameters:
         parameters = pika.URLParameters(self._url)

@@ -312,7 +312,6 @@ class Gateway:
         max_message_rate: float = 0.0,
         message_burst: int = 50,
         max_rate_violations: int = 200,
-        retry_after=None,
     ) -> None:
         self._reactor = reactor
         self.bridge = bridge
@@ -333,8 +332,6 @@ class Gateway:
         self.max_message_rate = max_message_rate
         self.message_burst = message_burst
         self.max_rate_violations = max_rate_violations
-        # a callable giving the Retry-After of a 503 (None: the edge picks)
-        self._retry_after = retry_after or (lambda: None)
         self._outage_timer = None
         self.reading_paused = False
         bridge.add_observer(self._broker_state)
@@ -346,9 +343,9 @@ class Gateway:
     @defer.inlineCallbacks
     def charger_connecting(self, edge: ChargerProtocol, identity: str, version: OcppVersion):
         if not self._accepting:
-            raise Refused(503, "Service Unavailable", self._retry_after())
+            raise Refused(503, "Service Unavailable")
         if not self.bridge.connected:
-            raise Refused(503, "Service Unavailable", self._retry_after())
+            raise Refused(503, "Service Unavailable")
         self._claims[identity] = edge
         # Other gateway processes that hold this charger let it go while
         # we declare its queue.
@@ -381,7 +378,7 @@ class Gateway:
                 )
                 raise Refused(500, "Internal Server Error")
             except (BrokerUnavailable, ChannelGone):
-                raise Refused(503, "Service Unavailable", self._retry_after())
+                raise Refused(503, "Service Unavailable")
             if self._claims.get(identity) is not edge:
                 # A newer connection for this identity came in meanwhile.
                 raise Refused(409, "Conflict")
@@ -440,7 +437,7 @@ class Gateway:
             )
         if link.violations >= self.max_rate_violations:
             _log.warn(
-                "Closing {identity}: {count} messages over its rate limit in a row",
+                "Closing {identity}: {count} messages over its rate limit",
                 identity=link.identity,
                 count=link.violations,
             )

@@ -274,3 +274,36 @@ class SlowChargerTests(GatewaysTestCase):
         self.assertEqual(frame.method.message_count, 45)
         self.assertEqual(session.held_calls, 4)
         self.assertEqual(charger.received_call_ids, ["c0"])
+
+
+class FailoverStartTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_start_tries_the_next_url(self):
+        """
+        At start a node that does not answer is skipped for the next URL;
+        when none answers the start fails naming each one (password masked).
+        """
+        from ocppgw.amqp import AmqpBridge, BrokerUnavailable
+        from tests.faults.broker import free_port
+
+        dead = f"amqp://guest:secret@127.0.0.1:{free_port()}/%2F"
+        exchange = unique_name("failover")
+        bridge = AmqpBridge(reactor, dead, exchange, unique_name("node"),
+                            failover_urls=(amqp_url(),), connect_timeout=2)
+        yield bridge.start()
+        try:
+            self.assertTrue(bridge.connected)
+        finally:
+            yield bridge.stop()
+            admin = yield BackEndClient.connect(reactor, amqp_url(), exchange)
+            yield admin.delete_exchange(exchange)
+            yield admin.close()
+        other_dead = f"amqp://guest:secret@127.0.0.1:{free_port()}/%2F"
+        bridge = AmqpBridge(reactor, dead, exchange, unique_name("node"),
+                            failover_urls=(other_dead,), connect_timeout=2)
+        error = yield self.assertFailure(bridge.start(), BrokerUnavailable)
+        self.assertIn(dead.replace("secret", "****"), str(error))
+        self.assertIn(other_dead.replace("secret", "****"), str(error))
+        self.assertNotIn("secret", str(error))
