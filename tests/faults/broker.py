@@ -27,7 +27,19 @@ def free_port() -> int:
 
 
 def rabbitmq_available() -> bool:
-    return bool(shutil.which("rabbitmq-server") and shutil.which("rabbitmqctl"))
+    """
+    Whether a node of our own can be started here: RabbitMQ's scripts are
+    installed and we may run them (Debian's wrappers need root or the
+    rabbitmq user).
+    """
+    if not (shutil.which("rabbitmq-server") and shutil.which("rabbitmqctl")):
+        return False
+    try:
+        import pwd
+
+        return os.geteuid() in (0, pwd.getpwnam("rabbitmq").pw_uid)
+    except (KeyError, ImportError):
+        return os.geteuid() == 0
 
 
 class ThrowAwayBroker:
@@ -114,6 +126,7 @@ class ThrowAwayBroker:
 
 
 _shared: ThrowAwayBroker | None = None
+_failed: Exception | None = None
 
 
 def shared_fault_broker() -> ThrowAwayBroker:
@@ -122,10 +135,17 @@ def shared_fault_broker() -> ThrowAwayBroker:
     stopped when the test process exits (trial has no per-module or
     per-class teardown). Each test leaves it running and without alarms.
     """
-    global _shared
+    global _shared, _failed
+    if _failed is not None:
+        # do not spend another start-up timeout on every test
+        raise RuntimeError(f"the fault broker did not start: {_failed}")
     if _shared is None:
         broker = ThrowAwayBroker()
         atexit.register(broker.stop)
-        broker.start()
+        try:
+            broker.start()
+        except Exception as error:
+            _failed = error
+            raise
         _shared = broker
     return _shared
