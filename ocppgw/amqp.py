@@ -1076,6 +1076,56 @@ class Message:
         return f"<Message {self.routing_key!r} {self.body[:80]!r}>"
 
 
+@defer.inlineCallbacks
+def check_login(reactor, url: str, username: bytes, password: bytes, timeout: float = 5.0):
+    """
+    Whether the broker at C{url} accepts C{username}/C{password} (the
+    URL's own user is ignored): open a connection, and close it at once.
+
+    Used to let RabbitMQ (its users, LDAP, ...) authenticate chargers; no
+    connection is kept per charger.
+
+    @return: a Deferred firing C{True} (accepted) or C{False} (refused),
+        or failing with L{BrokerUnavailable} when the broker cannot be
+        reached or answers something else.
+    """
+    parameters = pika.URLParameters(url)
+    parameters.credentials = pika.PlainCredentials(username, password, erase_on_connect=True)
+    parameters.heartbeat = 0
+    parameters.client_properties = {"connection_name": "ocppgw login check",
+                                    "product": "ocppgw"}
+    connection = TwistedProtocolConnection(parameters, custom_reactor=reactor)
+    open_errors: list = []
+    connection._impl.add_on_open_error_callback(
+        lambda _connection, error: open_errors.append(error), remove_default=False
+    )
+    try:
+        yield connectProtocol(_endpoint(reactor, url, timeout), connection)
+    except Exception as error:
+        raise BrokerUnavailable(f"cannot reach {mask_url(url)}: {error}") from None
+    timer = reactor.callLater(timeout, connection.transport.abortConnection)
+    try:
+        yield connection.ready
+    except Exception as error:
+        yield deferLater(reactor, 0, lambda: None)
+        reason = open_errors[0] if open_errors else error
+        if isinstance(reason, (pika.exceptions.AuthenticationError,
+                               pika.exceptions.ProbableAuthenticationError,
+                               pika.exceptions.ProbableAccessDeniedError,
+                               ConnectionDone, ConnectionLost)) and timer.active():
+            # As in AmqpBridge._connect: a close during the AMQP handshake
+            # is the broker refusing the login or the vhost.
+            return False
+        raise BrokerUnavailable(f"login check at {mask_url(url)} failed: {reason!r}") from None
+    finally:
+        if timer.active():
+            timer.cancel()
+    closed = connection.closed
+    connection.close()
+    yield closed
+    return True
+
+
 #: RabbitMQ's direct reply-to pseudo-queue.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "AmqpSettings",
+    "AuthSettings",
     "ConfigError",
     "ListenerSettings",
     "OcppSettings",
@@ -96,6 +97,28 @@ class ListenerSettings:
     subprotocols: tuple[str, ...]
     max_connections: int
     max_identity_length: int
+    tcp_enabled: bool
+    tcp_profile: int
+    ssl_enabled: bool
+    ssl_ip: str
+    ssl_port: int
+    ssl_profile: int
+    ssl_certfile: str
+    ssl_keyfile: str
+    ssl_password_file: str
+    ssl_alt_certfile: str
+    ssl_alt_keyfile: str
+    ssl_cacertfile: str
+    ssl_crlfile: str
+    ssl_verify: str
+    ssl_fail_if_no_peer_cert: bool
+    ssl_identity: str
+    ssl_organization: str
+    ssl_identity_map: str
+    proxy_protocol: bool
+    client_cert_header: str
+    trusted_proxies: tuple[str, ...]
+    allow_anonymous: bool
     accept_rate: float
     accept_burst: int
     max_handshakes: int
@@ -165,6 +188,24 @@ class OcppSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """
+    How Basic credentials (security profiles 1 and 2) are checked.
+
+    ``amqp_url`` is left out of ``repr``: it may hold a password.
+    """
+
+    checker: str
+    password_file: str
+    http_url: str
+    amqp_url: str = field(repr=False)
+    timeout: float
+    cache_ttl: float
+    failure_delay: float
+    hash_threads: int
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole configuration, one attribute per INI section."""
 
@@ -173,6 +214,7 @@ class Settings:
     amqp: AmqpSettings
     queue: QueueSettings
     ocpp: OcppSettings
+    auth: AuthSettings
 
     def queue_arguments(self) -> dict[str, str | int]:
         """
@@ -568,6 +610,191 @@ class Subprotocols:
         return tuple(names)
 
 
+@dataclass(frozen=True, slots=True)
+class FileName:
+    """
+    The path of a file ocppgw reads (a certificate, a key, a password
+    file).  Empty means "none"; a given path must name a readable file, so
+    that a typo is reported at start, not at the first charger.
+    """
+
+    allowed: ClassVar[str] = "empty or the path of a readable file"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if text and not (os.path.isfile(text) and os.access(text, os.R_OK)):
+            raise _Invalid(f"{_show(text)} is not a readable file")
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """An OCPP security profile a listener may use (0 = no authentication)."""
+
+    profiles: tuple[int, ...]
+
+    @property
+    def allowed(self) -> str:
+        return "one of " + ", ".join(map(str, self.profiles))
+
+    def __call__(self, value: object) -> int:
+        try:
+            number = Integer(0)(value)
+        except _Invalid:
+            raise _refuse(value, self) from None
+        if number not in self.profiles:
+            raise _refuse(value, self)
+        return number
+
+
+@dataclass(frozen=True, slots=True)
+class HttpUrl:
+    """An http:// or https:// URL, or empty."""
+
+    allowed: ClassVar[str] = "empty or an http:// or https:// URL"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if not text:
+            return text
+        try:
+            parts = urlsplit(text)
+            parts.port
+        except ValueError:
+            raise _refuse(value, self) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _refuse(value, self)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class OptionalAmqpUrl:
+    """An AMQP URL, or empty."""
+
+    allowed: ClassVar[str] = "empty or an amqp:// or amqps:// URL"
+
+    def __call__(self, value: object) -> str:
+        if value == "" or (isinstance(value, str) and not value.strip()):
+            return ""
+        return AmqpUrl()(value)
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderName:
+    """An HTTP header name (letters, digits, dashes), or empty."""
+
+    allowed: ClassVar[str] = "empty or an HTTP header name (letters, digits, -)"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if text and not _HEADER_NAME.fullmatch(text):
+            raise _refuse(value, self)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Networks:
+    """IP addresses or CIDR networks, separated by commas or spaces."""
+
+    allowed: ClassVar[str] = "a list of IP addresses or networks (10.0.0.0/8, ::1)"
+
+    def __call__(self, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            names = value.replace(",", " ").split()
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            names = list(value)
+        else:
+            raise _refuse(value, self)
+        for name in names:
+            try:
+                ipaddress.ip_network(name, strict=False)
+            except ValueError:
+                raise _Invalid(f"{_show(name)} is not an IP address or network") from None
+        return tuple(names)
+
+
+def is_loopback(host: str) -> bool:
+    """
+    Whether *host* (a configured listener address) can only be reached
+    from this machine.  Host names other than ``localhost`` are not
+    resolved: they count as reachable from outside.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _consistency(settings: Settings) -> list[str]:
+    """
+    Problems that span several keys, found once every key is valid on its
+    own.  The unauthenticated-listener rule is the one that keeps a
+    development configuration from being put on the internet by accident.
+    """
+    problems = []
+    listener, auth = settings.listener, settings.auth
+    if not listener.tcp_enabled and not listener.ssl_enabled:
+        problems.append("listener.tcp.enabled: no listener is enabled (tcp.enabled and "
+                        "ssl.enabled are both false)")
+    for prefix, enabled, host, profile in (
+        ("tcp", listener.tcp_enabled, listener.tcp_ip, listener.tcp_profile),
+        ("ssl", listener.ssl_enabled, listener.ssl_ip, listener.ssl_profile),
+    ):
+        if enabled and profile == 0 and not listener.allow_anonymous and not is_loopback(host):
+            problems.append(
+                f"listener.{prefix}.profile: 0 (no authentication) on {host}, which is not a "
+                "loopback address: any charger could connect as any identity. Use profile "
+                f"{'1' if prefix == 'tcp' else '2 or 3'}, bind to 127.0.0.1, or set "
+                "allow_anonymous = true if you really mean it"
+            )
+    if listener.ssl_enabled:
+        if not listener.ssl_certfile or not listener.ssl_keyfile:
+            problems.append("listener.ssl.certfile: the TLS listener needs ssl.certfile "
+                            "and ssl.keyfile")
+        if bool(listener.ssl_alt_certfile) != bool(listener.ssl_alt_keyfile):
+            problems.append("listener.ssl.alt_certfile: give both ssl.alt_certfile and "
+                            "ssl.alt_keyfile, or neither")
+        verify = listener.ssl_verify or ("verify_peer" if listener.ssl_profile == 3
+                                         else "verify_none")
+        if listener.ssl_profile == 3 and verify != "verify_peer":
+            problems.append("listener.ssl.verify: profile 3 needs verify_peer (client "
+                            "certificates)")
+        if verify == "verify_peer" and not listener.ssl_cacertfile:
+            problems.append("listener.ssl.cacertfile: verifying client certificates needs "
+                            "the CA bundle that issued them")
+        if listener.ssl_identity == "map" and not listener.ssl_identity_map:
+            problems.append("listener.ssl.identity_map: ssl.identity = map needs the "
+                            "mapping file")
+        if listener.ssl_identity == "cn_and_o" and not listener.ssl_organization:
+            problems.append("listener.ssl.organization: ssl.identity = cn_and_o needs the "
+                            "organisation the certificates must name")
+    if listener.tcp_enabled and listener.tcp_profile == 3 and not (
+            listener.client_cert_header and listener.trusted_proxies):
+        problems.append("listener.tcp.profile: 3 on the plain listener needs a TLS-ending "
+                        "proxy: set client_cert_header and trusted_proxies")
+    if listener.tcp_enabled and listener.tcp_profile == 3:
+        if listener.ssl_identity == "map" and not listener.ssl_identity_map:
+            problems.append("listener.ssl.identity_map: ssl.identity = map needs the "
+                            "mapping file")
+        if listener.ssl_identity == "cn_and_o" and not listener.ssl_organization:
+            problems.append("listener.ssl.organization: ssl.identity = cn_and_o needs the "
+                            "organisation the certificates must name")
+    basic = (listener.tcp_enabled and listener.tcp_profile == 1) or (
+        listener.ssl_enabled and listener.ssl_profile == 2)
+    if basic:
+        if auth.checker == "file" and not auth.password_file:
+            problems.append("auth.password_file: profiles 1 and 2 with checker = file need "
+                            "a password file (see `ocppgw passwd`)")
+        if auth.checker == "http" and not auth.http_url:
+            problems.append("auth.http.url: checker = http needs the URL to POST to")
+    return problems
+
+
 # ---------------------------------------------------------------------------
 # The table.
 
@@ -631,6 +858,65 @@ SECTIONS: tuple[Section, ...] = (
                "Open charger connections; more are refused with HTTP 503 before the upgrade."),
         Option("max_identity_length", Integer(1, 255), "48",
                "Longest charger identity accepted."),
+        Option("tcp.enabled", Boolean(), "true",
+               "Run the plain ws:// listener."),
+        Option("tcp.profile", Profile((0, 1, 3)), "0",
+               "OCPP security profile of the ws:// listener: 0 = no authentication "
+               "(loopback only unless allow_anonymous), 1 = HTTP Basic auth, 3 = client "
+               "certificate passed by a TLS-ending proxy (client_cert_header)."),
+        Option("ssl.enabled", Boolean(), "false",
+               "Run the TLS wss:// listener (needs ssl.certfile and ssl.keyfile)."),
+        Option("ssl.ip", Host(), "127.0.0.1",
+               "Address of the wss:// listener."),
+        Option("ssl.port", Integer(0, 65535, "a port (1-65535, or 0 for any free port)"),
+               "19521", "Port of the wss:// listener."),
+        Option("ssl.profile", Profile((0, 2, 3)), "2",
+               "OCPP security profile of the wss:// listener: 2 = TLS + Basic auth, "
+               "3 = TLS + client certificate, 0 = TLS without authentication."),
+        Option("ssl.certfile", FileName(), "",
+               "Server certificate (PEM), followed by its intermediate CA certificates."),
+        Option("ssl.keyfile", FileName(), "",
+               "Private key of ssl.certfile (PEM, may be encrypted: see ssl.password_file)."),
+        Option("ssl.password_file", FileName(), "",
+               "File whose first line is the password of encrypted key files."),
+        Option("ssl.alt_certfile", FileName(), "",
+               "A second server certificate with the other key type (RSA next to "
+               "ECDSA), chosen by what the charger supports."),
+        Option("ssl.alt_keyfile", FileName(), "",
+               "Private key of ssl.alt_certfile."),
+        Option("ssl.cacertfile", FileName(), "",
+               "CA bundle (PEM) client certificates must chain to (profile 3)."),
+        Option("ssl.crlfile", FileName(), "",
+               "Certificate revocation lists (PEM) for client certificates; empty = "
+               "no revocation check."),
+        Option("ssl.verify", Choice(("", "verify_none", "verify_peer")), "",
+               "Ask for and verify client certificates; empty = verify_peer with "
+               "profile 3, verify_none otherwise."),
+        Option("ssl.fail_if_no_peer_cert", Boolean(), "true",
+               "With verify_peer, end the TLS handshake of a client without a "
+               "certificate (false: answer it 403 over HTTP instead)."),
+        Option("ssl.identity", Choice(("cn", "cn_and_o", "map")), "cn",
+               "How a client certificate names its charger: cn = subject CN, "
+               "cn_and_o = subject CN and the O must be ssl.organization, map = "
+               "ssl.identity_map."),
+        Option("ssl.organization", ShortText(), "",
+               "Subject O client certificates must carry with ssl.identity = cn_and_o."),
+        Option("ssl.identity_map", FileName(), "",
+               "File of '<sha256 fingerprint or serial:hex> <identity>' lines for "
+               "ssl.identity = map."),
+        Option("proxy_protocol", Boolean(), "false",
+               "Expect a HAProxy PROXY protocol v1/v2 header on every connection of both "
+               "listeners; the address it gives is the charger's."),
+        Option("client_cert_header", HeaderName(), "",
+               "With TLS ended by a trusted proxy: the request header carrying the "
+               "charger's verified client certificate (URL-encoded PEM, as nginx's "
+               "$ssl_client_escaped_cert), for tcp.profile = 3."),
+        Option("trusted_proxies", Networks(), "",
+               "Addresses or networks (CIDR) of the proxies allowed to send "
+               "client_cert_header; from anyone else it is ignored."),
+        Option("allow_anonymous", Boolean(), "false",
+               "Allow a listener with profile 0 (no authentication) on a non-loopback "
+               "address."),
         Option("accept_rate", Rate(), "0",
                "New WebSocket handshakes accepted per second (a token bucket; 0 = no limit); "
                "more are refused with HTTP 503 and a Retry-After before any broker work."),
@@ -738,6 +1024,30 @@ SECTIONS: tuple[Section, ...] = (
         Option("presence_events", Boolean(), "true",
                "Publish connected/disconnected events."),
     )),
+    Section("auth", AuthSettings,
+            "How Basic credentials (security profiles 1 and 2) are checked. Results are "
+            "cached briefly; a failed login is answered after failure_delay.", (
+        Option("checker", Choice(("file", "http", "amqp")), "file",
+               "file = password_file, http = POST to http.url, amqp = log in to "
+               "RabbitMQ as the charger."),
+        Option("password_file", FileName(), "",
+               "identity:scrypt-hash lines, written by `ocppgw passwd`; re-read when "
+               "it changes."),
+        Option("http.url", HttpUrl(), "",
+               "URL the credentials are POSTed to (form fields username, password); "
+               "an answer starting with 'allow' lets the charger in."),
+        Option("amqp.url", OptionalAmqpUrl(), "",
+               "Broker to log in to with the charger's credentials; empty = [amqp] url "
+               "(host, port and vhost; its user is not used)."),
+        Option("timeout", Seconds(), "5",
+               "Seconds to wait for the checker; then the charger gets HTTP 503."),
+        Option("cache_ttl", Seconds(zero_allowed=True), "10",
+               "Seconds a checked login is remembered (0 = not at all)."),
+        Option("failure_delay", Seconds(zero_allowed=True), "1",
+               "Seconds before a refused login is answered (slows down guessing)."),
+        Option("hash_threads", Integer(1, 64), "2",
+               "Threads that verify password hashes (each scrypt check takes ~16 MiB)."),
+    )),
 )
 
 
@@ -800,7 +1110,11 @@ def settings_from_dict(values: Mapping[str, Mapping[str, object]]) -> Settings:
         problems += found
     if problems:
         raise ConfigError(*problems)
-    return Settings(**built)
+    settings = Settings(**built)
+    problems = _consistency(settings)
+    if problems:
+        raise ConfigError(*problems)
+    return settings
 
 
 def defaults() -> Settings:

@@ -47,6 +47,7 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
 from ocppgw.framing import SOAP_ONLY_SUBPROTOCOLS, VERSIONS, OcppVersion
@@ -61,13 +62,15 @@ class Refused(Exception):
 
     @ivar status: the HTTP status code.
     @ivar reason: a fixed reason phrase (never charger-supplied text).
+    @ivar headers: extra response headers, as (name, value) pairs (the
+        C{WWW-Authenticate} challenge of a 401).
     """
 
-    def __init__(self, status: int, reason: str, retry_after: Optional[int] = None) -> None:
+    def __init__(self, status: int, reason: str, headers=()) -> None:
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
-        self.retry_after = retry_after
+        self.headers = tuple(headers)
 
 
 class ChargerHub(TypingProtocol):
@@ -88,6 +91,15 @@ class ChargerHub(TypingProtocol):
 
     def charger_closed(self, edge: "ChargerProtocol", code: Optional[int], reason: str) -> None:
         """The connection is gone, however it ended."""
+
+
+def _peer_string(address, fallback: str) -> str:
+    """autobahn's peer notation (C{tcp4:1.2.3.4:5678}) for an address."""
+    if isinstance(address, IPv6Address):
+        return f"tcp6:{address.host}:{address.port}"
+    if isinstance(address, IPv4Address):
+        return f"tcp4:{address.host}:{address.port}"
+    return fallback
 
 
 def choose_subprotocol(offered: Iterable[str], enabled: Iterable[str]) -> Optional[str]:
@@ -127,10 +139,61 @@ class ChargerProtocol(WebSocketServerProtocol):
     #: a pong timeout fell while not reading; re-armed on resume
     _ping_timeout_deferred = False
 
+    #: response headers for the refusal being sent (see failHandshake)
+    _deny_headers = ()
+
     # autobahn's own logger lives at self.log; ours is _log.
+
+    def _dataReceived(self, data: bytes) -> None:
+        # autobahn buffers the opening handshake without a bound; a client
+        # that streams headers forever would grow it until the handshake
+        # timeout. Refuse oversized requests outright.
+        if (
+            self.state == WebSocketProtocol.STATE_CONNECTING
+            and len(self.data) + len(data) > self.factory.max_request_size
+        ):
+            _log.info("Refused {peer}: handshake request too large", peer=self.peer)
+            self.sendHttpErrorResponse(431, "Request Header Fields Too Large")
+            self.dropConnection(abort=True)
+            return
+        super()._dataReceived(data)
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None):
+        # autobahn passes only the status and reason of a ConnectionDeny
+        # on; a 401 must also carry the Basic challenge.
+        headers = list(responseHeaders or ()) + list(self._deny_headers)
+        # Every 503 (storm, broker down, shutting down, connection limit)
+        # says when to come back, at a random moment so that the refused
+        # chargers do not return together.
+        if code == 503:
+            wait = self._retry_after or self.factory.retry_after()
+            headers.append(("Retry-After", str(wait)))
+        return super().failHandshake(reason, code, headers or None)
+
+    def _peer_certificate(self, request):
+        """
+        The verified client certificate (cryptography), or None: from our
+        own TLS, or passed on by a trusted TLS-ending proxy.
+        """
+        get = getattr(self.transport, "getPeerCertificate", None)
+        if get is not None:
+            certificate = get()
+            return certificate.to_cryptography() if certificate is not None else None
+        forwarded = self.factory.forwarded_certificates
+        if forwarded is None:
+            return None
+        # The TCP peer itself (under a PROXY header wrapper: its transport).
+        socket_transport = getattr(self.transport, "transport", None) or self.transport
+        return forwarded.certificate(request.headers, socket_transport.getPeer().host)
 
     def onConnect(self, request):
         factory = self.factory
+        # Behind a PROXY protocol header the real address is known only
+        # now (autobahn read it at connectionMade, before the header).
+        self.peer = _peer_string(self.transport.getPeer(), self.peer)
+        if self.http_request_data.count(b"\n") > factory.max_request_headers:
+            _log.info("Refused {peer}: too many request headers", peer=self.peer)
+            raise ConnectionDeny(431, "Request Header Fields Too Large")
         try:
             identity = identity_from_path(
                 self.http_request_uri,
@@ -162,9 +225,22 @@ class ChargerProtocol(WebSocketServerProtocol):
                 raise ConnectionDeny(503, "Service Unavailable")
         self.identity = identity
         self.version = VERSIONS[subprotocol]
-        d = defer.maybeDeferred(
-            factory.hub.charger_connecting, self, identity, self.version
-        )
+        authenticator = factory.authenticator
+        if authenticator is None:
+            d = defer.maybeDeferred(
+                factory.hub.charger_connecting, self, identity, self.version
+            )
+        else:
+            d = authenticator.authenticate(
+                identity,
+                subprotocol,
+                request.headers.get("authorization"),
+                self._peer_certificate(request),
+                self.peer,
+            )
+            d.addCallback(
+                lambda _: factory.hub.charger_connecting(self, identity, self.version)
+            )
         if admission is not None:
 
             def finished(result):
@@ -182,7 +258,7 @@ class ChargerProtocol(WebSocketServerProtocol):
 
         def refused(failure):
             if failure.check(Refused):
-                self._retry_after = failure.value.retry_after
+                self._deny_headers = failure.value.headers
                 raise ConnectionDeny(failure.value.status, failure.value.reason)
             _log.failure(
                 "Preparing charger {identity} failed", failure, identity=identity
@@ -190,15 +266,6 @@ class ChargerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(500, "Internal Server Error")
 
         return d.addCallbacks(accepted, refused)
-
-    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None):
-        # Every 503 (storm, broker down, shutting down, connection limit)
-        # says when to come back, at a random moment so that the refused
-        # chargers do not return together.
-        if code == 503:
-            wait = self._retry_after or self.factory.retry_after()
-            responseHeaders = [*(responseHeaders or ()), ("Retry-After", str(wait))]
-        super().failHandshake(reason, code, responseHeaders)
 
     def onOpen(self):
         self.factory.hub.charger_opened(self)
@@ -372,9 +439,20 @@ class ChargerFactory(WebSocketServerFactory):
         protocol_class: type = ChargerProtocol,
         admission=None,
         retry_after_max: int = 10,
+        authenticator=None,
+        forwarded_certificates=None,
+        max_request_size: int = 16384,
+        max_request_headers: int = 100,
     ) -> None:
         super().__init__(reactor=reactor)
         self.hub = hub
+        #: an L{ocppgw.auth.ChargerAuthenticator}, or None (no authentication)
+        self.authenticator = authenticator
+        #: an L{ocppgw.listeners.ForwardedCertificate}, or None
+        self.forwarded_certificates = forwarded_certificates
+        #: bytes and lines an opening handshake request may have
+        self.max_request_size = max_request_size
+        self.max_request_headers = max_request_headers
         self.ws_path = ws_path
         self.vhost = vhost or None
         self.subprotocols = tuple(subprotocols)

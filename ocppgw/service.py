@@ -8,7 +8,12 @@ L{makeService}.
      |- the AMQP bridge is started first: the exchange must be declared
      |  before a charger is accepted, and a broker that refuses us must stop
      |  the start-up with a clear message
-     '- ListenerService (ws), once the bridge is up
+     '- the listeners (ws and/or wss, see ocppgw.listeners), once the
+        bridge is up
+
+SIGHUP (when C{reload_signal} is set, as under twistd) calls L{reload}:
+certificates, CA bundle, CRL, identity map and password file are read
+again; connected chargers keep their sessions.
 
 Stopping (SIGTERM under twistd) runs the other way: stop listening, close
 the chargers with 1012 spread over C{[listener] drain_window} (so the fleet
@@ -34,6 +39,7 @@ from ocppgw.config import Settings
 from ocppgw.edge import ChargerFactory
 from ocppgw.gateway import Gateway
 from ocppgw.limits import Admission
+from ocppgw.listeners import Security
 
 _log = Logger()
 
@@ -63,6 +69,8 @@ class GatewayService(service.MultiService):
         bridge: Optional[AmqpBridge] = None,
         exit_on_startup_failure: bool = False,
         reuse_port: bool = False,
+        reload_signal: bool = False,
+        threadpool=None,
     ) -> None:
         super().__init__()
         self.setName("ocppgw")
@@ -102,6 +110,7 @@ class GatewayService(service.MultiService):
             message_burst=ws.message_burst,
             max_rate_violations=ws.max_rate_violations,
         )
+        # one admission for every listener: the limits are the process's
         admission = None
         if listener.accept_rate or listener.max_handshakes:
             admission = Admission(
@@ -111,27 +120,40 @@ class GatewayService(service.MultiService):
                 max_concurrent=listener.max_handshakes,
                 retry_after_max=listener.retry_after_max,
             )
-        self.factory = ChargerFactory(
-            self.gateway,
-            reactor,
-            ws_path=listener.ws_path,
-            vhost=listener.vhost or None,
-            subprotocols=listener.subprotocols,
-            max_identity_length=listener.max_identity_length,
-            max_message_size=ws.ws_opts_max_frame_size,
-            ping_interval=ws.ws_opts_idle_timeout,
-            ping_timeout=ws.ping_timeout,
-            handshake_timeout=ws.handshake_timeout,
-            close_timeout=ws.close_timeout,
-            max_connections=listener.max_connections,
-            admission=admission,
-            retry_after_max=listener.retry_after_max,
-        )
+        #: TLS material, checkers and one authenticator per listener
+        self.security = Security(settings, reactor, threadpool=threadpool)
+        #: "tcp" and/or "ssl" -> ChargerFactory
+        self.factories = {}
+        for kind in self.security.listener_kinds():
+            self.factories[kind] = ChargerFactory(
+                self.gateway,
+                reactor,
+                ws_path=listener.ws_path,
+                vhost=listener.vhost or None,
+                subprotocols=listener.subprotocols,
+                max_identity_length=listener.max_identity_length,
+                max_message_size=ws.ws_opts_max_frame_size,
+                ping_interval=ws.ws_opts_idle_timeout,
+                ping_timeout=ws.ping_timeout,
+                handshake_timeout=ws.handshake_timeout,
+                close_timeout=ws.close_timeout,
+                max_connections=listener.max_connections,
+                authenticator=self.security.authenticator(kind),
+                forwarded_certificates=self.security.forwarded_certificates(kind),
+                admission=admission,
+                retry_after_max=listener.retry_after_max,
+            )
+        self.factory = next(iter(self.factories.values()))
         self._exit_on_startup_failure = exit_on_startup_failure
-        # a worker of a [listener] workers group shares the port
+        # a worker of a [listener] workers group shares its ports
         self._reuse_port = reuse_port
+        self._reload_signal = reload_signal
+        self._previous_sighup = None
         self.started: defer.Deferred = defer.Deferred()
+        #: the first listener's port (ws if enabled); see listening_ports
         self.listening_port = None
+        #: "tcp" and/or "ssl" -> the bound IListeningPort
+        self.listening_ports: dict = {}
 
     def startService(self) -> None:
         super().startService()
@@ -140,28 +162,66 @@ class GatewayService(service.MultiService):
 
     @defer.inlineCallbacks
     def _start(self):
+        self.security.start()
         yield self.bridge.start()
         listener = self.settings.listener
-        if self._reuse_port:
-            from ocppgw.workers import listen_reuse_port
+        for kind, factory in self.factories.items():
+            host = listener.tcp_ip if kind == "tcp" else listener.ssl_ip
+            port = listener.tcp_port if kind == "tcp" else listener.ssl_port
+            if self._reuse_port:
+                from ocppgw.workers import ReusePortEndpoint
 
-            self.listening_port = listen_reuse_port(
-                self._reactor, listener.tcp_ip, listener.tcp_port, self.factory
+                base = ReusePortEndpoint(self._reactor, host, port)
+            else:
+                base = _server_endpoint(self._reactor, host, port)
+            endpoint = self.security.endpoint(base)
+            self.listening_ports[kind] = yield endpoint.listen(
+                self.security.wrap(kind, factory)
             )
-            return
-        endpoint = _server_endpoint(self._reactor, listener.tcp_ip, listener.tcp_port)
-        self.listening_port = yield endpoint.listen(self.factory)
+        self.listening_port = next(iter(self.listening_ports.values()))
+        if self._reload_signal:
+            self._install_sighup()
 
     def _running(self, _):
-        address = self.listening_port.getHost()
-        _log.info(
-            "ocppgw node {node} listening on ws://{host}:{port}{path}/<identity>",
-            node=self.node,
-            host=address.host,
-            port=address.port,
-            path=self.settings.listener.ws_path,
-        )
+        for kind, port in self.listening_ports.items():
+            address = port.getHost()
+            _log.info(
+                "ocppgw node {node} listening on {scheme}://{host}:{port}{path}/<identity> "
+                "(security profile {profile})",
+                node=self.node,
+                scheme="ws" if kind == "tcp" else "wss",
+                host=address.host,
+                port=address.port,
+                path=self.settings.listener.ws_path,
+                profile=self.security.profile(kind),
+            )
         self.started.callback(self)
+
+    def reload(self) -> None:
+        """
+        Re-read certificates, CA bundle, CRL, identity map and password
+        file. New chargers see the new material; connected ones keep their
+        sessions. What cannot be read is logged and the old material kept.
+        """
+        _log.info("Reloading TLS material and credentials")
+        self.security.reload()
+
+    def _install_sighup(self) -> None:
+        import signal
+
+        def handler(_signum, _frame):
+            # Signal handlers run between bytecodes of whatever the
+            # reactor thread was doing: only schedule the work.
+            self._reactor.callFromThread(self.reload)
+
+        self._previous_sighup = signal.signal(signal.SIGHUP, handler)
+
+    def _remove_sighup(self) -> None:
+        import signal
+
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
 
     def _startup_failed(self, failure):
         _log.critical(
@@ -181,12 +241,15 @@ class GatewayService(service.MultiService):
         requeue, drain confirms.
         """
         yield defer.maybeDeferred(super().stopService)
+        self._remove_sighup()
         self.gateway.stop_accepting()
-        if self.listening_port is not None:
-            yield self.listening_port.stopListening()
-            self.listening_port = None
+        ports, self.listening_ports = self.listening_ports, {}
+        for port in ports.values():
+            yield port.stopListening()
+        self.listening_port = None
         yield self.gateway.drain(self.settings.listener.drain_window)
         yield self.bridge.stop()
+        yield self.security.stop()
         _log.info("ocppgw stopped")
 
 

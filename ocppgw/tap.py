@@ -35,33 +35,48 @@ class Options(usage.Options):
             # usage.UsageError makes twistd print the message and exit 1.
             raise usage.UsageError(str(error)) from None
         listener = self["settings"].listener
-        if listener.workers > 1 and listener.tcp_port == 0:
+        if listener.workers > 1 and (
+            (listener.tcp_enabled and listener.tcp_port == 0)
+            or (listener.ssl_enabled and listener.ssl_port == 0)
+        ):
             raise usage.UsageError(
-                "listener.workers: several workers need a fixed listener.tcp.port, not 0"
+                "listener.workers: several workers need fixed listener ports, not 0"
             )
 
 
 def makeService(options: Options):
     """
     Build the service for twistd; a failure to start ends the process with 1.
+
+    SIGHUP reloads certificates and credentials (see L{GatewayService.reload}).
+    Certificate or password files that exist but cannot be used end the
+    start with their reason, not a traceback.
     """
     import dataclasses
 
     from twisted.internet import reactor
 
+    from ocppgw.auth import PasswordFileError
     from ocppgw.service import GatewayService
+    from ocppgw.tls import TLSConfigError
 
     settings = options["settings"]
+    if settings.listener.workers > 1 and not options["worker"]:
+        from ocppgw.workers import WorkersService
+
+        return WorkersService(reactor, options["config"], settings.listener.workers)
+    reuse_port = False
     if options["worker"]:
-        # one of several processes on this port: its own node name
+        # one of several processes on these ports: its own node name
         amqp = dataclasses.replace(
             settings.amqp, node=f"{settings.amqp.node}/{options['worker']}"
         )
         settings = dataclasses.replace(settings, amqp=amqp)
-        return GatewayService(settings, reactor, exit_on_startup_failure=True,
-                              reuse_port=True)
-    if settings.listener.workers > 1:
-        from ocppgw.workers import WorkersService
-
-        return WorkersService(reactor, options["config"], settings.listener.workers)
-    return GatewayService(settings, reactor, exit_on_startup_failure=True)
+        reuse_port = True
+    try:
+        return GatewayService(
+            settings, reactor, exit_on_startup_failure=True, reload_signal=True,
+            reuse_port=reuse_port,
+        )
+    except (TLSConfigError, PasswordFileError, OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"ocppgw could not start: {error}") from None

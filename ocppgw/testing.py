@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import orjson
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import clientFromString, connectProtocol, wrapClientTLS
 
 from ocppgw.amqp import BackEndClient, Message
 
@@ -47,6 +47,20 @@ def unique_name(prefix: str = "t") -> str:
     A name no other test run uses (valid as identity, queue or exchange).
     """
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def basic_auth(identity: str, password) -> dict:
+    """
+    The C{Authorization} header of security profiles 1 and 2, for
+    L{FakeCharger.connect}. C{password} is text (OCPP 2.x) or bytes (the
+    raw AuthorizationKey of OCPP 1.6).
+    """
+    import base64
+
+    if isinstance(password, str):
+        password = password.encode("utf-8")
+    token = base64.b64encode(identity.encode("utf-8") + b":" + password).decode("ascii")
+    return {"Authorization": f"Basic {token}"}
 
 
 class ChargerClosed(Exception):
@@ -105,10 +119,18 @@ class FakeCharger:
         url: str,
         subprotocols: Sequence[str] = ("ocpp1.6",),
         headers: Optional[dict] = None,
+        tls=None,
     ) -> defer.Deferred:
         """
         Connect to C{url}; fires with the L{FakeCharger} once open, or fails
         with L{ChargerClosed} if the gateway refuses the handshake.
+
+        @param headers: extra request headers, e.g. C{Authorization} (see
+            L{basic_auth}).
+        @param tls: for C{wss://} URLs, the client TLS options (an
+            C{IOpenSSLClientConnectionCreator}, e.g. from
+            C{twisted.internet.ssl.optionsForClientTLS} with a trust root
+            and, for security profile 3, a client certificate).
         """
         charger = cls()
         factory = WebSocketClientFactory(
@@ -124,6 +146,12 @@ class FakeCharger:
 
         host, port = factory.host, factory.port
         endpoint = clientFromString(reactor, f"tcp:host={host}:port={port}:timeout=10")
+        if factory.isSecure:
+            if tls is None:
+                from twisted.internet.ssl import optionsForClientTLS
+
+                tls = optionsForClientTLS(host)
+            endpoint = wrapClientTLS(tls, endpoint)
         d = connectProtocol(endpoint, build())
         d.addErrback(charger._open_failed)
         return charger._open

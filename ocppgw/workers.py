@@ -51,6 +51,24 @@ def listen_reuse_port(reactor, host: str, port: int, factory, backlog: int = 102
         sock.close()
 
 
+class ReusePortEndpoint:
+    """
+    A server endpoint for L{listen_reuse_port} (so that it can be wrapped
+    like any other, e.g. by the PROXY protocol endpoint).
+    """
+
+    def __init__(self, reactor, host: str, port: int, backlog: int = 1024) -> None:
+        self._reactor = reactor
+        self._host = host
+        self._port = port
+        self._backlog = backlog
+
+    def listen(self, factory) -> defer.Deferred:
+        return defer.maybeDeferred(
+            listen_reuse_port, self._reactor, self._host, self._port, factory, self._backlog
+        )
+
+
 class _Worker(protocol.ProcessProtocol):
     def __init__(self, supervisor: "WorkersService", index: int) -> None:
         self.supervisor = supervisor

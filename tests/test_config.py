@@ -21,8 +21,12 @@ from ocppgw.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: A readable file for the keys that name files (their content is read
+#: when the gateway starts, not by the configuration).
+A_FILE = str(ROOT / "setup.cfg")
+
 #: An INI file that sets every key to a value other than its default.
-EVERY_KEY = """\
+EVERY_KEY = f"""\
 [listener]
 tcp.ip = ::1
 tcp.port = 29520
@@ -37,6 +41,28 @@ max_handshakes = 64
 retry_after_max = 30
 drain_window = 0
 workers = 4
+tcp.enabled = false
+tcp.profile = 1
+ssl.enabled = true
+ssl.ip = ::
+ssl.port = 29521
+ssl.profile = 3
+ssl.certfile = {A_FILE}
+ssl.keyfile = {A_FILE}
+ssl.password_file = {A_FILE}
+ssl.alt_certfile = {A_FILE}
+ssl.alt_keyfile = {A_FILE}
+ssl.cacertfile = {A_FILE}
+ssl.crlfile = {A_FILE}
+ssl.verify = verify_peer
+ssl.fail_if_no_peer_cert = false
+ssl.identity = map
+ssl.organization = Example CPO
+ssl.identity_map = {A_FILE}
+proxy_protocol = yes
+client_cert_header = X-SSL-Client-Cert
+trusted_proxies = 10.0.0.0/8, ::1
+allow_anonymous = yes
 
 [websocket]
 ws_opts.max_frame_size = 65536
@@ -76,6 +102,16 @@ x-single-active-consumer = true
 call_timeout = 12.5
 offline_status = no
 presence_events = off
+
+[auth]
+checker = http
+password_file = {A_FILE}
+http.url = https://csms.example.com/auth/user
+amqp.url = amqp://broker.example.com/chargers
+timeout = 2
+cache_ttl = 0
+failure_delay = 0.25
+hash_threads = 4
 """
 
 
@@ -117,6 +153,28 @@ class DefaultsTests(SynchronousTestCase):
                 retry_after_max=10,
                 drain_window=10.0,
                 workers=1,
+                tcp_enabled=True,
+                tcp_profile=0,
+                ssl_enabled=False,
+                ssl_ip="127.0.0.1",
+                ssl_port=19521,
+                ssl_profile=2,
+                ssl_certfile="",
+                ssl_keyfile="",
+                ssl_password_file="",
+                ssl_alt_certfile="",
+                ssl_alt_keyfile="",
+                ssl_cacertfile="",
+                ssl_crlfile="",
+                ssl_verify="",
+                ssl_fail_if_no_peer_cert=True,
+                ssl_identity="cn",
+                ssl_organization="",
+                ssl_identity_map="",
+                proxy_protocol=False,
+                client_cert_header="",
+                trusted_proxies=(),
+                allow_anonymous=False,
             ),
         )
         self.assertEqual(
@@ -227,6 +285,41 @@ class EveryKeyTests(SynchronousTestCase):
                 retry_after_max=30,
                 drain_window=0.0,
                 workers=4,
+                tcp_enabled=False,
+                tcp_profile=1,
+                ssl_enabled=True,
+                ssl_ip="::",
+                ssl_port=29521,
+                ssl_profile=3,
+                ssl_certfile=A_FILE,
+                ssl_keyfile=A_FILE,
+                ssl_password_file=A_FILE,
+                ssl_alt_certfile=A_FILE,
+                ssl_alt_keyfile=A_FILE,
+                ssl_cacertfile=A_FILE,
+                ssl_crlfile=A_FILE,
+                ssl_verify="verify_peer",
+                ssl_fail_if_no_peer_cert=False,
+                ssl_identity="map",
+                ssl_organization="Example CPO",
+                ssl_identity_map=A_FILE,
+                proxy_protocol=True,
+                client_cert_header="X-SSL-Client-Cert",
+                trusted_proxies=("10.0.0.0/8", "::1"),
+                allow_anonymous=True,
+            ),
+        )
+        self.assertEqual(
+            settings.auth,
+            config.AuthSettings(
+                checker="http",
+                password_file=A_FILE,
+                http_url="https://csms.example.com/auth/user",
+                amqp_url="amqp://broker.example.com/chargers",
+                timeout=2.0,
+                cache_ttl=0.0,
+                failure_delay=0.25,
+                hash_threads=4,
             ),
         )
         self.assertEqual(
@@ -325,7 +418,9 @@ class EveryKeyTests(SynchronousTestCase):
     def test_hosts(self) -> None:
         """IPv4, IPv6 and host names are accepted as listener address."""
         for host in ["0.0.0.0", "::", "fe80::1%eth0", "localhost", "gw-1.example.com"]:
-            settings = config.settings_from_dict({"listener": {"tcp.ip": host}})
+            settings = config.settings_from_dict(
+                {"listener": {"tcp.ip": host, "allow_anonymous": "true"}}
+            )
             self.assertEqual(settings.listener.tcp_ip, host)
 
     def test_emptyNodeIsHostName(self) -> None:

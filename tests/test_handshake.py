@@ -904,3 +904,42 @@ class WholeSecondPingTests(PingTestsMixin, _FrameTestsBase):
     pings = 3
     settings = {"websocket": {"ws_opts.idle_timeout": "1", "ping_timeout": "1.5"}}
     timeout = 15
+
+
+class _Silent(protocol.Protocol):
+    """
+    Connects, sends half a request, and waits to be dropped.
+    """
+
+    def __init__(self) -> None:
+        self.lost: defer.Deferred = defer.Deferred()
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"GET /ocpp/CP1 HTTP/1.1\r\nHost: x\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(None)
+
+
+class HandshakeTimeoutTests(GatewayTestCase):
+    settings = {"websocket": {"handshake_timeout": "0.5"}}
+
+    @defer.inlineCallbacks
+    def test_unfinished_handshake_dropped(self):
+        """
+        A client that never finishes its opening handshake is dropped after
+        C{handshake_timeout}, without an upgrade.
+        """
+        silent = _Silent()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=5)
+        yield connectProtocol(endpoint, silent)
+        started = reactor.seconds()
+        yield silent.lost
+        elapsed = reactor.seconds() - started
+        self.assertGreaterEqual(elapsed, 0.4)
+        self.assertLess(elapsed, 5)
+        self.assertNotIn(b"101", silent.received)
