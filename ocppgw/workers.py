@@ -10,8 +10,9 @@ that share a port cooperate exactly as gateways on different hosts do:
 L{ocppgw.gateway}).
 
 The process started by C{twistd} is only the supervisor: it starts the
-workers, restarts one that dies, and on SIGTERM passes the signal on and
-waits for every worker to finish its drain.
+workers, restarts one that dies, passes SIGHUP (reload TLS material and
+credentials) on, and on SIGTERM passes the signal on and waits for every
+worker to finish its drain.
 """
 
 from __future__ import annotations
@@ -93,12 +94,29 @@ class WorkersService(service.Service):
         self._python = python
         self.workers: dict[int, _Worker] = {}
         self._stopping = False
+        self._previous_sighup = None
 
     def startService(self) -> None:
         super().startService()
         self._stopping = False
         for index in range(1, self._count + 1):
             self._spawn(index)
+
+        def sighup(_signum, _frame):
+            # only schedule: a signal handler interrupts the reactor thread
+            self._reactor.callFromThread(self.signal_workers, signal.SIGHUP)
+
+        self._previous_sighup = signal.signal(signal.SIGHUP, sighup)
+
+    def signal_workers(self, signum: int) -> None:
+        """
+        Send C{signum} to every running worker.
+        """
+        for worker in list(self.workers.values()):
+            try:
+                worker.transport.signalProcess(signum)
+            except Exception:
+                pass  # it is ending; _ended restarts it if needed
 
     def _spawn(self, index: int) -> None:
         if self._stopping:
@@ -134,6 +152,9 @@ class WorkersService(service.Service):
         """
         super().stopService()
         self._stopping = True
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         waits = []
         for worker in list(self.workers.values()):
             try:

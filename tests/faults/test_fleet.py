@@ -229,8 +229,8 @@ class WorkersTests(FleetTestCase):
     def test_two_workers_share_the_port(self):
         """
         C{workers = 2}: two gateway processes listen on one port and both
-        take chargers; SIGTERM to the supervisor drains both (1012) and it
-        ends once they have.
+        take chargers; SIGHUP to the supervisor reaches both; SIGTERM to it
+        drains both (1012) and it ends once they have.
         """
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
@@ -265,6 +265,14 @@ class WorkersTests(FleetTestCase):
             event = yield backend.next_message("ocppgw.connected")
             nodes.add(json.loads(event.body)["node"])
         self.assertEqual(len(nodes), 2, nodes)
+        # SIGHUP is passed on to both workers (they reload), the
+        # supervisor stays
+        child.transport.signalProcess("HUP")
+        deadline = time.monotonic() + 10
+        while child.output.count(b"Reloading TLS material") < 2:
+            self.assertLess(time.monotonic(), deadline, child.output[-2000:])
+            self.assertFalse(child.ended.called)
+            yield task.deferLater(reactor, 0.1, lambda: None)
         child.transport.signalProcess("TERM")
         codes = []
         for charger in chargers:
