@@ -283,3 +283,46 @@ class WorkersTests(FleetTestCase):
         self.assertEqual(set(codes), {1012})
         yield child.ended
         self.assertIn(b"Started gateway worker 2", child.output)
+
+
+class TwoProcessesTests(FleetTestCase):
+    @defer.inlineCallbacks
+    def test_charger_moves_between_gateway_processes(self):
+        """
+        Two C{twistd ocppgw} processes on one exchange: a charger that
+        reconnects to the second is closed (1000) on the first, and the
+        command it had been sent there is delivered to the new connection
+        once.
+        """
+        sac = "x-single-active-consumer = true\n"
+        first, probe = yield self.gateway(extra=sac)
+        probe.drop()
+        first_port = self.port
+        self.port = free_port()
+        second, probe = yield self.gateway(extra=sac)
+        probe.drop()
+        backend = yield FakeBackEnd.start(reactor, amqp_url(), self.exchange)
+        self.addCleanup(backend.stop)
+        identity = unique_name("CP")
+        admin = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
+        self.addCleanup(admin.close)
+        self.addCleanup(admin.delete_queue, "ocpp." + identity)
+        old = yield FakeCharger.connect(
+            reactor, f"ws://127.0.0.1:{first_port}/ocpp/{identity}"
+        )
+        self.addCleanup(lambda: old.closed.called or old.drop())
+        yield backend.send_to_charger(identity, [2, "c1", "Reset", {"type": "Soft"}])
+        command = yield old.next_call()
+        self.assertEqual(command[1], "c1")
+        new = yield FakeCharger.connect(
+            reactor, f"ws://127.0.0.1:{self.port}/ocpp/{identity}"
+        )
+        self.addCleanup(lambda: new.closed.called or new.drop())
+        code, _ = yield old.closed
+        self.assertEqual(code, 1000)
+        command = yield new.next_call()
+        self.assertEqual(command[1], "c1")
+        new.answer(command, {"status": "Accepted"})
+        answer = yield backend.next_message("ocpp16.Reset.conf")
+        self.assertEqual(answer.correlation_id, "c1")
+        self.assertEqual((old.received_call_ids, new.received_call_ids), (["c1"], ["c1"]))
