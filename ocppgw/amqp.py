@@ -142,6 +142,8 @@ class _ConfirmChannel(_Channel):
         self._prefix_len = len(self._prefix)
         self._on_closed = on_closed
         self._drained: list[defer.Deferred] = []
+        #: called with the seconds from publish to confirm, or None
+        self.observe_latency: Optional[Callable[[float], None]] = None
         channel.add_on_return_callback(self._on_return)
         channel.add_on_close_callback(self._closed)
 
@@ -172,7 +174,7 @@ class _ConfirmChannel(_Channel):
         self._seq += 1
         seq = self._seq
         properties.message_id = self._prefix + str(seq)
-        self._pending[seq] = [on_outcome, False]
+        self._pending[seq] = [on_outcome, False, time.monotonic()]
         self.channel.basic_publish(exchange, routing_key, body, properties, mandatory)
 
     def _on_return(self, _channel, _method, properties, _body) -> None:
@@ -193,15 +195,22 @@ class _ConfirmChannel(_Channel):
         nacked = isinstance(method, pika.spec.Basic.Nack)
         tag = method.delivery_tag
         pending = self._pending
+        observe = self.observe_latency
+        now = time.monotonic() if observe is not None else 0.0
         if method.multiple:
             while pending:
                 seq = next(iter(pending))
                 if seq > tag:
                     break
-                self._settle(pending.popitem(last=False)[1], nacked)
+                entry = pending.popitem(last=False)[1]
+                if observe is not None:
+                    observe(now - entry[2])
+                self._settle(entry, nacked)
         else:
             entry = pending.pop(tag, None)
             if entry is not None:
+                if observe is not None:
+                    observe(now - entry[2])
                 self._settle(entry, nacked)
         backlog = self._backlog
         while backlog and len(pending) < self._window:
@@ -476,6 +485,10 @@ class AmqpBridge:
         self._pause_reasons: set = set()
         self._control_handlers: list[Callable[[dict], None]] = []
         self._control_queue: Optional[str] = None
+        #: whether RabbitMQ blocks our publishes (connection.blocked)
+        self.blocked = False
+        #: called with the seconds each publish took to be confirmed
+        self.observe_confirm: Optional[Callable[[float], None]] = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -518,17 +531,6 @@ class AmqpBridge:
             )
             for observer in list(self._flow_observers):
                 observer(self.paused)
-
-    def _blocked(self, _connection, frame) -> None:
-        _log.warn(
-            "The broker blocks publishing: {reason}",
-            reason=getattr(frame.method, "reason", ""),
-        )
-        self._set_pause("blocked", True)
-
-    def _unblocked(self, _connection, _frame) -> None:
-        _log.info("The broker unblocked publishing")
-        self._set_pause("blocked", False)
 
     @defer.inlineCallbacks
     def start(self):
@@ -615,9 +617,8 @@ class AmqpBridge:
                 timeout.cancel()
         self._connection = connection
         connection.closed.addCallback(self._connection_closed, connection)
-        impl = connection._impl
-        impl.add_on_connection_blocked_callback(self._blocked)
-        impl.add_on_connection_unblocked_callback(self._unblocked)
+        connection._impl.add_on_connection_blocked_callback(self._blocked)
+        connection._impl.add_on_connection_unblocked_callback(self._unblocked)
         try:
             yield self._declare_exchange(connection)
             yield self._start_control(connection)
@@ -633,6 +634,8 @@ class AmqpBridge:
         except Exception:
             connection.close()
             raise
+        for publisher in publishers:
+            publisher.observe_latency = self.observe_confirm
         self._publishers = publishers
         self._declarers = declarers
         self._consumer_channels = consumer_channels
@@ -645,14 +648,39 @@ class AmqpBridge:
         )
         self._notify(True, "connected")
 
+    def _blocked(self, _connection, frame) -> None:
+        self.blocked = True
+        _log.warn(
+            "The broker blocks publishing: {reason}",
+            reason=getattr(frame.method, "reason", ""),
+            event="amqp_blocked",
+        )
+        self._set_pause("blocked", True)
+
+    def _unblocked(self, _connection, _frame) -> None:
+        self.blocked = False
+        _log.info("The broker unblocked publishing", event="amqp_unblocked")
+        self._set_pause("blocked", False)
+
     @defer.inlineCallbacks
-    def _declare_exchange(self, connection):
+    def declare_exchange(self, name: str) -> defer.Deferred:
+        """
+        Declare another durable topic exchange (the audit exchange) on a
+        channel of its own; fails with L{DeclareFailed} when refused.
+        """
+        if self._connection is None:
+            raise BrokerUnavailable("not connected to the broker")
+        yield self._declare_exchange(self._connection, name)
+
+    @defer.inlineCallbacks
+    def _declare_exchange(self, connection, name: Optional[str] = None):
         channel = yield _channel(connection)
         closed: defer.Deferred = defer.Deferred()
         declared: defer.Deferred = defer.Deferred()
         channel.add_on_close_callback(lambda _ch, reason: closed.callback(reason))
+        name = self.exchange if name is None else name
         channel.exchange_declare(
-            self.exchange,
+            name,
             exchange_type="topic",
             durable=True,
             callback=declared.callback,
@@ -662,7 +690,7 @@ class AmqpBridge:
         )
         if index == 1:
             raise DeclareFailed(
-                f"the broker refused to declare exchange {self.exchange!r}: {result}"
+                f"the broker refused to declare exchange {name!r}: {result}"
             )
         channel.close()
 
@@ -743,6 +771,32 @@ class AmqpBridge:
         )
 
     @defer.inlineCallbacks
+    def exchange_exists(self, name: str):
+        """
+        Whether exchange C{name} exists (a passive declare on a channel of
+        its own, which the broker closes when it does not).
+
+        Publishing to a missing exchange closes the publishing channel, and
+        with it every charger's unconfirmed publishes: check first.
+
+        @return: a Deferred firing with C{True} or C{False}.
+        """
+        connection = self._connection
+        if connection is None or not self.connected:
+            raise BrokerUnavailable("not connected to the broker")
+        channel = yield _channel(connection)
+        closed: defer.Deferred = defer.Deferred()
+        declared: defer.Deferred = defer.Deferred()
+        channel.add_on_close_callback(lambda _ch, reason: closed.callback(reason))
+        channel.exchange_declare(name, passive=True, callback=declared.callback)
+        _result, index = yield defer.DeferredList(
+            [declared, closed], fireOnOneCallback=True, consumeErrors=True
+        )
+        if index == 0:
+            channel.close()
+        return index == 0
+
+    @defer.inlineCallbacks
     def _open_publisher(self, connection):
         channel = yield _channel(connection)
         key = object()
@@ -750,6 +804,7 @@ class AmqpBridge:
             channel, self._window, self._publisher_closed,
             on_full=lambda full: self._set_pause(key, full),
         )
+        publisher.observe_latency = self.observe_confirm
         yield publisher.start()
         return publisher
 
@@ -830,6 +885,7 @@ class AmqpBridge:
             return
         was_connected = self.connected
         self.connected = False
+        self.blocked = False
         self._connection = None
         self._control_queue = None
         # a new connection starts unblocked
@@ -910,19 +966,23 @@ class AmqpBridge:
         mandatory: bool = False,
         persistent: bool = True,
         on_outcome=None,
+        ordered: bool = False,
     ) -> None:
         """
         Publish with confirms; C{on_outcome(PublishOutcome)} is called once.
 
         @param exchange: the exchange, C{None} for the OCPP exchange and
             C{""} for the default exchange (replies to C{reply_to}).
+        @param ordered: always use the first publish channel, so that
+            such publishes reach the broker in the order they were made
+            (the audit trail); others are spread over the channels.
         """
         publishers = self._publishers
         if not self.connected or not publishers:
             if on_outcome is not None:
                 on_outcome(_FAILED)
             return
-        if len(publishers) == 1:
+        if len(publishers) == 1 or ordered:
             publisher = publishers[0]
         else:
             publisher = publishers[next(self._round_robin) % len(publishers)]
@@ -1179,13 +1239,22 @@ class BackEndClient:
         return name
 
     @defer.inlineCallbacks
-    def consume(self, queue: str, auto_ack: bool = True):
+    def consume(self, queue: str, auto_ack: bool = True, *, prefetch: int = 0,
+                arguments: Optional[dict] = None):
         """
+        @param prefetch: a per-consumer prefetch (RabbitMQ streams need one,
+            with C{auto_ack=False}).
+        @param arguments: consume arguments (for a stream,
+            C{{"x-stream-offset": "first"}} or a timestamp).
         @return: a L{defer.DeferredQueue} of L{Message}s (and, with
             C{auto_ack=False}, an C{ack(message_tag)} is needed: use
             L{ack}).
         """
-        queue_object, _tag = yield self._channel.basic_consume(queue, auto_ack=auto_ack)
+        if prefetch:
+            yield self._channel.basic_qos(prefetch_count=prefetch)
+        queue_object, _tag = yield self._channel.basic_consume(
+            queue, auto_ack=auto_ack, arguments=arguments
+        )
         messages: defer.DeferredQueue = defer.DeferredQueue()
 
         def pump(item):
@@ -1261,6 +1330,22 @@ class BackEndClient:
 
     def ack(self, message: Message) -> None:
         self._channel.basic_ack(message.delivery_tag)
+
+    @defer.inlineCallbacks
+    def queue_exists(self, name: str):
+        """
+        Whether the queue C{name} exists (a passive declare on a channel of
+        its own, because the broker closes the channel when it does not).
+        """
+        channel = yield self._connection.channel()
+        try:
+            yield channel.queue_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code == 404:
+                return False
+            raise
+        channel.close()
+        return True
 
     def delete_queue(self, name: str) -> defer.Deferred:
         return self._channel.queue_delete(name)

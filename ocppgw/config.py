@@ -41,16 +41,20 @@ from typing import ClassVar, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 __all__ = [
+    "AdminSettings",
     "AmqpSettings",
+    "AuditSettings",
     "AuthSettings",
     "ConfigError",
     "ListenerSettings",
+    "LogSettings",
     "OcppSettings",
     "Option",
     "QueueSettings",
     "SECTIONS",
     "Section",
     "Settings",
+    "ValidationSettings",
     "WebSocketSettings",
     "defaults",
     "load",
@@ -206,6 +210,48 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ValidationSettings:
+    """Checking payloads against the OCPP JSON schemas (see ocppgw.validation)."""
+
+    mode: str
+    exempt_actions: tuple[str, ...]
+    exempt_identities: tuple[str, ...]
+    allow_additional_properties: bool
+    schema_dir: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """
+    The operators' HTTP listener (metrics, health, chargers).
+
+    ``password`` is left out of ``repr``: settings end up in logs.
+    """
+
+    enabled: bool
+    tcp_ip: str
+    tcp_port: int
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """What the log looks like and how much of it there is."""
+
+    format: str
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The optional mirror of every frame to an audit exchange."""
+
+    enabled: bool
+    exchange: str
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole configuration, one attribute per INI section."""
 
@@ -215,6 +261,10 @@ class Settings:
     queue: QueueSettings
     ocpp: OcppSettings
     auth: AuthSettings
+    validation: ValidationSettings
+    admin: AdminSettings
+    log: LogSettings
+    audit: AuditSettings
 
     def queue_arguments(self) -> dict[str, str | int]:
         """
@@ -795,6 +845,69 @@ def _consistency(settings: Settings) -> list[str]:
     return problems
 
 
+def _words(value: object, kind: Kind[object]) -> list[str]:
+    """A list given as text separated by commas and/or spaces, or as a sequence."""
+    if isinstance(value, str):
+        return value.replace(",", " ").split()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value]
+    raise _refuse(value, kind)
+
+
+@dataclass(frozen=True, slots=True)
+class ActionNames:
+    """
+    A possibly empty list of OCPP action names, separated by commas and/or
+    spaces.  An action is what the framing accepts (ASCII letters and
+    digits), so a name that could never match is refused, not ignored.
+    """
+
+    allowed: ClassVar[str] = "a list of OCPP action names (letters and digits), or empty"
+
+    def __call__(self, value: object) -> tuple[str, ...]:
+        names = _words(value, self)
+        for name in names:
+            if not (0 < len(name) <= 64 and name.isascii() and name.isalnum()):
+                raise _Invalid(f"{_show(name)} is not an OCPP action name")
+        return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityPatterns:
+    """
+    A possibly empty list of charger identity patterns, separated by commas
+    and/or spaces: C{*} matches any run of characters, C{?} one character
+    (so C{?} also stands for a space or a comma inside an identity).
+    """
+
+    allowed: ClassVar[str] = "a list of identity patterns with * and ?, or empty"
+
+    def __call__(self, value: object) -> tuple[str, ...]:
+        patterns = _words(value, self)
+        for pattern in patterns:
+            if len(pattern) > 255 or not pattern.isprintable() or "[" in pattern:
+                # "[" would start a character class in the matcher.
+                raise _Invalid(f"{_show(pattern)} is not an identity pattern")
+        return tuple(dict.fromkeys(patterns))
+
+
+@dataclass(frozen=True, slots=True)
+class Directory:
+    """An existing directory, or empty for "none"."""
+
+    allowed: ClassVar[str] = "empty or an existing directory"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if text and not os.path.isdir(text):
+            raise _Invalid(f"{_show(text)} is not an existing directory")
+        return text
+
+
+#: How strictly payloads are checked against the schemas (ocppgw.validation).
+VALIDATION_MODES = ("off", "warn", "enforce")
+
+
 # ---------------------------------------------------------------------------
 # The table.
 
@@ -1048,6 +1161,61 @@ SECTIONS: tuple[Section, ...] = (
         Option("hash_threads", Integer(1, 64), "2",
                "Threads that verify password hashes (each scrypt check takes ~16 MiB)."),
     )),
+    Section("validation", ValidationSettings,
+            "Checking payloads against the OCA JSON schemas of each OCPP version, in both "
+            "directions. The schemas are compiled once at start.", (
+        Option("mode", Choice(VALIDATION_MODES), "warn",
+               "off: no checks; warn: invalid payloads pass, are counted, logged and marked "
+               "with the x-ocppgw-validation-error header; enforce: they are refused with the "
+               "OCPP error the version asks for."),
+        Option("exempt_actions", ActionNames(), "",
+               "Actions never checked, in either direction (for example DataTransfer), "
+               "separated by commas or spaces."),
+        Option("exempt_identities", IdentityPatterns(), "",
+               "Chargers never checked: identity patterns with * and ?, separated by commas "
+               "or spaces."),
+        Option("allow_additional_properties", Boolean(), "false",
+               "Accept fields the schemas do not define (a common vendor quirk) instead of "
+               "refusing them as FormatViolation."),
+        Option("schema_dir", Directory(), "",
+               "Directory with one subdirectory per subprotocol (ocpp1.6, ocpp2.0, "
+               "ocpp2.0.1, ocpp2.1) whose schemas replace the ones of the ocpp package "
+               "(ocpp2.0 uses the ocpp2.0.1 schemas unless it has its own); empty = the "
+               "package's."),
+    )),
+    Section("admin", AdminSettings,
+            "The operators' HTTP listener: /metrics (Prometheus), /healthz, /readyz and "
+            "/chargers. Keep it off the chargers' network; /healthz and /readyz never "
+            "ask for credentials, so that orchestrators can probe them.", (
+        Option("enabled", Boolean(), "true",
+               "Run the admin listener."),
+        Option("tcp.ip", Host(), "127.0.0.1",
+               "Address of the admin listener."),
+        Option("tcp.port", Integer(0, 65535, "a port (1-65535, or 0 for any free port)"), "9100",
+               "Port of the admin listener; 0 picks a free port (for tests)."),
+        Option("username", ShortText(), "",
+               "User name for HTTP Basic auth on /metrics and /chargers (empty = no auth)."),
+        Option("password", ShortText(), "",
+               "Password for HTTP Basic auth; required when username is set."),
+    )),
+    Section("log", LogSettings,
+            "The gateway's own log (twistd's log file, or stdout with twistd -n).", (
+        Option("format", Choice(("text", "json")), "text",
+               "text: human-readable lines; json: one JSON object per line with "
+               "structured fields (identity, peer, version, listener, event)."),
+        Option("level", Choice(("debug", "info", "warn", "error", "critical")), "info",
+               "Lowest level logged (pika's own log starts at warn unless this is debug)."),
+    )),
+    Section("audit", AuditSettings,
+            "Frame audit trail: every frame in both directions, and connects and "
+            "disconnects, mirrored to an exchange (bind a stream queue to it to replay a "
+            "charger's history).", (
+        Option("enabled", Boolean(), "false",
+               "Mirror frames and connection events to the audit exchange."),
+        Option("exchange", ExchangeName(declared=True), "ocpp.audit",
+               "Durable topic exchange of the audit trail; routing key "
+               "<identity>.<in|out|event>; declared at start when enabled."),
+    )),
 )
 
 
@@ -1108,6 +1276,9 @@ def settings_from_dict(values: Mapping[str, Mapping[str, object]]) -> Settings:
     for section in SECTIONS:
         built[section.name], found = _build_section(section, values.get(section.name, {}))
         problems += found
+    admin = built.get("admin")
+    if admin is not None and bool(admin.username) != bool(admin.password):
+        problems.append("admin.password: username and password are set together (both or neither)")
     if problems:
         raise ConfigError(*problems)
     settings = Settings(**built)

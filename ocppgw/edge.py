@@ -152,13 +152,26 @@ class ChargerProtocol(WebSocketServerProtocol):
             self.state == WebSocketProtocol.STATE_CONNECTING
             and len(self.data) + len(data) > self.factory.max_request_size
         ):
-            _log.info("Refused {peer}: handshake request too large", peer=self.peer)
+            _log.info(
+                "Refused {peer}: handshake request too large", peer=self.peer,
+                event="refused", status=431,
+            )
+            self._count_handshake(431)
             self.sendHttpErrorResponse(431, "Request Header Fields Too Large")
             self.dropConnection(abort=True)
             return
         super()._dataReceived(data)
 
+    def _count_handshake(self, status: int) -> None:
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.handshake(self.factory.listener, status)
+
     def failHandshake(self, reason: str, code: int = 400, responseHeaders=None):
+        # Every refusal before the upgrade ends here (ours, a
+        # ConnectionDeny from onConnect, and autobahn's own: 426, malformed
+        # requests) except the oversized request above.
+        self._count_handshake(code)
         # autobahn passes only the status and reason of a ConnectionDeny
         # on; a 401 must also carry the Basic challenge.
         headers = list(responseHeaders or ()) + list(self._deny_headers)
@@ -192,7 +205,10 @@ class ChargerProtocol(WebSocketServerProtocol):
         # now (autobahn read it at connectionMade, before the header).
         self.peer = _peer_string(self.transport.getPeer(), self.peer)
         if self.http_request_data.count(b"\n") > factory.max_request_headers:
-            _log.info("Refused {peer}: too many request headers", peer=self.peer)
+            _log.info(
+                "Refused {peer}: too many request headers", peer=self.peer,
+                event="refused", status=431,
+            )
             raise ConnectionDeny(431, "Request Header Fields Too Large")
         try:
             identity = identity_from_path(
@@ -203,7 +219,8 @@ class ChargerProtocol(WebSocketServerProtocol):
             )
         except BadIdentity as error:
             _log.info(
-                "Refused {peer}: bad identity ({why})", peer=self.peer, why=str(error)
+                "Refused {peer}: bad identity ({why})", peer=self.peer, why=str(error),
+                event="refused", status=400,
             )
             raise ConnectionDeny(400, "Bad charger identity")
         offered = [p for p in request.protocols if p]
@@ -214,6 +231,8 @@ class ChargerProtocol(WebSocketServerProtocol):
                 identity=identity,
                 peer=self.peer,
                 offered=offered[:8],
+                event="refused",
+                status=400,
             )
             raise ConnectionDeny(400, "No supported OCPP subprotocol")
         admission = factory.admission
@@ -268,6 +287,7 @@ class ChargerProtocol(WebSocketServerProtocol):
         return d.addCallbacks(accepted, refused)
 
     def onOpen(self):
+        self._count_handshake(101)
         self.factory.hub.charger_opened(self)
 
     def onMessage(self, payload: bytes, isBinary: bool):
@@ -443,7 +463,14 @@ class ChargerFactory(WebSocketServerFactory):
         forwarded_certificates=None,
         max_request_size: int = 16384,
         max_request_headers: int = 100,
+        listener: str = "ws",
+        metrics=None,
     ) -> None:
+        """
+        @param listener: this listener's name in metrics and C{/chargers}.
+        @param metrics: an L{ocppgw.metrics.Metrics} told of every
+            handshake answered, or C{None}.
+        """
         super().__init__(reactor=reactor)
         self.hub = hub
         #: an L{ocppgw.auth.ChargerAuthenticator}, or None (no authentication)
@@ -453,6 +480,8 @@ class ChargerFactory(WebSocketServerFactory):
         #: bytes and lines an opening handshake request may have
         self.max_request_size = max_request_size
         self.max_request_headers = max_request_headers
+        self.listener = listener
+        self.metrics = metrics
         self.ws_path = ws_path
         self.vhost = vhost or None
         self.subprotocols = tuple(subprotocols)

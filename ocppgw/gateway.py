@@ -51,7 +51,9 @@ from twisted.logger import Logger
 from ocppgw import framing, limits, topology
 from ocppgw.amqp import AmqpBridge, BrokerUnavailable, ChannelGone, DeclareFailed
 from ocppgw.edge import ChargerProtocol, Refused
+from ocppgw.audit import IN as AUDIT_IN, OUT as AUDIT_OUT
 from ocppgw.framing import OcppVersion
+from ocppgw.metrics import ChargerStats
 from ocppgw.session import ChargerSession, Delivery, PublishOutcome
 
 _log = Logger()
@@ -98,6 +100,9 @@ class ChargerLink:
         "bucket",
         "violations",
         "last_violation",
+        "listener",
+        "peer",
+        "stats",
     )
 
     def __init__(self, gateway: "Gateway", edge: ChargerProtocol, clock) -> None:
@@ -111,6 +116,9 @@ class ChargerLink:
             topology.HEADER_VERSION: self.version.subprotocol,
             topology.HEADER_NODE: gateway.node,
         }
+        self.listener: str = getattr(edge.factory, "listener", "ws")
+        self.peer: str = edge.peer
+        self.stats = ChargerStats(gateway.metrics, self.version.routing_prefix)
         self.session = ChargerSession(
             self.identity,
             self.version,
@@ -118,6 +126,12 @@ class ChargerLink:
             clock,
             call_timeout=gateway.call_timeout,
             max_bad_frames=gateway.max_bad_frames,
+            stats=self.stats,
+            checker=(
+                gateway.validation.checker_for(self.identity, self.version)
+                if gateway.validation is not None
+                else None
+            ),
         )
         self.consumer = None
         self.consumer_ready: Optional[defer.Deferred] = None
@@ -134,6 +148,9 @@ class ChargerLink:
     # -- SessionEffects ------------------------------------------------------
 
     def send_to_charger(self, frame: bytes) -> None:
+        audit = self.gateway.audit
+        if audit is not None:
+            audit.frame(self.identity, self.version.subprotocol, AUDIT_OUT, frame)
         self.edge.send_frame(frame)
 
     def publish(self, routing_key, body, correlation_id, action, mandatory, on_outcome,
@@ -181,6 +198,32 @@ class ChargerLink:
         )
         if self.consumer is not None:
             self.consumer.reject(delivery)
+
+    def dead_letter(self, delivery: Delivery, headers: dict, on_outcome) -> bool:
+        exchange = self.gateway.dead_letter_exchange
+        if not exchange:
+            return False
+        _log.warn(
+            "Command for {identity} not sent, dead-lettered to {exchange}: {code}: {reason}",
+            identity=self.identity,
+            exchange=exchange,
+            code=headers.get(topology.HEADER_VALIDATION_CODE),
+            reason=framing.truncate_for_log(
+                headers.get(topology.HEADER_VALIDATION_ERROR, "")
+            ),
+        )
+        # As RabbitMQ would dead-letter it: to the dead-letter exchange with
+        # the routing key it was published with (the identity).
+        self.gateway.bridge.publish(
+            exchange,
+            topology.charger_binding_key(self.identity),
+            delivery.body,
+            correlation_id=delivery.correlation_id,
+            reply_to=delivery.reply_to,
+            headers={**self.headers, **headers},
+            on_outcome=on_outcome,
+        )
+        return True
 
     def requeue(self, delivery: Delivery) -> None:
         if self.consumer is not None:
@@ -312,8 +355,20 @@ class Gateway:
         max_message_rate: float = 0.0,
         message_burst: int = 50,
         max_rate_violations: int = 200,
+        validation=None,
+        metrics=None,
+        audit=None,
     ) -> None:
+        """
+        @param validation: an L{ocppgw.validation.Validation} that gives
+            each charger's session its payload checker, or C{None}.
+        @param metrics: an L{ocppgw.metrics.Metrics}, or C{None}.
+        @param audit: an L{ocppgw.audit.AuditTrail} that mirrors every
+            frame and connection event, or C{None} (the default: off).
+        """
         self._reactor = reactor
+        self.metrics = metrics
+        self.audit = audit
         self.bridge = bridge
         self.node = node
         self.queue_arguments = dict(queue_arguments)
@@ -321,6 +376,11 @@ class Gateway:
         self.max_bad_frames = max_bad_frames
         self.offline_status = offline_status
         self.presence_events = presence_events
+        self.validation = validation
+        #: Where refused commands are copied with the reason in headers: the
+        #: charger queues' dead-letter exchange once it is known to exist
+        #: (the service checks at start), else None.
+        self.dead_letter_exchange: Optional[str] = None
         #: identity -> ChargerLink of attached chargers
         self.chargers: dict[str, ChargerLink] = {}
         # identity -> the edge whose handshake most recently claimed it
@@ -359,6 +419,8 @@ class Gateway:
                     "{identity} reconnected from {peer}: replacing the old connection",
                     identity=identity,
                     peer=edge.peer,
+                    version=version.subprotocol,
+                    event="replacing",
                 )
                 yield self._detach(previous, replaced=True)
                 previous.close(*CLOSE_REPLACED)
@@ -410,7 +472,14 @@ class Gateway:
             identity=identity,
             peer=edge.peer,
             version=edge.version.subprotocol,
+            listener=link.listener,
+            event="connected",
         )
+        if self.audit is not None:
+            self.audit.event(
+                identity, link.version.subprotocol, "connected",
+                peer=link.peer, listener=link.listener, node=self.node,
+            )
         if self.presence_events:
             self._publish_event(link, topology.ROUTING_KEY_CONNECTED, "connected")
 
@@ -418,6 +487,8 @@ class Gateway:
         link = edge.link
         if link is None:
             return
+        if self.audit is not None:
+            self.audit.frame(link.identity, link.version.subprotocol, AUDIT_IN, data)
         bucket = link.bucket
         if bucket is None:
             link.session.charger_frame(data)
@@ -458,11 +529,11 @@ class Gateway:
             del self.chargers[identity]
         if link.detached:
             return  # replaced, or detached by shutdown: already announced
-        self._detach(link, replaced=False, code=code)
+        self._detach(link, replaced=False, code=code, reason=reason)
 
     # -- helpers --------------------------------------------------------------
 
-    def _detach(self, link: ChargerLink, replaced: bool, code=None) -> defer.Deferred:
+    def _detach(self, link: ChargerLink, replaced: bool, code=None, reason: str = "") -> defer.Deferred:
         if link.detached:
             return defer.succeed(None)
         if self.chargers.get(link.identity) is link:
@@ -474,8 +545,24 @@ class Gateway:
             identity=link.identity,
             why="replaced" if replaced else "gone",
             code=code,
-            duration=duration,
+            reason=framing.truncate_for_log(reason) if reason else reason,
+            duration=round(duration, 3),
+            peer=link.peer,
+            version=link.version.subprotocol,
+            listener=link.listener,
+            frames_in=link.stats.frames_in,
+            frames_out=link.stats.frames_out,
+            event="disconnected",
         )
+        if self.metrics is not None:
+            self.metrics.disconnect(
+                link.version.routing_prefix, "replaced" if replaced else code
+            )
+        if self.audit is not None:
+            self.audit.event(
+                link.identity, link.version.subprotocol, "disconnected",
+                code=code, replaced=replaced, duration=round(duration, 3), node=self.node,
+            )
         if not replaced:
             if self.offline_status:
                 self._publish_offline_status(link)
@@ -595,6 +682,29 @@ class Gateway:
 
     def stop_accepting(self) -> None:
         self._accepting = False
+
+    @property
+    def accepting(self) -> bool:
+        """False once the gateway is shutting down (draining)."""
+        return self._accepting
+
+    def disconnect(self, identity: str, code: int = 1000,
+                   reason: str = "Disconnected by the operator") -> bool:
+        """
+        Close one charger's connection (the admin API's DELETE).
+
+        @return: whether a charger with that identity was connected.
+        """
+        link = self.chargers.get(identity)
+        if link is None:
+            return False
+        _log.info(
+            "{identity} disconnected by the operator",
+            identity=identity, peer=link.peer, version=link.version.subprotocol,
+            event="operator_disconnect",
+        )
+        link.close(code, reason)
+        return True
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "Gateway shutting down") -> defer.Deferred:
         """

@@ -5,9 +5,11 @@ L{makeService}.
 ::
 
     GatewayService (MultiService)
-     |- the AMQP bridge is started first: the exchange must be declared
-     |  before a charger is accepted, and a broker that refuses us must stop
-     |  the start-up with a clear message
+     |- the admin listener (metrics, health, chargers) first, so that
+     |  liveness probes answer while the broker connection is made
+     |- the AMQP bridge: the exchange (and the audit exchange, when on)
+     |  must be declared before a charger is accepted, and a broker that
+     |  refuses us must stop the start-up with a clear message
      '- the listeners (ws and/or wss, see ocppgw.listeners), once the
         bridge is up
 
@@ -19,7 +21,8 @@ Stopping (SIGTERM under twistd) runs the other way: stop listening, close
 the chargers with 1012 spread over C{[listener] drain_window} (so the fleet
 moves to other gateways gradually) and requeue the commands they held, wait
 (bounded) for the broker to confirm what is in flight, close the AMQP
-connection.
+connection, and last the admin listener (so that /readyz says "not ready"
+throughout).
 """
 
 from __future__ import annotations
@@ -34,12 +37,18 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
 from ocppgw import config as _config
+from ocppgw import logs
+from ocppgw.admin import AdminAPI
 from ocppgw.amqp import AmqpBridge
+from ocppgw.audit import AuditTrail
 from ocppgw.config import Settings
 from ocppgw.edge import ChargerFactory
+from ocppgw.framing import VERSIONS
 from ocppgw.gateway import Gateway
 from ocppgw.limits import Admission
 from ocppgw.listeners import Security
+from ocppgw.validation import Validation
+from ocppgw.metrics import GatewayState, Metrics
 
 _log = Logger()
 
@@ -50,7 +59,7 @@ def _server_endpoint(reactor, host: str, port: int, backlog: int = 1024):
     return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
 
 
-class GatewayService(service.MultiService):
+class GatewayService(service.MultiService, GatewayState):
     """
     The whole gateway as one Twisted service.
 
@@ -59,6 +68,8 @@ class GatewayService(service.MultiService):
     @ivar started: a Deferred that fires once the gateway listens, or
         fails with the reason it could not start.
     @ivar listening_port: the bound C{IListeningPort}, once started.
+    @ivar metrics: the gateway's L{Metrics} (its own registry).
+    @ivar admin_port: the admin listener's C{IListeningPort}, if enabled.
     """
 
     def __init__(
@@ -93,8 +104,20 @@ class GatewayService(service.MultiService):
             failover_urls=amqp.failover_urls,
             reconnect_max_delay=amqp.reconnect_max_delay,
         )
+        self.metrics = Metrics()
+        self.bridge.observe_confirm = self.metrics.observe_confirm
+        audit = settings.audit
+        self.audit = (
+            AuditTrail(self.bridge, audit.exchange, self.node, reactor) if audit.enabled else None
+        )
         ocpp = settings.ocpp
         listener, ws = settings.listener, settings.websocket
+        # Compiled here, once, before anything listens: a schema that cannot
+        # be loaded stops the start (SchemaError), like a bad config.
+        self.validation = Validation.from_settings(
+            settings.validation,
+            [VERSIONS[name] for name in settings.listener.subprotocols],
+        )
         self.gateway = Gateway(
             reactor,
             self.bridge,
@@ -109,6 +132,9 @@ class GatewayService(service.MultiService):
             max_message_rate=ws.max_message_rate,
             message_burst=ws.message_burst,
             max_rate_violations=ws.max_rate_violations,
+            validation=self.validation,
+            metrics=self.metrics,
+            audit=self.audit,
         )
         # one admission for every listener: the limits are the process's
         admission = None
@@ -142,8 +168,21 @@ class GatewayService(service.MultiService):
                 forwarded_certificates=self.security.forwarded_certificates(kind),
                 admission=admission,
                 retry_after_max=listener.retry_after_max,
+                listener="ws" if kind == "tcp" else "wss",
+                metrics=self.metrics,
             )
         self.factory = next(iter(self.factories.values()))
+        self.metrics.watch(self)
+        admin = settings.admin
+        self.admin = AdminAPI(
+            self.metrics.registry,
+            self.gateway,
+            self.readiness,
+            reactor,
+            username=admin.username,
+            password=admin.password,
+        )
+        self.admin_port = None
         self._exit_on_startup_failure = exit_on_startup_failure
         # a worker of a [listener] workers group shares its ports
         self._reuse_port = reuse_port
@@ -155,15 +194,46 @@ class GatewayService(service.MultiService):
         #: "tcp" and/or "ssl" -> the bound IListeningPort
         self.listening_ports: dict = {}
 
+    # -- GatewayState (read by metrics and /readyz) ------------------------
+
+    def chargers(self):
+        return self.gateway.chargers.values()
+
+    def broker_connected(self) -> bool:
+        return self.bridge.connected
+
+    def broker_blocked(self) -> bool:
+        return getattr(self.bridge, "blocked", False)
+
+    def validation_stats(self):
+        return self.validation.stats
+
+    def readiness(self) -> dict:
+        return {
+            "broker": bool(self.bridge.connected),
+            "listening": self.listening_port is not None,
+            "accepting": self.gateway.accepting,
+        }
+
+    # -- lifecycle --------------------------------------------------------
+
     def startService(self) -> None:
         super().startService()
+        logs.bridge_stdlib(self.settings.log.level)
         d = self._start()
         d.addCallbacks(self._running, self._startup_failed)
 
     @defer.inlineCallbacks
     def _start(self):
         self.security.start()
+        admin = self.settings.admin
+        if admin.enabled:
+            endpoint = _server_endpoint(self._reactor, admin.tcp_ip, admin.tcp_port, backlog=50)
+            self.admin_port = yield endpoint.listen(self.admin.site())
         yield self.bridge.start()
+        yield self._check_dead_letter_exchange()
+        if self.audit is not None:
+            yield self.bridge.declare_exchange(self.audit.exchange)
         listener = self.settings.listener
         for kind, factory in self.factories.items():
             host = listener.tcp_ip if kind == "tcp" else listener.ssl_ip
@@ -182,6 +252,26 @@ class GatewayService(service.MultiService):
         if self._reload_signal:
             self._install_sighup()
 
+    @defer.inlineCallbacks
+    def _check_dead_letter_exchange(self):
+        """
+        Commands refused by validation are copied to the charger queues'
+        dead-letter exchange with the reason in headers; a publish to a
+        missing exchange would close the channel every charger publishes
+        on, so it is only done when the exchange exists now.
+        """
+        exchange = self.settings.queue.x_dead_letter_exchange
+        if not exchange or self.validation.mode == "off":
+            return
+        if (yield self.bridge.exchange_exists(exchange)):
+            self.gateway.dead_letter_exchange = exchange
+        else:
+            _log.warn(
+                "Dead-letter exchange {exchange} does not exist: commands refused by "
+                "validation are rejected without the reason in headers",
+                exchange=exchange,
+            )
+
     def _running(self, _):
         for kind, port in self.listening_ports.items():
             address = port.getHost()
@@ -194,6 +284,13 @@ class GatewayService(service.MultiService):
                 port=address.port,
                 path=self.settings.listener.ws_path,
                 profile=self.security.profile(kind),
+            )
+        if self.admin_port is not None:
+            admin = self.admin_port.getHost()
+            _log.info(
+                "Admin API on http://{host}:{port}/ (metrics, healthz, readyz, chargers)",
+                host=admin.host,
+                port=admin.port,
             )
         self.started.callback(self)
 
@@ -223,10 +320,14 @@ class GatewayService(service.MultiService):
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
 
+    @defer.inlineCallbacks
     def _startup_failed(self, failure):
         _log.critical(
             "ocppgw could not start: {error}", error=failure.getErrorMessage()
         )
+        if self.admin_port is not None:
+            port, self.admin_port = self.admin_port, None
+            yield port.stopListening()
         self.started.errback(failure)
         if self._exit_on_startup_failure:
             # twistd has no way to end with a non-zero status once the
@@ -250,6 +351,10 @@ class GatewayService(service.MultiService):
         yield self.gateway.drain(self.settings.listener.drain_window)
         yield self.bridge.stop()
         yield self.security.stop()
+        # last: /readyz says "not ready" while the gateway drains
+        if self.admin_port is not None:
+            yield self.admin_port.stopListening()
+            self.admin_port = None
         _log.info("ocppgw stopped")
 
 

@@ -29,6 +29,15 @@ The rules it keeps (DESIGN §3):
   and answers, re-publishes an answer the broker never confirmed, and
   acknowledges. Commands that were only held are simply forgotten, since
   the broker delivers them again.
+- With a payload checker (L{ocppgw.validation}), payloads are checked
+  against the OCPP JSON schemas in both directions. In C{warn} mode an
+  invalid frame passes, marked with a header when it is published; in
+  C{enforce} mode an invalid CALL from the charger is answered with the
+  CALLERROR the version asks for and not published, an invalid CALLRESULT
+  is replaced by a CALLERROR for the back end (and, in 2.1, refused with a
+  CALLRESULTERROR), and an invalid command from the back end is not sent:
+  its sender is told (L{SessionEffects.dead_letter}, C{reply_to}). Such
+  frames are well-formed OCPP-J, so they do not count as bad frames.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from twisted.logger import Logger
 
 from ocppgw import framing, topology
 from ocppgw.framing import BadFrame, ErrorKind, Frame, OcppVersion
+from ocppgw.validation import PayloadChecker, Violation
 
 _log = Logger()
 
@@ -145,6 +155,17 @@ class SessionEffects(Protocol):
     def reject(self, delivery: Delivery, reason: str) -> None:
         """Reject a command without requeueing it (it dead-letters)."""
 
+    def dead_letter(
+        self, delivery: Delivery, headers: dict, on_outcome: OutcomeCallback
+    ) -> bool:
+        """
+        Publish a refused command, as it came, to its queue's dead-letter
+        exchange with C{headers} added (C{basic.reject} cannot add them).
+
+        @return: C{False} when the queue has no dead-letter exchange
+            (C{on_outcome} is then never called).
+        """
+
     def requeue(self, delivery: Delivery) -> None:
         """Give a command back to its queue for later."""
 
@@ -157,13 +178,14 @@ class _OutstandingCall:
     The CSMS CALL the charger has been sent and has not answered yet.
     """
 
-    __slots__ = ("delivery", "message_id", "action", "timer")
+    __slots__ = ("delivery", "message_id", "action", "timer", "sent_at")
 
-    def __init__(self, delivery: Delivery, frame: Frame) -> None:
+    def __init__(self, delivery: Delivery, frame: Frame, sent_at: float) -> None:
         self.delivery = delivery
         self.message_id = frame.message_id
         self.action = frame.action
         self.timer = None
+        self.sent_at = sent_at
 
 
 class _AckWhenPublished:
@@ -202,6 +224,60 @@ class _AckWhenPublished:
         self._session._settled(self._delivery, self._failed, self._message_id)
 
 
+class _SettleRefusal:
+    """
+    Acknowledge a refused command once the reply and the dead-letter copy
+    that tell its sender why are settled; reject it (native dead-lettering,
+    without our headers) if the dead-letter copy could not be published.
+    """
+
+    __slots__ = ("_effects", "_delivery", "_reason", "_waiting", "_failed")
+
+    def __init__(self, effects, delivery: Delivery, reason: str) -> None:
+        self._effects = effects
+        self._delivery = delivery
+        self._reason = reason
+        self._waiting = 0
+        self._failed = False
+
+    def expect(self) -> None:
+        self._waiting += 1
+
+    def unexpect(self) -> None:
+        self._waiting -= 1
+
+    def release(self) -> None:
+        self._settle()
+
+    def replied(self, outcome: PublishOutcome) -> None:
+        # A reply_to that is gone has nobody left to tell.
+        self._settle()
+
+    def dead_lettered(self, outcome: PublishOutcome) -> None:
+        if outcome is PublishOutcome.FAILED:
+            self._failed = True
+        self._settle()
+
+    def _settle(self) -> None:
+        self._waiting -= 1
+        if self._waiting:
+            return
+        if self._failed:
+            self._effects.reject(self._delivery, self._reason)
+        else:
+            self._effects.ack(self._delivery)
+
+
+#: What L{ocppgw.validation.ValidationStats} counts actions without a
+#: schema under (an action name has only letters and digits, so no real
+#: action is spelled like this).
+UNKNOWN_ACTION = "(unknown)"
+
+#: Direction words of L{ocppgw.validation.ValidationStats}.
+_FROM_CHARGER = "charger"
+_FROM_BACKEND = "backend"
+
+
 class ChargerSession:
     """
     The state of one connected charger, driven by events.
@@ -224,6 +300,9 @@ class ChargerSession:
         "_unsettled",
         "_ended",
         "_answers",
+        "_checker",
+        "_invalid_logged",
+        "_stats",
     )
 
     def __init__(
@@ -234,12 +313,18 @@ class ChargerSession:
         clock,
         call_timeout: float = 30.0,
         max_bad_frames: int = 10,
+        checker: Optional[PayloadChecker] = None,
+        stats=None,
     ) -> None:
         """
         @param clock: an L{IReactorTime} for the call timeout.
         @param call_timeout: seconds the charger has to answer a CSMS CALL.
         @param max_bad_frames: malformed frames tolerated before closing
             the connection with 1002.
+        @param checker: checks payloads against the schemas of C{version};
+            C{None} checks nothing (and costs nothing).
+        @param stats: told of every frame in and out, bad frame and CSMS
+            call round trip (an L{ocppgw.metrics.ChargerStats}), or C{None}.
         """
         self.identity = identity
         self.version = version
@@ -259,6 +344,12 @@ class ChargerSession:
         # of the last answers to CSMS CALLs; state is _PENDING, _CONFIRMED
         # or _FAILED, waiting the redeliveries that wait for a pending one
         self._answers: OrderedDict[str, list] = OrderedDict()
+        self._checker = checker
+        # Actions whose invalid payloads this session has logged already:
+        # a charger with a quirk repeats it every few seconds, and the
+        # counters keep counting. None until the first one (memory).
+        self._invalid_logged: Optional[set] = None
+        self._stats = stats
 
     # -- introspection (admin, tests) -------------------------------------
 
@@ -288,11 +379,29 @@ class ChargerSession:
             self._bad_frame(bad)
             return
         kind = frame.message_type
+        stats = self._stats
+        if stats is not None:
+            action = frame.action
+            if action is None:
+                outstanding = self._outstanding
+                action = (
+                    outstanding.action
+                    if outstanding is not None and outstanding.message_id == frame.message_id
+                    else topology.UNKNOWN_ACTION
+                )
+            stats.frame_in(kind, action)
         if kind == framing.CALL:
             self._charger_call(frame, data)
         elif kind == framing.CALLRESULT or kind == framing.CALLERROR:
             self._charger_answer(frame, data)
         elif kind == framing.SEND:
+            headers = None
+            if self._checker is not None:
+                violation = self._checker.request(frame.action, frame.payload)
+                if violation is not None:
+                    if self._invalid_from_charger(frame.action, violation):
+                        return  # a SEND is never answered (2.1 §4.2.4)
+                    headers = self._violation_headers(violation)
             # SEND expects no answer, so an unroutable one has nobody to
             # be told; it is not published mandatory.
             self._effects.publish(
@@ -304,6 +413,7 @@ class ChargerSession:
                 frame.action,
                 False,
                 None,
+                headers,
             )
         else:  # CALLRESULTERROR: the charger refuses a CSMS answer.
             self._publish_unmatched_answer(frame, data)
@@ -356,15 +466,122 @@ class ChargerSession:
             code=bad.code,
             description=bad.description,
         )
+        stats = self._stats
+        if stats is not None:
+            stats.bad_frame(bad.code)
         if bad.reply is not None:
+            if stats is not None:
+                stats.frame_out(framing.CALLERROR, None)
             self._effects.send_to_charger(bad.reply)
         if self._bad_frames >= self._max_bad_frames:
             self._ended = True
             self._effects.close(1002, "Too many malformed frames")
 
+    # -- validation ----------------------------------------------------------
+
+    def _violation_headers(self, violation: Violation) -> dict:
+        return {
+            topology.HEADER_VALIDATION_ERROR: violation.description,
+            topology.HEADER_VALIDATION_CODE: framing.error_code(
+                self.version, violation.kind
+            ),
+        }
+
+    def _report_invalid(self, direction: str, action: str, violation: Violation) -> bool:
+        """
+        Count and log an invalid payload.
+
+        @return: whether it is refused (enforce mode).
+        """
+        checker = self._checker
+        refused = checker.enforce
+        # Actions without a schema are counted and logged under one name:
+        # a peer can make up any number of action names, and neither the
+        # counters nor this session's memory may grow with them.
+        known = action if violation.kind is not ErrorKind.NOT_IMPLEMENTED else UNKNOWN_ACTION
+        checker.count(direction, known, refused)
+        logged = self._invalid_logged
+        if logged is None:
+            logged = self._invalid_logged = set()
+        if (direction, known) not in logged:
+            logged.add((direction, known))
+            _log.warn(
+                "Invalid {action} payload {direction} {identity} ({version}), "
+                "{outcome}: {code}: {description} (further ones of this "
+                "connection are only counted)",
+                action=action,
+                direction="from" if direction == _FROM_CHARGER else "for",
+                identity=self.identity,
+                version=self.version.subprotocol,
+                outcome="refused" if refused else "passed on",
+                code=framing.error_code(self.version, violation.kind),
+                description=framing.truncate_for_log(violation.description),
+            )
+        return refused
+
+    def _invalid_from_charger(self, action: str, violation: Violation) -> bool:
+        return self._report_invalid(_FROM_CHARGER, action, violation)
+
+    def _refuse_command(self, delivery: Delivery, frame: Frame, violation: Violation) -> None:
+        """
+        An invalid command from the back end is not sent to the charger;
+        its sender learns why: a CALLERROR to its C{reply_to}, and a copy of
+        the command with the reason in headers on the queue's dead-letter
+        exchange. With neither, it is rejected (dropped) and logged.
+        """
+        code = framing.error_code(self.version, violation.kind)
+        # Logged by the gateway: the description may quote peer-chosen names.
+        reason = framing.truncate_for_log(f"{code}: {violation.description}")
+        headers = self._violation_headers(violation)
+        settle = _SettleRefusal(self._effects, delivery, reason)
+        # One count for this function itself, released at the end: an
+        # outcome may be reported at once (broker down) and must not
+        # settle the command before every publish is started.
+        settle.expect()
+        told = False
+        if delivery.reply_to:
+            told = True
+            settle.expect()
+            self._effects.publish_reply(
+                delivery.reply_to,
+                delivery.correlation_id,
+                framing.encode_call_error(
+                    self.version,
+                    frame.message_id,
+                    violation.kind,
+                    f"Not sent to {self.identity}: {violation.description}",
+                    {"reason": "validation"},
+                ),
+                settle.replied,
+                headers,
+            )
+        settle.expect()
+        if self._effects.dead_letter(delivery, headers, settle.dead_lettered):
+            told = True
+        else:
+            settle.unexpect()
+        if told:
+            settle.release()
+        else:
+            self._effects.reject(delivery, f"not sent to the charger: {reason}")
+
     def _charger_call(self, frame: Frame, data: bytes) -> None:
         message_id = frame.message_id
         action = frame.action
+        headers = None
+        if self._checker is not None:
+            violation = self._checker.request(action, frame.payload)
+            if violation is not None:
+                if self._invalid_from_charger(action, violation):
+                    if self._stats is not None:
+                        self._stats.frame_out(framing.CALLERROR, action)
+                    self._effects.send_to_charger(
+                        framing.encode_call_error(
+                            self.version, message_id, violation.kind, violation.description
+                        )
+                    )
+                    return
+                headers = self._violation_headers(violation)
         open_calls = self._open_charger_calls
         open_calls[message_id] = action
         open_calls.move_to_end(message_id)
@@ -383,6 +600,8 @@ class ChargerSession:
             else:
                 kind = ErrorKind.INTERNAL_ERROR
                 description = "The message could not be delivered; try again"
+            if self._stats is not None:
+                self._stats.frame_out(framing.CALLERROR, action)
             self._effects.send_to_charger(
                 framing.encode_call_error(self.version, message_id, kind, description)
             )
@@ -396,6 +615,7 @@ class ChargerSession:
             action,
             True,
             published,
+            headers,
         )
 
     def _charger_answer(self, frame: Frame, data: bytes) -> None:
@@ -403,12 +623,53 @@ class ChargerSession:
         if outstanding is None or outstanding.message_id != frame.message_id:
             self._publish_unmatched_answer(frame, data)
             return
-        kind = (
-            topology.KIND_CONFIRMATION
-            if frame.message_type == framing.CALLRESULT
-            else topology.KIND_ERROR
+        if self._stats is not None:
+            self._stats.csms_call(
+                self._clock.seconds() - outstanding.sent_at, False, outstanding.action
+            )
+        if frame.message_type == framing.CALLERROR:
+            self._finish_outstanding(outstanding, topology.KIND_ERROR, data, None)
+            return
+        headers = None
+        if self._checker is not None:
+            violation = self._checker.response(outstanding.action, frame.payload)
+            if violation is not None:
+                headers = self._violation_headers(violation)
+                if self._invalid_from_charger(outstanding.action, violation):
+                    self._invalid_call_result(outstanding, frame, violation, headers)
+                    return
+        self._finish_outstanding(outstanding, topology.KIND_CONFIRMATION, data, headers)
+
+    def _invalid_call_result(
+        self,
+        outstanding: _OutstandingCall,
+        frame: Frame,
+        violation: Violation,
+        headers: dict,
+    ) -> None:
+        """
+        Enforce mode: the charger's CALLRESULT breaks the response schema.
+        2.1 refuses it with a CALLRESULTERROR (2.1 Part 4 §4.2.3); every
+        version reports it to the back end as a CALLERROR in place of the
+        answer, so the command completes and no worker reads the invalid
+        payload as an answer.
+        """
+        if self.version.has_send:
+            if self._stats is not None:
+                self._stats.frame_out(framing.CALLRESULTERROR, outstanding.action)
+            self._effects.send_to_charger(
+                framing.encode_call_result_error(
+                    self.version, frame.message_id, violation.kind, violation.description
+                )
+            )
+        body = framing.encode_call_error(
+            self.version,
+            outstanding.message_id,
+            violation.kind,
+            f"Invalid CALLRESULT from the charge point: {violation.description}",
+            {"reason": "validation"},
         )
-        self._finish_outstanding(outstanding, kind, data, None)
+        self._finish_outstanding(outstanding, topology.KIND_ERROR, body, headers)
 
     def _publish_unmatched_answer(self, frame: Frame, data: bytes) -> None:
         kind = (
@@ -446,6 +707,9 @@ class ChargerSession:
             )
             return
         kind = frame.message_type
+        checker = self._checker
+        if checker is not None and self._invalid_command(delivery, frame, checker):
+            return
         if kind == framing.CALL:
             if delivery.redelivered and self._redelivered_call(delivery, frame):
                 return
@@ -454,14 +718,19 @@ class ChargerSession:
             else:
                 self._held.append((delivery, frame))
         elif kind == framing.CALLRESULT or kind == framing.CALLERROR:
-            if self._open_charger_calls.pop(frame.message_id, None) is None:
+            action = self._open_charger_calls.pop(frame.message_id, None)
+            if action is None:
                 self._effects.reject(
                     delivery, "answer to a CALL the charger does not have open"
                 )
                 return
+            if self._stats is not None:
+                self._stats.frame_out(kind, action)
             self._effects.send_to_charger(delivery.body)
             self._effects.ack(delivery)
         else:  # SEND, CALLRESULTERROR: nothing to wait for.
+            if self._stats is not None:
+                self._stats.frame_out(kind, frame.action or topology.UNKNOWN_ACTION)
             self._effects.send_to_charger(delivery.body)
             self._effects.ack(delivery)
 
@@ -517,9 +786,38 @@ class ChargerSession:
         """
         self._held.clear()
 
+    def _invalid_command(
+        self, delivery: Delivery, frame: Frame, checker: PayloadChecker
+    ) -> bool:
+        """
+        Check a frame from the back end before it goes anywhere.
+
+        @return: C{True} when it was refused (enforce mode) and is done with.
+        """
+        kind = frame.message_type
+        if kind == framing.CALL or kind == framing.SEND:
+            action = frame.action
+            violation = checker.request(action, frame.payload)
+        elif kind == framing.CALLRESULT:
+            action = self._open_charger_calls.get(frame.message_id)
+            if action is None:
+                return False  # refused below: no CALL to answer
+            violation = checker.response(action, frame.payload)
+        else:
+            return False  # errors carry no payload to check
+        if violation is None:
+            return False
+        if not self._report_invalid(_FROM_BACKEND, action, violation):
+            return False
+        # The charger's CALL stays open: a valid answer may still come.
+        self._refuse_command(delivery, frame, violation)
+        return True
+
     def _send_call(self, delivery: Delivery, frame: Frame) -> None:
-        outstanding = _OutstandingCall(delivery, frame)
+        outstanding = _OutstandingCall(delivery, frame, self._clock.seconds())
         self._outstanding = outstanding
+        if self._stats is not None:
+            self._stats.frame_out(framing.CALL, frame.action)
         self._effects.send_to_charger(delivery.body)
         outstanding.timer = self._clock.callLater(
             self._call_timeout, self._call_timed_out, outstanding
@@ -536,6 +834,8 @@ class ChargerSession:
             f"No answer from the charge point within {self._call_timeout:g} s",
             {"reason": "timeout"},
         )
+        if self._stats is not None:
+            self._stats.csms_call(self._call_timeout, True, outstanding.action)
         self._finish_outstanding(
             outstanding, topology.KIND_ERROR, body, {topology.HEADER_TIMEOUT: True}
         )

@@ -42,6 +42,11 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "listener.workers: several workers need fixed listener ports, not 0"
             )
+        from ocppgw.logs import install_for_twistd
+
+        # twistd reads its parent options' "logger" after this, before it
+        # starts logging: the configuration file picks format and level.
+        install_for_twistd(self["settings"].log, getattr(self, "parent", None))
 
 
 def makeService(options: Options):
@@ -59,6 +64,7 @@ def makeService(options: Options):
     from ocppgw.auth import PasswordFileError
     from ocppgw.service import GatewayService
     from ocppgw.tls import TLSConfigError
+    from ocppgw.validation import SchemaError
 
     settings = options["settings"]
     if settings.listener.workers > 1 and not options["worker"]:
@@ -67,16 +73,19 @@ def makeService(options: Options):
         return WorkersService(reactor, options["config"], settings.listener.workers)
     reuse_port = False
     if options["worker"]:
-        # one of several processes on these ports: its own node name
-        amqp = dataclasses.replace(
-            settings.amqp, node=f"{settings.amqp.node}/{options['worker']}"
-        )
-        settings = dataclasses.replace(settings, amqp=amqp)
+        # one of several processes on these ports: its own node name, and
+        # its own admin port (base + n - 1) so that each can be scraped
+        index = int(options["worker"])
+        amqp = dataclasses.replace(settings.amqp, node=f"{settings.amqp.node}/{index}")
+        admin = settings.admin
+        if admin.tcp_port:
+            admin = dataclasses.replace(admin, tcp_port=admin.tcp_port + index - 1)
+        settings = dataclasses.replace(settings, amqp=amqp, admin=admin)
         reuse_port = True
     try:
         return GatewayService(
             settings, reactor, exit_on_startup_failure=True, reload_signal=True,
             reuse_port=reuse_port,
         )
-    except (TLSConfigError, PasswordFileError, OSError, UnicodeDecodeError) as error:
+    except (TLSConfigError, PasswordFileError, SchemaError, OSError, UnicodeDecodeError) as error:
         raise SystemExit(f"ocppgw could not start: {error}") from None

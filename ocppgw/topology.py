@@ -42,6 +42,14 @@ HEADER_TIMEOUT = "x-ocppgw-timeout"
 #: Set on the offline StatusNotification, which the gateway makes up.
 HEADER_SYNTHETIC = "x-ocppgw-synthetic"
 
+#: Set on a frame whose payload breaks its OCPP JSON schema (validation
+#: mode ``warn``), on the CALLERROR the gateway publishes in place of an
+#: invalid CALLRESULT (``enforce``), and on a back-end command the gateway
+#: refused to send: what is wrong, naming the field.
+HEADER_VALIDATION_ERROR = "x-ocppgw-validation-error"
+#: With it: the OCPP error code for it, spelled for the charger's version.
+HEADER_VALIDATION_CODE = "x-ocppgw-validation-code"
+
 #: ``app_id`` property of everything ocppgw publishes.
 APP_ID = "ocppgw"
 

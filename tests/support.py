@@ -41,6 +41,8 @@ class GatewayTestCase(unittest.TestCase):
         values = deep_merge(
             {
                 "listener": {"tcp.ip": "127.0.0.1", "tcp.port": "0"},
+                # a free port: concurrent runs must not fight over 9100
+                "admin": {"tcp.port": "0"},
                 "amqp": {
                     "url": amqp_url(),
                     "exchange": self.exchange,

@@ -112,6 +112,28 @@ timeout = 2
 cache_ttl = 0
 failure_delay = 0.25
 hash_threads = 4
+
+[validation]
+mode = enforce
+exempt_actions = DataTransfer, FirmwareStatusNotification
+exempt_identities = LAB-*, RDAM?123
+allow_additional_properties = yes
+schema_dir = /
+
+[admin]
+enabled = no
+tcp.ip = 0.0.0.0
+tcp.port = 9200
+username = ops
+password = hunter2
+
+[log]
+format = json
+level = warn
+
+[audit]
+enabled = yes
+exchange = ocpp.trail
 """
 
 
@@ -224,6 +246,16 @@ class DefaultsTests(SynchronousTestCase):
             settings.ocpp,
             config.OcppSettings(
                 call_timeout=30.0, offline_status=True, presence_events=True
+            ),
+        )
+        self.assertEqual(
+            settings.validation,
+            config.ValidationSettings(
+                mode="warn",
+                exempt_actions=(),
+                exempt_identities=(),
+                allow_additional_properties=False,
+                schema_dir="",
             ),
         )
 
@@ -371,6 +403,16 @@ class EveryKeyTests(SynchronousTestCase):
                 call_timeout=12.5, offline_status=False, presence_events=False
             ),
         )
+        self.assertEqual(
+            settings.validation,
+            config.ValidationSettings(
+                mode="enforce",
+                exempt_actions=("DataTransfer", "FirmwareStatusNotification"),
+                exempt_identities=("LAB-*", "RDAM?123"),
+                allow_additional_properties=True,
+                schema_dir="/",
+            ),
+        )
 
     def test_everyKeyIsCovered(self) -> None:
         """L{EVERY_KEY} really sets every key to something else than the default."""
@@ -491,7 +533,7 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
         self.assertParseRefused(
             "[listner]\n", "listner: unknown section (did you mean listener?)"
         )
-        self.assertParseRefused("[admin]\n", "admin: unknown section")
+        self.assertParseRefused("[tls]\n", "tls: unknown section")
 
     def test_defaultSectionIsUnknown(self) -> None:
         """
@@ -737,6 +779,46 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
         )
 
 
+class ValidationSectionTests(ParseErrorMixin, SynchronousTestCase):
+    """The [validation] keys: modes, lists, the schema directory."""
+
+    def test_modes(self) -> None:
+        for mode in ("off", "warn", "enforce"):
+            settings = config.settings_from_dict({"validation": {"mode": mode}})
+            self.assertEqual(settings.validation.mode, mode)
+        self.assertRefused(
+            {"validation": {"mode": "strict"}},
+            "validation.mode: strict is not one of off, warn, enforce",
+        )
+
+    def test_exemptActions(self) -> None:
+        settings = config.settings_from_dict(
+            {"validation": {"exempt_actions": "DataTransfer DataTransfer,Heartbeat"}}
+        )
+        self.assertEqual(settings.validation.exempt_actions, ("DataTransfer", "Heartbeat"))
+        self.assertRefused(
+            {"validation": {"exempt_actions": "Data.Transfer"}},
+            "validation.exempt_actions: Data.Transfer is not an OCPP action name",
+        )
+
+    def test_exemptIdentities(self) -> None:
+        settings = config.settings_from_dict(
+            {"validation": {"exempt_identities": ["DE*ABC*", "CP?1"]}}
+        )
+        self.assertEqual(settings.validation.exempt_identities, ("DE*ABC*", "CP?1"))
+        self.assertRefused(
+            {"validation": {"exempt_identities": "CP[12]"}},
+            "validation.exempt_identities: CP[12] is not an identity pattern",
+        )
+
+    def test_schemaDirMustExist(self) -> None:
+        missing = "/nonexistent/ocppgw-schemas"
+        self.assertRefused(
+            {"validation": {"schema_dir": missing}},
+            f"validation.schema_dir: {missing} is not an existing directory",
+        )
+
+
 class SyntaxTests(ParseErrorMixin, SynchronousTestCase):
     """INI syntax errors name the place, never the offending line's text."""
 
@@ -929,3 +1011,30 @@ class ImportTests(SynchronousTestCase):
             or name == "twisted"
         }
         self.assertEqual(forbidden, set())
+
+
+class OperationsSettingsTests(SynchronousTestCase):
+    """[admin], [log] and [audit]."""
+
+    def test_adminCredentialsComeTogether(self) -> None:
+        for text in ("[admin]\nusername = ops\n", "[admin]\npassword = x\n"):
+            error = self.assertRaises(ConfigError, config.parse, text)
+            self.assertEqual(
+                error.problems,
+                ("admin.password: username and password are set together (both or neither)",),
+            )
+
+    def test_adminPasswordNotInRepr(self) -> None:
+        settings = config.parse("[admin]\nusername = ops\npassword = hunter2\n")
+        self.assertEqual(settings.admin.password, "hunter2")
+        self.assertNotIn("hunter2", repr(settings))
+
+    def test_badLogFormat(self) -> None:
+        error = self.assertRaises(ConfigError, config.parse, "[log]\nformat = xml\n")
+        self.assertEqual(error.problems, ("log.format: xml is not one of text, json",))
+
+    def test_auditExchangeNotReserved(self) -> None:
+        error = self.assertRaises(ConfigError, config.parse, "[audit]\nexchange = amq.x\n")
+        self.assertEqual(
+            error.problems, ("audit.exchange: amq.x is reserved by RabbitMQ (amq.*)",)
+        )

@@ -82,6 +82,7 @@ class MakeServiceTests(unittest.TestCase):
         service = ocppgw.makeService(
             {
                 "listener": {"tcp.port": "0"},
+                "admin": {"tcp.port": "0"},
                 "amqp": {"url": amqp_url(), "exchange": exchange},
             },
             reactor=reactor,
@@ -115,6 +116,7 @@ class MakeServiceTests(unittest.TestCase):
         service = ocppgw.makeService(
             {
                 "listener": {"tcp.port": "0"},
+                "admin": {"tcp.port": "0"},
                 "amqp": {"url": "amqp://guest:wrong-password@127.0.0.1:5672/%2F"},
             },
             reactor=reactor,
@@ -186,7 +188,7 @@ class TwistdTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_broker_refusal_exits_nonzero(self):
         child = self.twistd(
-            "[listener]\ntcp.port = 0\n"
+            "[listener]\ntcp.port = 0\n[admin]\ntcp.port = 0\n"
             "[amqp]\nurl = amqp://guest:wrong@127.0.0.1:5672/%2F\nconnect_timeout = 5\n",
         )
         ended = yield child.ended
@@ -200,7 +202,7 @@ class TwistdTests(unittest.TestCase):
         port = free_port()
         exchange = unique_name("twistd-test")
         child = self.twistd(
-            f"[listener]\ntcp.port = {port}\n[amqp]\nurl = {amqp_url()}\nexchange = {exchange}\n",
+            f"[listener]\ntcp.port = {port}\n[admin]\ntcp.port = 0\n[amqp]\nurl = {amqp_url()}\nexchange = {exchange}\n",
             b"listening on ws://",
         )
         yield child.ready

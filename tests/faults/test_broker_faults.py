@@ -70,6 +70,7 @@ class OwnBrokerTests(unittest.TestCase):
                     "heartbeat": "5",
                 },
                 "queue": {"x-expires": "600000"},
+                "admin": {"tcp.port": "0"},
             },
             sections,
         )

@@ -73,7 +73,7 @@ class FleetTestCase(unittest.TestCase):
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write(
-                f"[listener]\ntcp.port = {self.port}\n{listener}\n"
+                f"[listener]\ntcp.port = {self.port}\n{listener}\n[admin]\ntcp.port = 0\n"
                 f"[amqp]\nurl = {amqp_url()}\nexchange = {self.exchange}\n"
                 f"node = {unique_name('fleet')}\n"
                 # the storm's queues go away by themselves
@@ -238,6 +238,7 @@ class WorkersTests(FleetTestCase):
         with open(path, "w") as f:
             f.write(
                 f"[listener]\ntcp.port = {self.port}\nworkers = 2\ndrain_window = 0.5\n"
+                f"[admin]\ntcp.port = 0\n"
                 f"[amqp]\nurl = {amqp_url()}\nexchange = {self.exchange}\n"
                 f"[queue]\nx-expires = 30000\n"
             )

@@ -36,6 +36,7 @@ class GatewaysTestCase(unittest.TestCase):
                 "amqp": {"url": amqp_url(), "exchange": self.exchange,
                          "node": unique_name("node")},
                 "queue": {"x-expires": "600000"},
+                "admin": {"tcp.port": "0"},
             },
             sections,
         )
