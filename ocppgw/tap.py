@@ -67,12 +67,12 @@ def makeService(options: Options):
     from ocppgw.validation import SchemaError
 
     settings = options["settings"]
-    if settings.listener.workers > 1 and not options["worker"]:
+    if settings.listener.workers > 1 and not options.get("worker"):
         from ocppgw.workers import WorkersService
 
-        return WorkersService(reactor, options["config"], settings.listener.workers)
+        return WorkersService(reactor, options.get("config"), settings.listener.workers)
     reuse_port = False
-    if options["worker"]:
+    if options.get("worker"):
         # one of several processes on these ports: its own node name, and
         # its own admin port (base + n - 1) so that each can be scraped
         index = int(options["worker"])
