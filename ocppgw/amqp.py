@@ -41,6 +41,7 @@ from collections import OrderedDict, deque
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
+import orjson
 import pika
 import pika.exceptions
 from pika.adapters.twisted_connection import TwistedProtocolConnection
@@ -126,9 +127,14 @@ class _ConfirmChannel(_Channel):
     A publish channel in confirm mode that tracks its own delivery tags.
     """
 
-    def __init__(self, channel, window: int, on_closed: Callable[["_ConfirmChannel"], None]):
+    def __init__(self, channel, window: int, on_closed: Callable[["_ConfirmChannel"], None],
+                 on_full: Optional[Callable[[bool], None]] = None):
         self.channel = channel
         self._window = window
+        # Called with True when publishes start waiting for room in the
+        # window, and with False once the window is half empty again.
+        self._on_full = on_full
+        self.full = False
         self._seq = 0
         # seq -> [on_outcome, returned]
         self._pending: OrderedDict[int, list] = OrderedDict()
@@ -160,6 +166,10 @@ class _ConfirmChannel(_Channel):
             self._backlog.append(
                 (exchange, routing_key, body, properties, mandatory, on_outcome)
             )
+            if not self.full:
+                self.full = True
+                if self._on_full is not None:
+                    self._on_full(True)
             return
         self._send(exchange, routing_key, body, properties, mandatory, on_outcome)
 
@@ -216,6 +226,10 @@ class _ConfirmChannel(_Channel):
         backlog = self._backlog
         while backlog and len(pending) < self._window:
             self._send(*backlog.popleft())
+        if self.full and not backlog and len(pending) <= self._window // 2:
+            self.full = False
+            if self._on_full is not None:
+                self._on_full(False)
         if not pending and self._drained:
             waiting, self._drained = self._drained, []
             for d in waiting:
@@ -248,6 +262,10 @@ class _ConfirmChannel(_Channel):
         entries.extend([item[5], False] for item in self._backlog)
         self._pending.clear()
         self._backlog.clear()
+        if self.full:
+            self.full = False
+            if self._on_full is not None:
+                self._on_full(False)
         for entry in entries:
             if entry[0] is not None:
                 entry[0](_FAILED)
@@ -318,10 +336,15 @@ class _ConsumerChannel(_Channel):
         if consumer is not None:
             consumer._lost("the charger's queue was deleted")
 
-    def _closed(self, _channel, reason) -> None:
+    def _closed(self, channel, reason) -> None:
         consumers, self.consumers = self.consumers, {}
+        # When the connection is gone the broker requeues every delivery
+        # and the bridge reconnects: consumers are restored, not lost.
+        connection_gone = isinstance(reason, pika.exceptions.AMQPConnectionError) or not (
+            channel.connection is not None and channel.connection.is_open
+        )
         for consumer in consumers.values():
-            consumer._lost(f"consumer channel closed: {reason}")
+            consumer._lost(f"consumer channel closed: {reason}", connection_gone)
         self._on_closed(self, reason)
 
 
@@ -358,7 +381,7 @@ class Consumer:
     def _message(self, _channel, method, properties, body) -> None:
         self._on_delivery(
             Delivery(
-                method.delivery_tag,
+                (self._cc, method.delivery_tag),
                 body,
                 properties.reply_to,
                 properties.correlation_id,
@@ -366,7 +389,7 @@ class Consumer:
             )
         )
 
-    def _lost(self, why: str) -> None:
+    def _lost(self, why: str, connection_gone: bool = False) -> None:
         if not self._ready.called:
             # consume never got its consume-ok (e.g. the queue is gone)
             self._on_lost = None
@@ -377,24 +400,35 @@ class Consumer:
             return
         on_lost, self._on_lost = self._on_lost, None
         if on_lost is not None:
-            on_lost(why)
+            on_lost(why, connection_gone)
+
+    # A delivery tag is only valid on the channel it came on. After a
+    # reconnect, a session may still hold deliveries of the old connection:
+    # acting on them must not touch the new channels (an unknown tag is a
+    # channel error that would take every consumer on it down).
 
     def ack(self, delivery: Delivery) -> None:
-        channel = self._cc.channel
-        if channel.is_open:
+        cc, tag = delivery.tag
+        if cc.open:
             # pika's basic_ack, encoded directly (see ocppgw.amqpwire)
+            channel = cc.channel
             channel.connection._output_marshaled_frames(
-                (encode_ack(channel.channel_number, delivery.tag),))
+                (encode_ack(channel.channel_number, tag),))
 
     def reject(self, delivery: Delivery) -> None:
-        if self._cc.open:
-            self._cc.channel.basic_reject(delivery.tag, requeue=False)
+        cc, tag = delivery.tag
+        if cc.open:
+            cc.channel.basic_reject(tag, requeue=False)
 
     def requeue(self, delivery: Delivery) -> None:
-        if self._cancelling:
-            self._requeue_later.append(delivery.tag)
-        elif self._cc.open:
-            self._cc.channel.basic_nack(delivery.tag, requeue=True)
+        cc, tag = delivery.tag
+        if cc is not self._cc:
+            if cc.open:
+                cc.channel.basic_nack(tag, requeue=True)
+        elif self._cancelling:
+            self._requeue_later.append(tag)
+        elif cc.open:
+            cc.channel.basic_nack(tag, requeue=True)
 
     def cancel(self) -> defer.Deferred:
         """
@@ -448,8 +482,12 @@ class AmqpBridge:
         consumer_channels: int = 4,
         declare_channels: int = 4,
         reconnect_max_delay: float = 30.0,
+        failover_urls: tuple = (),
     ) -> None:
         self._reactor = reactor
+        #: every broker URL, tried in turn (a cluster's nodes)
+        self._urls = [url, *failover_urls]
+        self._url_index = 0
         self._url = url
         self.exchange = exchange
         self.node = node
@@ -472,6 +510,12 @@ class AmqpBridge:
         self._reconnect_call = None
         self._attempt = 0
         self._observers: list[Callable[[bool, str], None]] = []
+        self._flow_observers: list[Callable[[bool], None]] = []
+        # why publishing should pause: "blocked" (connection.blocked) and
+        # the publish channels whose confirm window is full
+        self._pause_reasons: set = set()
+        self._control_handlers: list[Callable[[dict], None]] = []
+        self._control_queue: Optional[str] = None
         #: whether RabbitMQ blocks our publishes (connection.blocked)
         self.blocked = False
         #: called with the seconds each publish took to be confirmed
@@ -489,6 +533,36 @@ class AmqpBridge:
         for observer in list(self._observers):
             observer(connected, why)
 
+    # -- flow control ----------------------------------------------------------
+
+    def add_flow_observer(self, observer: Callable[[bool], None]) -> None:
+        """
+        Call C{observer(paused)} when publishing should stop (the broker
+        blocked the connection, or a confirm window is full) and when it
+        may go on.
+        """
+        self._flow_observers.append(observer)
+
+    @property
+    def paused(self) -> bool:
+        """Whether publishers should stop feeding the bridge."""
+        return bool(self._pause_reasons)
+
+    def _set_pause(self, reason, on: bool) -> None:
+        was = self.paused
+        if on:
+            self._pause_reasons.add(reason)
+        else:
+            self._pause_reasons.discard(reason)
+        if self.paused != was:
+            _log.info(
+                "Publishing {state} ({reason})",
+                state="paused" if self.paused else "resumed",
+                reason=reason if isinstance(reason, str) else "confirm window",
+            )
+            for observer in list(self._flow_observers):
+                observer(self.paused)
+
     @defer.inlineCallbacks
     def start(self):
         """
@@ -498,7 +572,26 @@ class AmqpBridge:
         broker, or refused by it, stops at start with a clear message.
         """
         self._stopping = False
-        yield self._connect()
+        errors = []
+        for index in range(len(self._urls)):
+            self._url_index = index
+            self._url = self._urls[index]
+            try:
+                yield self._connect()
+            except Exception as error:
+                errors.append(error)
+                if self._stopping:
+                    raise
+                continue
+            return
+        if len(errors) == 1:
+            raise errors[0]
+        reasons = []
+        for url, error in zip(self._urls, errors):
+            text = str(error)
+            shown = mask_url(url)
+            reasons.append(text if shown in text else f"{shown}: {text}")
+        raise BrokerUnavailable("no broker could be reached: " + "; ".join(reasons))
 
     def _parameters(self) -> pika.URLParameters:
         parameters = pika.URLParameters(self._url)
@@ -559,6 +652,7 @@ class AmqpBridge:
         connection._impl.add_on_connection_unblocked_callback(self._unblocked)
         try:
             yield self._declare_exchange(connection)
+            yield self._start_control(connection)
             publishers = []
             for _ in range(self._n_publish):
                 publishers.append((yield self._open_publisher(connection)))
@@ -578,7 +672,11 @@ class AmqpBridge:
         self._consumer_channels = consumer_channels
         self.connected = True
         self._attempt = 0
-        _log.info("Connected to the broker as node {node}", node=self.node)
+        _log.info(
+            "Connected to the broker {url} as node {node}",
+            url=mask_url(self._url),
+            node=self.node,
+        )
         self._notify(True, "connected")
 
     def _blocked(self, _connection, frame) -> None:
@@ -588,10 +686,12 @@ class AmqpBridge:
             reason=getattr(frame.method, "reason", ""),
             event="amqp_blocked",
         )
+        self._set_pause("blocked", True)
 
     def _unblocked(self, _connection, _frame) -> None:
         self.blocked = False
         _log.info("The broker unblocked publishing", event="amqp_unblocked")
+        self._set_pause("blocked", False)
 
     @defer.inlineCallbacks
     def declare_exchange(self, name: str) -> defer.Deferred:
@@ -625,6 +725,82 @@ class AmqpBridge:
             )
         channel.close()
 
+    # -- control messages between gateway processes ---------------------------
+
+    def control_exchange(self) -> str:
+        """
+        The fanout exchange gateway processes tell each other things on.
+
+        It is apart from the OCPP exchange so that no back end binding
+        (C{#}) ever sees these messages.
+        """
+        return self.exchange + ".gateways"
+
+    def add_control_handler(self, handler: Callable[[dict], None]) -> None:
+        """
+        Call C{handler(message)} for every control message from another
+        gateway process (never for our own).
+        """
+        self._control_handlers.append(handler)
+
+    @defer.inlineCallbacks
+    def _start_control(self, connection):
+        """
+        Declare the control exchange and this process's exclusive queue on
+        it, and consume it (no-ack: a control message lost with a dying
+        connection concerns chargers that connection no longer serves).
+        """
+        channel = yield _channel(connection)
+        done: defer.Deferred = defer.Deferred()
+        # auto-delete: it goes away with the last gateway's queue
+        channel.exchange_declare(
+            self.control_exchange(), exchange_type="fanout", auto_delete=True,
+            callback=done.callback,
+        )
+        yield done
+        done = defer.Deferred()
+        channel.queue_declare("", exclusive=True, auto_delete=True, callback=done.callback)
+        frame = yield done
+        queue = frame.method.queue
+        done = defer.Deferred()
+        channel.queue_bind(queue, self.control_exchange(), callback=done.callback)
+        yield done
+        done = defer.Deferred()
+        channel.basic_consume(queue, self._control_message, auto_ack=True,
+                              callback=done.callback)
+        yield done
+        self._control_queue = queue
+
+    def _control_message(self, _channel, _method, properties, body) -> None:
+        headers = properties.headers or {}
+        if headers.get("x-ocppgw-node") == self.node:
+            return
+        try:
+            message = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            _log.warn("Unreadable control message ({size} bytes)", size=len(body))
+            return
+        if not isinstance(message, dict):
+            return
+        for handler in list(self._control_handlers):
+            try:
+                handler(message)
+            except Exception:
+                _log.failure("Control message handler failed")
+
+    def publish_control(self, message: dict, on_outcome=None) -> None:
+        """
+        Tell every other gateway process C{message} (a JSON object).
+        """
+        self.publish(
+            self.control_exchange(),
+            "",
+            orjson.dumps(message),
+            headers={"x-ocppgw-node": self.node},
+            persistent=False,
+            on_outcome=on_outcome,
+        )
+
     @defer.inlineCallbacks
     def exchange_exists(self, name: str):
         """
@@ -654,7 +830,11 @@ class AmqpBridge:
     @defer.inlineCallbacks
     def _open_publisher(self, connection):
         channel = yield _channel(connection)
-        publisher = _ConfirmChannel(channel, self._window, self._publisher_closed)
+        key = object()
+        publisher = _ConfirmChannel(
+            channel, self._window, self._publisher_closed,
+            on_full=lambda full: self._set_pause(key, full),
+        )
         publisher.observe_latency = self.observe_confirm
         yield publisher.start()
         return publisher
@@ -738,6 +918,9 @@ class AmqpBridge:
         self.connected = False
         self.blocked = False
         self._connection = None
+        self._control_queue = None
+        # a new connection starts unblocked
+        self._set_pause("blocked", False)
         why = f"broker connection closed: {reason}"
         waiting, self._waiting_declares = self._waiting_declares, []
         for *_args, d in waiting:
@@ -760,6 +943,10 @@ class AmqpBridge:
         self._reconnect_call = None
         if self._stopping:
             return
+        # The node we lost (or could not reach) is the likeliest to be
+        # down: try the next one.
+        self._url_index = (self._url_index + 1) % len(self._urls)
+        self._url = self._urls[self._url_index]
 
         def failed(failure):
             _log.warn("Broker reconnect failed: {error}", error=failure.getErrorMessage())

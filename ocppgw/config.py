@@ -123,6 +123,12 @@ class ListenerSettings:
     client_cert_header: str
     trusted_proxies: tuple[str, ...]
     allow_anonymous: bool
+    accept_rate: float
+    accept_burst: int
+    max_handshakes: int
+    retry_after_max: int
+    drain_window: float
+    workers: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +141,9 @@ class WebSocketSettings:
     handshake_timeout: float
     close_timeout: float
     max_bad_frames: int
+    max_message_rate: float
+    message_burst: int
+    max_rate_violations: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +165,10 @@ class AmqpSettings:
     consumer_channels: int
     declare_channels: int
     node: str
+    failover_urls: tuple[str, ...] = field(repr=False)
+    outage_grace: float
+    outage_keep_chargers: bool
+    reconnect_max_delay: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +179,7 @@ class QueueSettings:
     x_message_ttl: int
     x_expires: int
     x_dead_letter_exchange: str
+    x_single_active_consumer: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +392,19 @@ class Seconds:
 
 
 @dataclass(frozen=True, slots=True)
+class Rate:
+    """Events per second, fractions allowed; 0 means "no limit"."""
+
+    allowed: ClassVar[str] = "a number per second >= 0 (0 = no limit)"
+
+    def __call__(self, value: object) -> float:
+        try:
+            return Seconds(zero_allowed=True)(value)
+        except _Invalid:
+            raise _refuse(value, self) from None
+
+
+@dataclass(frozen=True, slots=True)
 class Boolean:
     """A switch, spelled any way configparser understands."""
 
@@ -583,6 +610,25 @@ class AmqpUrl:
 OCPP_J_SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1")
 #: Versions that exist only as OCPP-S (SOAP): named so the error can say so.
 SOAP_ONLY_SUBPROTOCOLS = ("ocpp1.2", "ocpp1.5")
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpUrls:
+    """
+    Zero or more broker URLs separated by commas and/or spaces, each
+    checked like :class:`AmqpUrl`.
+    """
+
+    allowed: ClassVar[str] = "amqp:// or amqps:// URLs separated by commas or spaces"
+
+    def __call__(self, value: object) -> tuple[str, ...]:
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+        elif isinstance(value, str):
+            items = value.replace(",", " ").split()
+        else:
+            raise _Invalid(f"a {type(value).__name__} is not {self.allowed}")
+        return tuple(AmqpUrl()(item) for item in items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -984,6 +1030,23 @@ SECTIONS: tuple[Section, ...] = (
         Option("allow_anonymous", Boolean(), "false",
                "Allow a listener with profile 0 (no authentication) on a non-loopback "
                "address."),
+        Option("accept_rate", Rate(), "0",
+               "New WebSocket handshakes accepted per second (a token bucket; 0 = no limit); "
+               "more are refused with HTTP 503 and a Retry-After before any broker work."),
+        Option("accept_burst", Integer(1), "100",
+               "Handshakes accepted at once before accept_rate applies (the bucket's size)."),
+        Option("max_handshakes", Integer(0), "0",
+               "Handshakes being prepared at the same time (queue declared, consumer set up); "
+               "more are refused with HTTP 503 and a Retry-After (0 = no limit)."),
+        Option("retry_after_max", Integer(1, 3600), "10",
+               "A refused charger is told to retry after a random 1 to this many seconds, "
+               "so that a refused wave comes back spread out."),
+        Option("drain_window", Seconds(zero_allowed=True), "10",
+               "At shutdown, chargers are closed with 1012 spread evenly over this many "
+               "seconds, so the fleet reconnects elsewhere gradually."),
+        Option("workers", Integer(1, 256), "1",
+               "Gateway processes sharing the listening port (SO_REUSEPORT, Linux), so one "
+               "host uses all its cores; each has its own node name. Needs a fixed tcp.port."),
     )),
     Section("websocket", WebSocketSettings,
             "Limits and keep-alive of each charger's WebSocket connection.", (
@@ -999,6 +1062,14 @@ SECTIONS: tuple[Section, ...] = (
                "Seconds to wait for the charger's close frame before dropping TCP."),
         Option("max_bad_frames", Integer(1), "10",
                "Malformed frames tolerated per connection before closing it with 1002."),
+        Option("max_message_rate", Rate(), "0",
+               "Messages per second one charger may send (a token bucket; 0 = no limit); "
+               "a CALL over it is answered with a CALLERROR and not published."),
+        Option("message_burst", Integer(1), "50",
+               "Messages a charger may send at once before max_message_rate applies."),
+        Option("max_rate_violations", Integer(1), "200",
+               "Messages over the rate limit, with no quiet second in between, before "
+               "the connection is closed with 1008."),
     )),
     Section("amqp", AmqpSettings,
             "The RabbitMQ connection shared by all chargers.", (
@@ -1024,6 +1095,18 @@ SECTIONS: tuple[Section, ...] = (
                "failing declare closes no one else's channel."),
         Option("node", NodeName(), "",
                "Name of this gateway in message headers (empty = host:pid)."),
+        Option("failover_urls", AmqpUrls(), "",
+               "More broker URLs (other nodes of the RabbitMQ cluster), separated by commas "
+               "or spaces; connections are tried in turn, url first."),
+        Option("outage_grace", Seconds(zero_allowed=True), "30",
+               "Seconds connected chargers are kept while no broker is reachable (their CALLs "
+               "get CALLERROR InternalError); then they are closed with 1012."),
+        Option("outage_keep_chargers", Boolean(), "false",
+               "Keep connected chargers for as long as the broker is unreachable instead "
+               "of closing them after outage_grace."),
+        Option("reconnect_max_delay", Seconds(), "30",
+               "Longest wait between two reconnection attempts (exponential back-off with "
+               "jitter, starting at 0.5 s)."),
     )),
     Section("queue", QueueSettings,
             "Arguments of the per-charger queues ocpp.<identity>, passed to queue.declare "
@@ -1039,6 +1122,10 @@ SECTIONS: tuple[Section, ...] = (
                "Milliseconds an unused charger queue is kept (0 = forever)."),
         Option("x-dead-letter-exchange", ExchangeName(declared=False), "",
                "Exchange for expired or rejected commands (empty = none)."),
+        Option("x-single-active-consumer", Boolean(), "false",
+               "Only one consumer of a charger queue receives commands, the next one takes "
+               "over when it stops: with several gateway processes, a charger's new "
+               "connection gets nothing until the old one is closed (RabbitMQ 3.8+)."),
     )),
     Section("ocpp", OcppSettings,
             "What the gateway does on the OCPP level.", (

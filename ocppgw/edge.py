@@ -12,7 +12,11 @@ subprotocols. Before the upgrade ocppgw answers
   escapes) or is just C{*}; when no offered subprotocol is enabled (or only
   the SOAP-era C{ocpp1.2}/C{ocpp1.5} are);
 - 426 when a plain GET arrives without an upgrade;
-- 503 when the broker is not reachable, or the connection limit is reached;
+- 503 when the broker is not reachable, the connection limit is reached,
+  or more chargers arrive than the accept rate or the number of concurrent
+  handshakes allows (a reconnection storm); every 503 carries a
+  C{Retry-After} of a random 1 to C{retry_after_max} seconds, so that
+  refused chargers come back spread out;
 
 and otherwise 101 with the first subprotocol I{in the charger's order of
 preference} that is enabled. No C{Server} banner is sent.
@@ -33,6 +37,7 @@ decoded identity is never echoed into the HTTP status line.
 from __future__ import annotations
 
 import math
+import random
 from collections import deque
 from typing import Iterable, Optional, Protocol as TypingProtocol
 
@@ -168,6 +173,12 @@ class ChargerProtocol(WebSocketServerProtocol):
     link = None
     #: open CALLs taken over from a replaced connection, for the hub
     inherited_calls = None
+    #: seconds for the Retry-After of a 503 answer
+    _retry_after = None
+    #: flow control: not reading from the charger now
+    _reading_paused = False
+    #: a pong timeout fell while not reading; re-armed on resume
+    _ping_timeout_deferred = False
 
     #: response headers for the refusal being sent (see failHandshake)
     _deny_headers = ()
@@ -205,6 +216,12 @@ class ChargerProtocol(WebSocketServerProtocol):
         # autobahn passes only the status and reason of a ConnectionDeny
         # on; a 401 must also carry the Basic challenge.
         headers = list(responseHeaders or ()) + list(self._deny_headers)
+        # Every 503 (storm, broker down, shutting down, connection limit)
+        # says when to come back, at a random moment so that the refused
+        # chargers do not return together.
+        if code == 503:
+            wait = self._retry_after or self.factory.retry_after()
+            headers.append(("Retry-After", str(wait)))
         return super().failHandshake(reason, code, headers or None)
 
     def _peer_certificate(self, request):
@@ -259,6 +276,13 @@ class ChargerProtocol(WebSocketServerProtocol):
                 status=400,
             )
             raise ConnectionDeny(400, "No supported OCPP subprotocol")
+        admission = factory.admission
+        if admission is not None:
+            # Before any broker work: a storm must not queue up declares.
+            wait = admission.admit()
+            if wait is not None:
+                self._retry_after = wait
+                raise ConnectionDeny(503, "Service Unavailable")
         self.identity = identity
         self.version = VERSIONS[subprotocol]
         authenticator = factory.authenticator
@@ -277,6 +301,13 @@ class ChargerProtocol(WebSocketServerProtocol):
             d.addCallback(
                 lambda _: factory.hub.charger_connecting(self, identity, self.version)
             )
+        if admission is not None:
+
+            def finished(result):
+                admission.done()
+                return result
+
+            d.addBoth(finished)
 
         def accepted(_):
             # The handshake request is not needed again: drop it, it is
@@ -370,6 +401,38 @@ class ChargerProtocol(WebSocketServerProtocol):
             self.factory.hub.charger_closed(self, code, reason or "")
 
     # -- what the hub can do with a charger -------------------------------
+
+    def pause_reading(self) -> None:
+        """
+        Stop reading from the charger (flow control): TCP backpressure
+        then holds its frames in the network, not in our memory.
+        """
+        self._reading_paused = True
+        transport = self.transport
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        transport = self.transport
+        if transport is not None:
+            transport.resumeProducing()
+        if self._ping_timeout_deferred:
+            self._ping_timeout_deferred = False
+            # the pong may be among what we have not read yet: a new timeout
+            if self.autoPingPending is not None and self.autoPingTimeout:
+                self.autoPingTimeoutCall = self.factory._batched_timer.call_later(
+                    self.autoPingTimeout, self.onAutoPingTimeout
+                )
+
+    def onAutoPingTimeout(self) -> None:
+        # While we do not read, a charger's pong cannot reach us: a broker
+        # alarm must not make us drop chargers that are answering.
+        if self._reading_paused:
+            self.autoPingTimeoutCall = None
+            self._ping_timeout_deferred = True
+            return
+        super().onAutoPingTimeout()
 
     def send_frame(self, frame: bytes) -> None:
         """
@@ -494,6 +557,8 @@ class ChargerFactory(WebSocketServerFactory):
         close_timeout: float = 5.0,
         max_connections: int = 0,
         protocol_class: type = ChargerProtocol,
+        admission=None,
+        retry_after_max: int = 10,
         authenticator=None,
         forwarded_certificates=None,
         max_request_size: int = 16384,
@@ -521,6 +586,9 @@ class ChargerFactory(WebSocketServerFactory):
         self.vhost = vhost or None
         self.subprotocols = tuple(subprotocols)
         self.max_identity_length = max_identity_length
+        #: an L{ocppgw.limits.Admission}, or None for no accept limits
+        self.admission = admission
+        self._retry_after_max = max(1, retry_after_max)
         # no version banner anywhere
         self.server = None
         self.setProtocolOptions(
@@ -543,3 +611,9 @@ class ChargerFactory(WebSocketServerFactory):
             options[name] = staticmethod(value) if callable(value) else value
         options["CONFIG_ATTRS"] = ()
         self.protocol = type(protocol_class.__name__, (protocol_class,), options)
+
+    def retry_after(self) -> int:
+        """
+        A random C{Retry-After} for a 503, 1 to C{retry_after_max} seconds.
+        """
+        return random.randint(1, self._retry_after_max)

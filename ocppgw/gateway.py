@@ -14,6 +14,28 @@ connected chargers, which is what makes "last connection wins" work:
 3. the charger's queue is declared and bound I{before} the 101, so that a
    CSMS answer to the very first frame has a queue to land in;
 4. after the upgrade the consumer starts and the charger is announced.
+
+Across several gateway processes (sharing one broker) the same rule holds
+through a I{takeover} message: before declaring a charger's queue, the
+process that takes a charger tells every other process (a fanout control
+exchange, see L{AmqpBridge.publish_control}); a process that holds that
+charger detaches and closes it as replaced, requeueing its unanswered
+commands after its consumer is cancelled. With
+C{[queue] x-single-active-consumer} the new consumer gets nothing before
+the old one is cancelled, so no command reaches both connections.
+
+When the broker connection breaks, chargers are kept for a grace period
+(their CALLs get CALLERROR InternalError meanwhile); once the bridge is
+back every kept charger's queue is declared again and its consumer
+restored. Chargers still there when the grace period ends are closed with
+1012 (or kept, if configured), so none is left talking to nobody.
+
+Flow control: while the bridge says publishing should pause (the broker
+blocked the connection, or a confirm window is full) no charger is read
+from; they are resumed together.
+
+Shutdown drains: chargers are closed with 1012 spread over a window, so
+that the fleet reconnects to other processes gradually.
 """
 
 from __future__ import annotations
@@ -23,10 +45,10 @@ import os
 from typing import Optional
 
 import orjson
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from ocppgw import framing, topology
+from ocppgw import framing, limits, topology
 from ocppgw.amqp import AmqpBridge, BrokerUnavailable, ChannelGone, DeclareFailed
 from ocppgw.edge import ChargerProtocol, Refused
 from ocppgw.audit import IN as AUDIT_IN, OUT as AUDIT_OUT
@@ -42,6 +64,14 @@ CLOSE_REPLACED = (1000, "Replaced by a new connection")
 CLOSE_INTERNAL = 1011
 #: Close code when the gateway shuts down (RFC 6455 "going away").
 CLOSE_GOING_AWAY = 1001
+#: Close code for a drain or a broker outage: come back (elsewhere) later
+#: (IANA WebSocket registry: 1012 "Service Restart").
+CLOSE_SERVICE_RESTART = 1012
+#: Close code for a charger that keeps sending over its rate limit
+#: (RFC 6455: 1008 "Policy Violation").
+CLOSE_POLICY = 1008
+#: Control message type announcing that a process took a charger over.
+CONTROL_TAKEOVER = "takeover"
 
 
 def _utc_timestamp(seconds: float) -> str:
@@ -67,6 +97,9 @@ class ChargerLink:
         "headers",
         "connected_at",
         "detached",
+        "bucket",
+        "violations",
+        "last_violation",
         "listener",
         "peer",
         "stats",
@@ -104,6 +137,13 @@ class ChargerLink:
         self.consumer_ready: Optional[defer.Deferred] = None
         self.connected_at = clock.seconds()
         self.detached = False
+        self.bucket = (
+            limits.TokenBucket(clock, gateway.max_message_rate, gateway.message_burst)
+            if gateway.max_message_rate
+            else None
+        )
+        self.violations = 0
+        self.last_violation = 0.0
 
     # -- SessionEffects ------------------------------------------------------
 
@@ -222,12 +262,47 @@ class ChargerLink:
 
         d.addCallbacks(started, failed)
 
-    def _consumer_lost(self, why: str) -> None:
+    def _consumer_lost(self, why: str, connection_gone: bool = False) -> None:
+        self.consumer = None
+        if connection_gone:
+            # The broker requeued our unacknowledged commands; the gateway
+            # restores the consumer when the bridge is back.
+            self.session.broker_lost()
+            return
         _log.warn(
             "Consumer of {identity} lost: {why}", identity=self.identity, why=why
         )
-        self.consumer = None
         self.close(CLOSE_INTERNAL, "Command queue lost")
+
+    def restore(self) -> None:
+        """
+        The bridge reconnected: declare the queue again (the node we are
+        on now may not have it) and consume it again.
+        """
+        if self.detached:
+            return
+        gateway = self.gateway
+        d = gateway.bridge.declare_queue(
+            topology.charger_queue(self.identity),
+            topology.charger_binding_key(self.identity),
+            gateway.queue_arguments,
+        )
+
+        def declared(_):
+            if not self.detached and self.consumer is None:
+                self.start_consuming()
+
+        def failed(failure):
+            _log.warn(
+                "Could not restore the queue of {identity}: {error}",
+                identity=self.identity,
+                error=failure.getErrorMessage(),
+            )
+            if gateway.bridge.connected:
+                self.close(CLOSE_INTERNAL, "Command queue unavailable")
+            # else: the next reconnect tries again
+
+        d.addCallbacks(declared, failed)
 
     def detach(self) -> defer.Deferred:
         """
@@ -275,6 +350,11 @@ class Gateway:
         max_bad_frames: int = 10,
         offline_status: bool = True,
         presence_events: bool = True,
+        outage_grace: float = 30.0,
+        outage_keep_chargers: bool = False,
+        max_message_rate: float = 0.0,
+        message_burst: int = 50,
+        max_rate_violations: int = 200,
         validation=None,
         metrics=None,
         audit=None,
@@ -307,7 +387,16 @@ class Gateway:
         self._claims: dict[str, ChargerProtocol] = {}
         self._accepting = True
         self._closing: set[defer.Deferred] = set()
+        self.outage_grace = outage_grace
+        self.outage_keep_chargers = outage_keep_chargers
+        self.max_message_rate = max_message_rate
+        self.message_burst = message_burst
+        self.max_rate_violations = max_rate_violations
+        self._outage_timer = None
+        self.reading_paused = False
         bridge.add_observer(self._broker_state)
+        bridge.add_flow_observer(self._flow)
+        bridge.add_control_handler(self._control)
 
     # -- ChargerHub --------------------------------------------------------------
 
@@ -318,6 +407,11 @@ class Gateway:
         if not self.bridge.connected:
             raise Refused(503, "Service Unavailable")
         self._claims[identity] = edge
+        # Other gateway processes that hold this charger let it go while
+        # we declare its queue.
+        self.bridge.publish_control(
+            {"type": CONTROL_TAKEOVER, "identity": identity, "node": self.node}
+        )
         try:
             previous = self.chargers.get(identity)
             if previous is not None:
@@ -357,7 +451,11 @@ class Gateway:
 
     def charger_opened(self, edge: ChargerProtocol) -> None:
         identity = edge.identity
-        if self._claims.get(identity) is not edge or not self._accepting:
+        if not self._accepting:
+            # the handshake finished while the gateway began to drain
+            edge.close(CLOSE_SERVICE_RESTART, "Gateway restarting")
+            return
+        if self._claims.get(identity) is not edge:
             edge.close(*CLOSE_REPLACED)
             return
         link = ChargerLink(self, edge, self._reactor)
@@ -366,6 +464,8 @@ class Gateway:
             edge.inherited_calls = None
         edge.link = link
         self.chargers[identity] = link
+        if self.reading_paused:
+            edge.pause_reading()
         link.start_consuming()
         _log.info(
             "{identity} connected from {peer} speaking {version}",
@@ -385,10 +485,37 @@ class Gateway:
 
     def charger_frame(self, edge: ChargerProtocol, data: bytes) -> None:
         link = edge.link
-        if link is not None:
-            if self.audit is not None:
-                self.audit.frame(link.identity, link.version.subprotocol, AUDIT_IN, data)
+        if link is None:
+            return
+        if self.audit is not None:
+            self.audit.frame(link.identity, link.version.subprotocol, AUDIT_IN, data)
+        bucket = link.bucket
+        if bucket is None:
             link.session.charger_frame(data)
+            return
+        now = self._reactor.seconds()
+        if bucket.take():
+            # a second without excess ends a violation streak
+            if link.violations and now - link.last_violation > 1.0:
+                link.violations = 0
+            link.session.charger_frame(data)
+            return
+        link.violations += 1
+        link.last_violation = now
+        if link.violations == 1:
+            _log.warn(
+                "{identity} is over its message rate limit", identity=link.identity
+            )
+        if link.violations >= self.max_rate_violations:
+            _log.warn(
+                "Closing {identity}: {count} messages over its rate limit",
+                identity=link.identity,
+                count=link.violations,
+            )
+            link.session.stop_reading()
+            link.close(CLOSE_POLICY, "Message rate limit exceeded")
+            return
+        link.session.rate_limited(data)
 
     def charger_closed(self, edge: ChargerProtocol, code, reason: str) -> None:
         identity = edge.identity
@@ -482,16 +609,74 @@ class Gateway:
 
     def _broker_state(self, connected: bool, why: str) -> None:
         """
-        The broker connection went down: every charger's consumer and
-        unconfirmed publishes are gone with it, so the chargers are closed
-        (1011) rather than left talking to nobody; they reconnect and are
-        refused with 503 until the broker is back.
+        The broker connection went down or came back.
+
+        Down: every consumer and unconfirmed publish is gone with it (their
+        CALLs were answered InternalError), but the chargers stay for
+        C{outage_grace} seconds -- new ones get 503 meanwhile -- and are
+        then closed with 1012 rather than left talking to nobody.
+        Back: every kept charger's queue and consumer is restored.
         """
         if connected:
+            if self._outage_timer is not None and self._outage_timer.active():
+                self._outage_timer.cancel()
+            self._outage_timer = None
+            links = list(self.chargers.values())
+            if links:
+                _log.info("Restoring {count} chargers' consumers", count=len(links))
+            for link in links:
+                link.restore()
             return
+        if self.outage_keep_chargers or self._outage_timer is not None:
+            return
+        if self.outage_grace <= 0:
+            self._outage_over()
+        else:
+            self._outage_timer = self._reactor.callLater(self.outage_grace, self._outage_over)
+
+    def _outage_over(self) -> None:
+        self._outage_timer = None
+        if self.bridge.connected:
+            return
+        links = list(self.chargers.values())
+        if links:
+            _log.warn(
+                "Broker still unreachable: closing {count} chargers (1012)", count=len(links)
+            )
+        for link in links:
+            self._detach(link, replaced=False, code=CLOSE_SERVICE_RESTART)
+            link.close(CLOSE_SERVICE_RESTART, "Broker unavailable")
+
+    def _flow(self, paused: bool) -> None:
+        """
+        Stop reading from every charger while publishing is paused.
+        """
+        self.reading_paused = paused
         for link in list(self.chargers.values()):
-            self._detach(link, replaced=False, code=CLOSE_INTERNAL)
-            link.close(CLOSE_INTERNAL, "Broker connection lost")
+            if paused:
+                link.edge.pause_reading()
+            else:
+                link.edge.resume_reading()
+
+    def _control(self, message: dict) -> None:
+        """
+        A message from another gateway process.
+        """
+        if message.get("type") != CONTROL_TAKEOVER:
+            return
+        identity = message.get("identity")
+        if not isinstance(identity, str):
+            return
+        link = self.chargers.get(identity)
+        if link is None:
+            return
+        _log.info(
+            "{identity} reconnected to gateway {node}: closing it here",
+            identity=identity,
+            node=str(message.get("node"))[:255],
+        )
+        self._detach(link, replaced=True)
+        link.close(*CLOSE_REPLACED)
 
     # -- shutdown ---------------------------------------------------------------
 
@@ -532,4 +717,35 @@ class Gateway:
         for link in list(self.chargers.values()):
             waits.append(self._detach(link, replaced=False, code=code))
             link.close(code, reason)
+        return defer.DeferredList(waits, consumeErrors=True)
+
+    def drain(self, window: float, code: int = CLOSE_SERVICE_RESTART,
+              reason: str = "Gateway restarting") -> defer.Deferred:
+        """
+        Close every charger, spread evenly over C{window} seconds, and
+        requeue what each held.
+
+        @return: a Deferred firing once the last charger is detached and
+            its commands requeued.
+        """
+        links = list(self.chargers.values())
+        if not links or window <= 0:
+            return self.close_all(code, reason)
+        step = window / len(links)
+        waits = []
+
+        def close_one(link):
+            if link.detached:
+                return None
+            d = self._detach(link, replaced=False, code=code)
+            link.close(code, reason)
+            return d
+
+        for index, link in enumerate(links):
+            waits.append(
+                task.deferLater(self._reactor, index * step, close_one, link)
+            )
+        _log.info(
+            "Draining {count} chargers over {window:g} s", count=len(links), window=window
+        )
         return defer.DeferredList(waits, consumeErrors=True)

@@ -18,9 +18,11 @@ certificates, CA bundle, CRL, identity map and password file are read
 again; connected chargers keep their sessions.
 
 Stopping (SIGTERM under twistd) runs the other way: stop listening, close
-every charger with 1001 and requeue the commands they held, wait (bounded)
-for the broker to confirm what is in flight, close the AMQP connection,
-and last the admin listener (so that /readyz says "not ready" throughout).
+the chargers with 1012 spread over C{[listener] drain_window} (so the fleet
+moves to other gateways gradually) and requeue the commands they held, wait
+(bounded) for the broker to confirm what is in flight, close the AMQP
+connection, and last the admin listener (so that /readyz says "not ready"
+throughout).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from ocppgw.audit import AuditTrail
 from ocppgw.config import Settings
 from ocppgw.edge import ChargerFactory
 from ocppgw.framing import VERSIONS
-from ocppgw.gateway import CLOSE_GOING_AWAY, Gateway
+from ocppgw.gateway import Gateway
+from ocppgw.limits import Admission
 from ocppgw.listeners import Security
 from ocppgw.validation import Validation
 from ocppgw.metrics import GatewayState, Metrics
@@ -76,6 +79,7 @@ class GatewayService(service.MultiService, GatewayState):
         *,
         bridge: Optional[AmqpBridge] = None,
         exit_on_startup_failure: bool = False,
+        reuse_port: bool = False,
         reload_signal: bool = False,
         threadpool=None,
     ) -> None:
@@ -97,6 +101,8 @@ class GatewayService(service.MultiService, GatewayState):
             publish_channels=amqp.publish_channels,
             consumer_channels=amqp.consumer_channels,
             declare_channels=amqp.declare_channels,
+            failover_urls=amqp.failover_urls,
+            reconnect_max_delay=amqp.reconnect_max_delay,
         )
         self.metrics = Metrics()
         self.bridge.observe_confirm = self.metrics.observe_confirm
@@ -105,6 +111,7 @@ class GatewayService(service.MultiService, GatewayState):
             AuditTrail(self.bridge, audit.exchange, self.node, reactor) if audit.enabled else None
         )
         ocpp = settings.ocpp
+        listener, ws = settings.listener, settings.websocket
         # Compiled here, once, before anything listens: a schema that cannot
         # be loaded stops the start (SchemaError), like a bad config.
         self.validation = Validation.from_settings(
@@ -120,11 +127,25 @@ class GatewayService(service.MultiService, GatewayState):
             max_bad_frames=settings.websocket.max_bad_frames,
             offline_status=ocpp.offline_status,
             presence_events=ocpp.presence_events,
+            outage_grace=amqp.outage_grace,
+            outage_keep_chargers=amqp.outage_keep_chargers,
+            max_message_rate=ws.max_message_rate,
+            message_burst=ws.message_burst,
+            max_rate_violations=ws.max_rate_violations,
             validation=self.validation,
             metrics=self.metrics,
             audit=self.audit,
         )
-        listener, ws = settings.listener, settings.websocket
+        # one admission for every listener: the limits are the process's
+        admission = None
+        if listener.accept_rate or listener.max_handshakes:
+            admission = Admission(
+                reactor,
+                rate=listener.accept_rate,
+                burst=listener.accept_burst,
+                max_concurrent=listener.max_handshakes,
+                retry_after_max=listener.retry_after_max,
+            )
         #: TLS material, checkers and one authenticator per listener
         self.security = Security(settings, reactor, threadpool=threadpool)
         #: "tcp" and/or "ssl" -> ChargerFactory
@@ -145,6 +166,8 @@ class GatewayService(service.MultiService, GatewayState):
                 max_connections=listener.max_connections,
                 authenticator=self.security.authenticator(kind),
                 forwarded_certificates=self.security.forwarded_certificates(kind),
+                admission=admission,
+                retry_after_max=listener.retry_after_max,
                 listener="ws" if kind == "tcp" else "wss",
                 metrics=self.metrics,
             )
@@ -161,6 +184,8 @@ class GatewayService(service.MultiService, GatewayState):
         )
         self.admin_port = None
         self._exit_on_startup_failure = exit_on_startup_failure
+        # a worker of a [listener] workers group shares its ports
+        self._reuse_port = reuse_port
         self._reload_signal = reload_signal
         self._previous_sighup = None
         self.started: defer.Deferred = defer.Deferred()
@@ -213,7 +238,13 @@ class GatewayService(service.MultiService, GatewayState):
         for kind, factory in self.factories.items():
             host = listener.tcp_ip if kind == "tcp" else listener.ssl_ip
             port = listener.tcp_port if kind == "tcp" else listener.ssl_port
-            endpoint = self.security.endpoint(_server_endpoint(self._reactor, host, port))
+            if self._reuse_port:
+                from ocppgw.workers import ReusePortEndpoint
+
+                base = ReusePortEndpoint(self._reactor, host, port)
+            else:
+                base = _server_endpoint(self._reactor, host, port)
+            endpoint = self.security.endpoint(base)
             self.listening_ports[kind] = yield endpoint.listen(
                 self.security.wrap(kind, factory)
             )
@@ -307,7 +338,8 @@ class GatewayService(service.MultiService, GatewayState):
     @defer.inlineCallbacks
     def stopService(self):
         """
-        Stop listening, close chargers (1001), requeue, drain confirms.
+        Stop listening, close chargers (1012) over the drain window,
+        requeue, drain confirms.
         """
         yield defer.maybeDeferred(super().stopService)
         self._remove_sighup()
@@ -316,7 +348,7 @@ class GatewayService(service.MultiService, GatewayState):
         for port in ports.values():
             yield port.stopListening()
         self.listening_port = None
-        yield self.gateway.close_all(CLOSE_GOING_AWAY, "Gateway shutting down")
+        yield self.gateway.drain(self.settings.listener.drain_window)
         yield self.bridge.stop()
         yield self.security.stop()
         # last: /readyz says "not ready" while the gateway drains

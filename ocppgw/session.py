@@ -22,6 +22,13 @@ The rules it keeps (DESIGN §3):
   redelivered when the charger comes back.
 - When the session ends, the commands it still holds are handed back to be
   requeued.
+- When the broker connection breaks, the charger may stay connected: its
+  unacknowledged commands come back (C{redelivered}) on the new consumer.
+  A command the charger already has (the outstanding one) or has already
+  answered is then not sent again: the session remembers the message ids
+  and answers, re-publishes an answer the broker never confirmed, and
+  acknowledges. Commands that were only held are simply forgotten, since
+  the broker delivers them again.
 - With a payload checker (L{ocppgw.validation}), payloads are checked
   against the OCPP JSON schemas in both directions. In C{warn} mode an
   invalid frame passes, marked with a header when it is published; in
@@ -51,6 +58,22 @@ _log = Logger()
 #: CSMS's answer. OCPP-J allows one; a few more tolerate chargers that
 #: pipeline, and the bound keeps a charger that never gets answers small.
 MAX_OPEN_CHARGER_CALLS = 16
+
+#: How many answers to CSMS CALLs a session remembers, so that a command
+#: redelivered after a broker reconnect is not sent to the charger again.
+#: Only commands answered just before the connection broke (whose ack may
+#: not have reached the broker) can come back answered; a charger answers
+#: one CALL at a time, so a handful is plenty, and the memory of thousands
+#: of idle chargers stays small.
+MAX_REMEMBERED_ANSWERS = 8
+#: Larger answers are not remembered (a charger could otherwise pin
+#: megabytes per connection); such a command, if redelivered, is sent again.
+MAX_REMEMBERED_ANSWER_SIZE = 16384
+
+# States of a remembered answer's publish.
+_PENDING = "pending"
+_CONFIRMED = "confirmed"
+_FAILED = "failed"
 
 
 class PublishOutcome(enum.Enum):
@@ -174,13 +197,15 @@ class _AckWhenPublished:
     not take it, the command is requeued so the answer is not lost.
     """
 
-    __slots__ = ("_session", "_delivery", "_waiting", "_failed")
+    __slots__ = ("_session", "_delivery", "_waiting", "_failed", "_message_id")
 
-    def __init__(self, session: "ChargerSession", delivery: Delivery, waiting: int):
+    def __init__(self, session: "ChargerSession", delivery: Delivery, waiting: int,
+                 message_id: Optional[str] = None):
         self._session = session
         self._delivery = delivery
         self._waiting = waiting
         self._failed = False
+        self._message_id = message_id
 
     def routed(self, outcome: PublishOutcome) -> None:
         if outcome is PublishOutcome.FAILED:
@@ -196,7 +221,7 @@ class _AckWhenPublished:
         self._waiting -= 1
         if self._waiting:
             return
-        self._session._settled(self._delivery, self._failed)
+        self._session._settled(self._delivery, self._failed, self._message_id)
 
 
 class _SettleRefusal:
@@ -274,6 +299,7 @@ class ChargerSession:
         "_held",
         "_unsettled",
         "_ended",
+        "_answers",
         "_checker",
         "_invalid_logged",
         "_stats",
@@ -316,6 +342,10 @@ class ChargerSession:
         # are neither held nor outstanding, and must not be requeued.
         self._unsettled = 0
         self._ended = False
+        # message id -> [routing key, body, extra headers, state, waiting]
+        # of the last answers to CSMS CALLs; state is _PENDING, _CONFIRMED
+        # or _FAILED, waiting the redeliveries that wait for a pending one
+        self._answers: OrderedDict[str, list] = OrderedDict()
         self._checker = checker
         # Actions whose invalid payloads this session has logged already:
         # a charger with a quirk repeats it every few seconds, and the
@@ -389,6 +419,46 @@ class ChargerSession:
             )
         else:  # CALLRESULTERROR: the charger refuses a CSMS answer.
             self._publish_unmatched_answer(frame, data)
+
+    def stop_reading(self) -> None:
+        """
+        Ignore the charger's further frames (its connection is being closed
+        for misbehaving); what the session holds is handed back by L{end}.
+        """
+        self._ended = True
+
+    def rate_limited(self, data: bytes) -> None:
+        """
+        The charger sent a frame over its message rate limit.
+
+        A CALL is answered with a CALLERROR and not published (the charger
+        may retry it later); the answer to the CSMS's outstanding CALL still
+        goes through, since there is at most one; anything else is dropped.
+        """
+        if self._ended:
+            return
+        try:
+            frame = framing.parse_frame(data, self.version)
+        except BadFrame as bad:
+            self._bad_frame(bad)
+            return
+        kind = frame.message_type
+        if kind == framing.CALL:
+            self._effects.send_to_charger(
+                framing.encode_call_error(
+                    self.version,
+                    frame.message_id,
+                    ErrorKind.GENERIC_ERROR,
+                    "Too many messages; slow down and retry later",
+                    {"reason": "rate-limit"},
+                )
+            )
+        elif (
+            kind in (framing.CALLRESULT, framing.CALLERROR)
+            and self._outstanding is not None
+            and self._outstanding.message_id == frame.message_id
+        ):
+            self._charger_answer(frame, data)
 
     def _bad_frame(self, bad: BadFrame) -> None:
         self._bad_frames += 1
@@ -643,6 +713,8 @@ class ChargerSession:
         if checker is not None and self._invalid_command(delivery, frame, checker):
             return
         if kind == framing.CALL:
+            if delivery.redelivered and self._redelivered_call(delivery, frame):
+                return
             if self._outstanding is None:
                 self._send_call(delivery, frame)
             else:
@@ -663,6 +735,58 @@ class ChargerSession:
                 self._stats.frame_out(kind, frame.action or topology.UNKNOWN_ACTION)
             self._effects.send_to_charger(delivery.body)
             self._effects.ack(delivery)
+
+    def _redelivered_call(self, delivery: Delivery, frame: Frame) -> bool:
+        """
+        A command came back after a broker reconnect: if the charger has it
+        already, adopt the new delivery instead of sending it again.
+
+        @return: whether the delivery was dealt with.
+        """
+        outstanding = self._outstanding
+        if outstanding is not None and outstanding.message_id == frame.message_id:
+            outstanding.delivery = delivery
+            return True
+        answer = self._answers.get(frame.message_id)
+        if answer is None:
+            return False
+        state = answer[3]
+        if state is _CONFIRMED:
+            self._effects.ack(delivery)
+        elif state is _PENDING:
+            # settled when the publish in flight is (no second copy)
+            answer[4].append(delivery)
+        else:
+            self._republish(frame.message_id, answer, delivery)
+        return True
+
+    def _republish(self, message_id: str, answer: list, delivery: Delivery) -> None:
+        """
+        Publish a remembered answer again, for a redelivered command.
+        """
+        routing_key, body, extra_headers = answer[0], answer[1], answer[2]
+        answer[3] = _PENDING
+        reply_to = delivery.reply_to
+        settle = _AckWhenPublished(self, delivery, 2 if reply_to else 1, message_id)
+        self._unsettled += 1
+        self._effects.publish(
+            routing_key, body, message_id, None, False, settle.routed, extra_headers
+        )
+        if reply_to:
+            self._effects.publish_reply(
+                reply_to, delivery.correlation_id, body, settle.replied, extra_headers
+            )
+
+    def broker_lost(self) -> None:
+        """
+        The broker connection broke; the charger stays connected.
+
+        Every unacknowledged command goes back to the queue on the broker's
+        side, so the held ones are forgotten here (they will be delivered
+        again); the outstanding one stays outstanding, to be matched with
+        its redelivery.
+        """
+        self._held.clear()
 
     def _invalid_command(
         self, delivery: Delivery, frame: Frame, checker: PayloadChecker
@@ -734,10 +858,23 @@ class ChargerSession:
             outstanding.timer = None
         delivery = outstanding.delivery
         reply_to = delivery.reply_to
-        settle = _AckWhenPublished(self, delivery, 2 if reply_to else 1)
+        routing_key = topology.routing_key(
+            self.version.routing_prefix, outstanding.action, kind
+        )
+        answers = self._answers
+        if len(body) <= MAX_REMEMBERED_ANSWER_SIZE:
+            answers[outstanding.message_id] = [routing_key, body, extra_headers, _PENDING, []]
+            answers.move_to_end(outstanding.message_id)
+            if len(answers) > MAX_REMEMBERED_ANSWERS:
+                answers.popitem(last=False)
+        else:
+            answers.pop(outstanding.message_id, None)
+        settle = _AckWhenPublished(
+            self, delivery, 2 if reply_to else 1, outstanding.message_id
+        )
         self._unsettled += 1
         self._effects.publish(
-            topology.routing_key(self.version.routing_prefix, outstanding.action, kind),
+            routing_key,
             body,
             outstanding.message_id,
             None,
@@ -752,8 +889,17 @@ class ChargerSession:
         if not self._ended:
             self._send_next_held()
 
-    def _settled(self, delivery: Delivery, failed: bool) -> None:
+    def _settled(self, delivery: Delivery, failed: bool, message_id=None) -> None:
         self._unsettled -= 1
+        answer = self._answers.get(message_id) if message_id is not None else None
+        if answer is not None:
+            answer[3] = _FAILED if failed else _CONFIRMED
+            waiting, answer[4] = answer[4], []
+            for other in waiting:
+                if failed:
+                    self._republish(message_id, answer, other)
+                else:
+                    self._effects.ack(other)
         if failed:
             self._effects.requeue(delivery)
         else:

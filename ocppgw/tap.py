@@ -22,6 +22,8 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Path of the INI configuration file (defaults apply without one)."],
+        ["worker", None, None,
+         "Internal: run as worker N of a [listener] workers group (started by the supervisor)."],
     ]
 
     def postOptions(self) -> None:
@@ -32,6 +34,14 @@ class Options(usage.Options):
         except ConfigError as error:
             # usage.UsageError makes twistd print the message and exit 1.
             raise usage.UsageError(str(error)) from None
+        listener = self["settings"].listener
+        if listener.workers > 1 and (
+            (listener.tcp_enabled and listener.tcp_port == 0)
+            or (listener.ssl_enabled and listener.ssl_port == 0)
+        ):
+            raise usage.UsageError(
+                "listener.workers: several workers need fixed listener ports, not 0"
+            )
         from ocppgw.logs import install_for_twistd
 
         # twistd reads its parent options' "logger" after this, before it
@@ -47,6 +57,8 @@ def makeService(options: Options):
     Certificate or password files that exist but cannot be used end the
     start with their reason, not a traceback.
     """
+    import dataclasses
+
     from twisted.internet import reactor
 
     from ocppgw.auth import PasswordFileError
@@ -55,10 +67,27 @@ def makeService(options: Options):
     from ocppgw.tuning import tune_gc
     from ocppgw.validation import SchemaError
 
+    settings = options["settings"]
+    if settings.listener.workers > 1 and not options.get("worker"):
+        from ocppgw.workers import WorkersService
+
+        return WorkersService(reactor, options.get("config"), settings.listener.workers)
+    reuse_port = False
+    if options.get("worker"):
+        # one of several processes on these ports: its own node name, and
+        # its own admin port (base + n - 1) so that each can be scraped
+        index = int(options["worker"])
+        amqp = dataclasses.replace(settings.amqp, node=f"{settings.amqp.node}/{index}")
+        admin = settings.admin
+        if admin.tcp_port:
+            admin = dataclasses.replace(admin, tcp_port=admin.tcp_port + index - 1)
+        settings = dataclasses.replace(settings, amqp=amqp, admin=admin)
+        reuse_port = True
     tune_gc()
     try:
         return GatewayService(
-            options["settings"], reactor, exit_on_startup_failure=True, reload_signal=True
+            settings, reactor, exit_on_startup_failure=True, reload_signal=True,
+            reuse_port=reuse_port,
         )
     except (TLSConfigError, PasswordFileError, SchemaError, OSError, UnicodeDecodeError) as error:
         raise SystemExit(f"ocppgw could not start: {error}") from None

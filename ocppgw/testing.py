@@ -97,6 +97,8 @@ class FakeCharger:
         L{call}.
     @ivar closed: a Deferred firing with C{(code, reason)} when the
         connection ends.
+    @ivar received_call_ids: the message id of every CALL received, in
+        order (to check that nothing came twice).
     """
 
     def __init__(self) -> None:
@@ -108,6 +110,7 @@ class FakeCharger:
         self._open: defer.Deferred = defer.Deferred()
         self._waiting: dict[str, defer.Deferred] = {}
         self._ids = itertools.count(1)
+        self.received_call_ids: list = []
 
     @classmethod
     def connect(
@@ -167,6 +170,7 @@ class FakeCharger:
     def _message(self, payload: bytes, is_binary: bool) -> None:
         frame = orjson.loads(payload)
         if frame[0] == 2:
+            self.received_call_ids.append(frame[1])
             self.calls.put(frame)
             return
         waiting = self._waiting.pop(frame[1], None) if len(frame) > 1 else None
@@ -273,7 +277,9 @@ class FakeBackEnd:
             self._dispatch(message)
             return incoming.get().addCallback(got)
 
-        incoming.get().addCallback(got)
+        # the consumer's queue fails when the connection closes (stop, or
+        # a broker that went away): that ends the pump, it is no error
+        incoming.get().addCallback(got).addErrback(lambda _failure: None)
 
     def _dispatch(self, message: Message) -> None:
         handler = self._handlers.get(message.type or "")
@@ -285,9 +291,11 @@ class FakeBackEnd:
         ):
             frame = orjson.loads(message.body)
             payload = handler(message, frame[3])
+            # nobody waits for this confirm; a back end stopped before it
+            # comes must not leave an unhandled error behind
             self.client.send_to_charger(
                 message.reply_to, orjson.dumps([3, frame[1], payload])
-            )
+            ).addErrback(lambda _failure: None)
         self.received.append(message)
         for position, (routing_key, waiting) in enumerate(self._waiters):
             if routing_key is None or routing_key == message.routing_key:

@@ -154,30 +154,72 @@ class DeclareTests(BridgeTestCase):
 class BrokerClosesConnectionTests(GatewayTestCase):
     timeout = 40
 
+    def reconnected(self) -> defer.Deferred:
+        """
+        Fires once the gateway's bridge is connected again.
+        """
+        bridge = self.gateway_service.bridge
+        d: defer.Deferred = defer.Deferred()
+
+        def observe(connected, why):
+            if connected and not d.called:
+                d.callback(None)
+
+        bridge.add_observer(observe)
+        return d
+
     @defer.inlineCallbacks
     def test_connection_closed_by_broker(self):
         """
         When the broker closes the gateway's connection, connected chargers
-        are closed with 1011 (not left talking to nobody), and once the
-        bridge has reconnected chargers are served again.
+        stay (within the outage grace period), their consumers are restored
+        after the reconnect, and a command that was in flight reaches the
+        charger once: its redelivery is matched to the outstanding CALL.
+        A held command that was never sent is delivered after the answer.
         """
-        up = []
-        self.gateway_service.bridge.add_observer(lambda connected, why: up.append(connected))
         identity = self.identity()
         charger = yield self.connect(identity)
+        yield self.backend.send_to_charger(identity, [2, "c1", "Reset", {"type": "Soft"}])
+        yield self.backend.send_to_charger(identity, [2, "c2", "Reset", {"type": "Hard"}])
+        first = yield charger.next_call()
+        self.assertEqual(first[1], "c1")
+        reconnected = self.reconnected()
         closed = yield close_broker_connections(f"ocppgw {self.gateway_service.node}")
         self.assertEqual(closed, 1)
-        code, _ = yield charger.closed
-        self.assertEqual(code, 1011)
-        # wait for the reconnect, observed through the bridge
-        reconnected: defer.Deferred = defer.Deferred()
-        self.gateway_service.bridge.add_observer(
-            lambda connected, why: connected and not reconnected.called
-            and reconnected.callback(None)
+        yield reconnected
+        self.assertFalse(charger.closed.called)
+        # the broker requeued c1 and c2; c1 comes back and is not re-sent
+        charger.answer(first, {"status": "Accepted"})
+        answer = yield self.backend.next_message("ocpp16.Reset.conf")
+        self.assertEqual(answer.correlation_id, "c1")
+        second = yield charger.next_call()
+        self.assertEqual(second[1], "c2")
+        charger.answer(second, {"status": "Accepted"})
+        answer = yield self.backend.next_message("ocpp16.Reset.conf")
+        self.assertEqual(answer.correlation_id, "c2")
+        # and the charger's own CALLs reach the back end again
+        self.backend.handle(
+            "Heartbeat", lambda m, p: {"currentTime": "2026-01-01T00:00:00Z"}
         )
-        if not self.gateway_service.bridge.connected:
-            yield reconnected
-        self.assertEqual(up[0], False)
+        reply = yield charger.call("Heartbeat", {})
+        self.assertEqual(reply[0], 3)
+        # nothing was sent to the charger twice
+        self.assertEqual(charger.received_call_ids, ["c1", "c2"])
+
+    @defer.inlineCallbacks
+    def test_chargers_closed_1012_after_grace(self):
+        """
+        With no grace period, chargers are closed with 1012 as soon as the
+        broker connection is lost, and are served again after reconnecting.
+        """
+        self.gateway_service.gateway.outage_grace = 0
+        identity = self.identity()
+        charger = yield self.connect(identity)
+        reconnected = self.reconnected()
+        yield close_broker_connections(f"ocppgw {self.gateway_service.node}")
+        code, _ = yield charger.closed
+        self.assertEqual(code, 1012)
+        yield reconnected
         self.backend.handle(
             "Heartbeat", lambda m, p: {"currentTime": "2026-01-01T00:00:00Z"}
         )

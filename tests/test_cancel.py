@@ -54,7 +54,7 @@ class CancelTests(unittest.TestCase):
         fired = []
         for n, consumer in enumerate(consumers):
             consumer.cancel().addCallback(lambda _, n=n: fired.append(n))
-            consumer.requeue(type("D", (), {"tag": 100 + n})())
+            consumer.requeue(type("D", (), {"tag": (cc, 100 + n)})())
         self.assertEqual(channel.cancels, ["tag0", "tag1", "tag2"])
 
         channel.cancel_ok("tag1")

@@ -35,6 +35,12 @@ vhost = /
 subprotocols = ocpp2.1,ocpp2.0.1 ocpp1.6
 max_connections = 5000
 max_identity_length = 20
+accept_rate = 250.5
+accept_burst = 7
+max_handshakes = 64
+retry_after_max = 30
+drain_window = 0
+workers = 4
 tcp.enabled = false
 tcp.profile = 1
 ssl.enabled = true
@@ -65,6 +71,9 @@ ping_timeout = 2.5
 handshake_timeout = 4
 close_timeout = 0.5
 max_bad_frames = 3
+max_message_rate = 20
+message_burst = 5
+max_rate_violations = 9
 
 [amqp]
 url = amqps://gw:s3cret@broker.example.com:5671/ocpp
@@ -77,12 +86,17 @@ publish_channels = 2
 consumer_channels = 8
 declare_channels = 3
 node = gw-1
+failover_urls = amqp://gw:s3cret@b2:5672/ocpp, amqp://b3/ocpp
+outage_grace = 0
+outage_keep_chargers = yes
+reconnect_max_delay = 4
 
 [queue]
 x-queue-type = quorum
 x-message-ttl = 0
 x-expires = 60000
 x-dead-letter-exchange = ocpp.dead
+x-single-active-consumer = true
 
 [ocpp]
 call_timeout = 12.5
@@ -155,6 +169,12 @@ class DefaultsTests(SynchronousTestCase):
                 subprotocols=("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1"),
                 max_connections=100000,
                 max_identity_length=48,
+                accept_rate=0.0,
+                accept_burst=100,
+                max_handshakes=0,
+                retry_after_max=10,
+                drain_window=10.0,
+                workers=1,
                 tcp_enabled=True,
                 tcp_profile=0,
                 ssl_enabled=False,
@@ -188,6 +208,9 @@ class DefaultsTests(SynchronousTestCase):
                 handshake_timeout=30.0,
                 close_timeout=5.0,
                 max_bad_frames=10,
+                max_message_rate=0.0,
+                message_burst=50,
+                max_rate_violations=200,
             ),
         )
         self.assertEqual(
@@ -203,6 +226,10 @@ class DefaultsTests(SynchronousTestCase):
                 consumer_channels=4,
                 declare_channels=4,
                 node=f"{socket.gethostname()}:{os.getpid()}",
+                failover_urls=(),
+                outage_grace=30.0,
+                outage_keep_chargers=False,
+                reconnect_max_delay=30.0,
             ),
         )
         self.assertEqual(
@@ -212,6 +239,7 @@ class DefaultsTests(SynchronousTestCase):
                 x_message_ttl=300000,
                 x_expires=604800000,
                 x_dead_letter_exchange="",
+                x_single_active_consumer=False,
             ),
         )
         self.assertEqual(
@@ -283,6 +311,12 @@ class EveryKeyTests(SynchronousTestCase):
                 subprotocols=("ocpp2.1", "ocpp2.0.1", "ocpp1.6"),
                 max_connections=5000,
                 max_identity_length=20,
+                accept_rate=250.5,
+                accept_burst=7,
+                max_handshakes=64,
+                retry_after_max=30,
+                drain_window=0.0,
+                workers=4,
                 tcp_enabled=False,
                 tcp_profile=1,
                 ssl_enabled=True,
@@ -329,6 +363,9 @@ class EveryKeyTests(SynchronousTestCase):
                 handshake_timeout=4.0,
                 close_timeout=0.5,
                 max_bad_frames=3,
+                max_message_rate=20.0,
+                message_burst=5,
+                max_rate_violations=9,
             ),
         )
         self.assertEqual(
@@ -344,6 +381,10 @@ class EveryKeyTests(SynchronousTestCase):
                 consumer_channels=8,
                 declare_channels=3,
                 node="gw-1",
+                failover_urls=("amqp://gw:s3cret@b2:5672/ocpp", "amqp://b3/ocpp"),
+                outage_grace=0.0,
+                outage_keep_chargers=True,
+                reconnect_max_delay=4.0,
             ),
         )
         self.assertEqual(
@@ -353,6 +394,7 @@ class EveryKeyTests(SynchronousTestCase):
                 x_message_ttl=0,
                 x_expires=60000,
                 x_dead_letter_exchange="ocpp.dead",
+                x_single_active_consumer=True,
             ),
         )
         self.assertEqual(
@@ -479,6 +521,7 @@ class QueueArgumentsTests(SynchronousTestCase):
                 "x-queue-type": "quorum",
                 "x-expires": 60000,
                 "x-dead-letter-exchange": "ocpp.dead",
+                "x-single-active-consumer": True,
             },
         )
 

@@ -43,9 +43,9 @@ class FootprintTests(GatewayTestCase):
         self.assertEqual(message.body, b'[3,"r1",{"status":"Accepted"}]')
         yield self.gateway_service.stopService()
         code, _reason = yield charger.closed
-        self.assertEqual(code, 1001)
+        self.assertEqual(code, 1012)  # "service restart", spread over the drain window
         self.assertIs(edge.wasClean, True)
-        self.assertEqual(edge.localCloseCode, 1001)
+        self.assertEqual(edge.localCloseCode, 1012)
 
     def wait(self, seconds):
         from twisted.internet import reactor, task

@@ -75,7 +75,7 @@ class MakeServiceTests(unittest.TestCase):
     def test_start_declares_exchange_and_stop_closes_chargers(self):
         """
         makeService starts (exchange declared, listening) and stops cleanly:
-        chargers are closed with 1001 and held commands go back to their
+        chargers are closed with 1012 and held commands go back to their
         queue, unanswered.
         """
         exchange = unique_name("svc-test")
@@ -98,7 +98,7 @@ class MakeServiceTests(unittest.TestCase):
         yield charger.next_call()
         yield service.stopService()
         code, _ = yield charger.closed
-        self.assertEqual(code, 1001)
+        self.assertEqual(code, 1012)
         self.assertFalse(service.bridge.connected)
         client = yield BackEndClient.connect(reactor, amqp_url(), exchange)
         try:
@@ -198,7 +198,7 @@ class TwistdTests(unittest.TestCase):
         self.assertNotIn(b"wrong", child.output)
 
     @defer.inlineCallbacks
-    def test_sigterm_closes_chargers_with_1001(self):
+    def test_sigterm_closes_chargers_with_1012(self):
         port = free_port()
         exchange = unique_name("twistd-test")
         child = self.twistd(
@@ -210,7 +210,7 @@ class TwistdTests(unittest.TestCase):
         charger = yield FakeCharger.connect(reactor, f"ws://127.0.0.1:{port}/ocpp/{identity}")
         os.kill(child.transport.pid, signal.SIGTERM)
         code, _ = yield charger.closed
-        self.assertEqual(code, 1001)
+        self.assertEqual(code, 1012)
         ended = yield child.ended
         # twistd ends by re-raising the signal it stopped for
         self.assertEqual(ended.signal, signal.SIGTERM)
