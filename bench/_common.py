@@ -52,6 +52,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def process_tree(pid: int) -> list:
+    """C{pid} and its descendants (a gateway with workers = N forks N)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its live descendants."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            total += cpu_seconds(member)
+        except OSError:
+            pass
+    return total
+
+
 def memory(pid: int) -> dict:
     """RSS and peak RSS (VmHWM) in bytes."""
     out = {}
@@ -104,10 +130,18 @@ class Proc:
         self.pid = self.popen.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        return tree_cpu_seconds(self.pid)
 
     def memory(self) -> dict:
-        return memory(self.pid)
+        """RSS and peak RSS, summed over the process and its children."""
+        out = {"rss": 0, "hwm": 0}
+        for member in process_tree(self.pid):
+            try:
+                for key, value in memory(member).items():
+                    out[key] += value
+            except OSError:
+                pass
+        return out
 
     def alive(self) -> bool:
         return self.popen.poll() is None

@@ -45,7 +45,9 @@ class Meter:
             servers = [servers]
         if workers is not None and not isinstance(workers, (list, tuple)):
             workers = [workers]
-        self.pids = {"server": [p.pid for p in servers]}
+        # a server with workers = N forks: count its whole process tree
+        self.servers = servers
+        self.pids = {}
         if workers:
             self.pids["worker"] = [p.pid for p in workers]
         if broker:
@@ -53,7 +55,7 @@ class Meter:
         self.loadgen = loadgen
 
     def snapshot(self) -> dict:
-        out = {}
+        out = {"server": sum(p.cpu() for p in self.servers)}
         for name, pids in self.pids.items():
             total = 0.0
             for pid in pids:
