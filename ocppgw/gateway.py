@@ -54,7 +54,7 @@ from ocppgw.edge import ChargerProtocol, Refused
 from ocppgw.audit import IN as AUDIT_IN, OUT as AUDIT_OUT
 from ocppgw.framing import OcppVersion
 from ocppgw.metrics import ChargerStats
-from ocppgw.session import ChargerSession, Delivery, PublishOutcome
+from ocppgw.session import ChargerSession, Delivery
 
 _log = Logger()
 

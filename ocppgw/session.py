@@ -43,7 +43,7 @@ The rules it keeps (DESIGN §3):
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Callable, Optional, Protocol
 
 from twisted.logger import Logger

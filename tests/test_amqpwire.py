@@ -5,7 +5,7 @@ The directly encoded publish and ack frames are byte for byte pika's.
 from pika import frame, spec
 from twisted.trial import unittest
 
-from ocppgw.amqpwire import encode_ack, encode_publish
+from ocppgw.amqp.wire import encode_ack, encode_publish
 
 
 def pika_publish(channel, frame_max, exchange, routing_key, mandatory, body, properties):

@@ -1,0 +1,34 @@
+"""
+ocppgw's AMQP layer: the only package that speaks to pika.
+
+pika's Twisted adapter is deprecated upstream (pika is pinned below 2), so
+everything pika-specific stays behind this package's small surface:
+
+- L{bridge}: the gateway's side -- the shared connection, confirm, declare
+  and consumer channels, reconnects (L{AmqpBridge});
+- L{wire}: the two hottest AMQP methods (publish, ack) encoded directly;
+- L{client}: the CSMS side of the contract for the command line, the
+  examples, the C{amqp} credentials checker and the tests
+  (L{BackEndClient}, L{check_login}).
+"""
+
+from ocppgw.amqp.bridge import (
+    AmqpBridge,
+    BrokerUnavailable,
+    ChannelGone,
+    Consumer,
+    DeclareFailed,
+)
+from ocppgw.amqp.client import DIRECT_REPLY_TO, BackEndClient, Message, check_login
+
+__all__ = [
+    "AmqpBridge",
+    "BackEndClient",
+    "BrokerUnavailable",
+    "ChannelGone",
+    "Consumer",
+    "DIRECT_REPLY_TO",
+    "DeclareFailed",
+    "Message",
+    "check_login",
+]
