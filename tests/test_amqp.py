@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from ocppgw.amqp import AmqpBridge, BackEndClient, BrokerUnavailable, DeclareFailed
 from ocppgw.session import PublishOutcome
-from ocppgw.testing import FakeCharger, amqp_url, unique_name
+from ocppgw.testing import amqp_url, unique_name
 from tests.support import GatewayTestCase
 
 

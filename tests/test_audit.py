@@ -5,6 +5,8 @@ to the audit exchange, as the operations docs tell operators to do it.
 
 from __future__ import annotations
 
+import datetime
+
 import orjson
 from twisted.internet import defer, reactor
 
@@ -128,6 +130,46 @@ class AuditTrailTests(GatewayTestCase):
         # replaying again from the start gives the same history
         again = yield self.read_stream(10)
         self.assertEqual([m.body for m in again], [m.body for m in messages])
+
+
+    @defer.inlineCallbacks
+    def test_replay_one_charger_from_a_point_in_time(self):
+        """
+        The documented replay: consume the stream from a time (an AMQP
+        timestamp), keep one charger by C{x-ocpp-identity} and start exactly
+        at C{x-ocppgw-time}; the result is that charger's history from that
+        point on, and nothing of another charger.
+        """
+        identity = self.identity("CP")
+        other = self.identity("CP")
+        charger = yield self.connect(identity)
+        bystander = yield self.connect(other)
+        charger.send([2, "early", "Heartbeat", {}])
+        bystander.send([2, "theirs", "Heartbeat", {}])
+        charger.send([2, "late", "Heartbeat", {}])
+        yield charger.close()
+        yield bystander.close()
+        # 2 connects, 3 frames, 2 disconnects
+        history = yield self.read_stream(7)
+        mine = [m for m in history if m.headers["x-ocpp-identity"] == identity]
+        start = next(m for m in mine if b'"late"' in m.body)
+        since_ms = start.headers[audit.HEADER_TIME]
+        # the stream offset is a timestamp in whole seconds, at or before
+        # the point; the chunk holding it comes whole, hence the filter
+        point = datetime.datetime.fromtimestamp(since_ms // 1000, datetime.timezone.utc)
+        replayed = yield self.read_stream(7, offset=point)
+        window = [
+            m for m in replayed
+            if m.headers["x-ocpp-identity"] == identity
+            and m.headers[audit.HEADER_TIME] >= since_ms
+        ]
+        expected = [m for m in mine if m.headers[audit.HEADER_TIME] >= since_ms]
+        self.assertEqual([m.body for m in window], [m.body for m in expected])
+        self.assertIn(start.body, [m.body for m in window])
+        self.assertEqual(orjson.loads(window[-1].body)["event"], "disconnected")
+        # what came before the point (in an earlier millisecond) is left out
+        self.assertTrue(all(m.headers[audit.HEADER_TIME] >= since_ms for m in window))
+        self.assertLess(len(window), len(mine))
 
 
 class AuditOffTests(GatewayTestCase):

@@ -21,7 +21,6 @@ from ocppgw.amqp import BackEndClient
 from ocppgw.service import GatewayService
 from ocppgw.tap import Options
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
-from tests.support import GatewayTestCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

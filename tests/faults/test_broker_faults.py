@@ -5,8 +5,6 @@ publishers: a throw-away RabbitMQ node of our own (see L{ThrowAwayBroker}).
 
 from __future__ import annotations
 
-import threading
-import time
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
