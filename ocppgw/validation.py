@@ -27,9 +27,9 @@ SEND messages) is the request, C{<Action>Response.json} the response.
 Cost
 ====
 
-The schemas are compiled once per process to Python functions with
-C{fastjsonschema} (a few seconds for the ~390 schemas of the three
-versions), so checking a typical MeterValues payload costs about 10 µs
+The schemas are compiled to Python functions with C{fastjsonschema}, once
+per process and each on its first use (all ~390 schemas of the three
+versions would take ~3 s and ~70 MB at start), so checking a typical MeterValues payload costs about 10 µs
 (C{bench/validation.py}). Two rewrites before compiling, which keep the
 meaning of each schema, halve the cost of the 2.x ones:
 
@@ -68,6 +68,7 @@ chose, so it is also escaped before it is logged.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import fnmatch
 import functools
 import importlib.util
@@ -302,22 +303,84 @@ def _prepare(schema: Any, allow_additional_properties: bool) -> Any:
     return prepared
 
 
+class _CompiledOnUse(collections.abc.Mapping):
+    """
+    Action -> check, each schema compiled the first time it is needed.
+
+    Compiling the ~390 schemas of the three versions up front takes about
+    3 s and 70 MB of generated code, while a fleet uses a few dozen
+    actions: the schemas are read and prepared at start (so a file that is
+    not JSON still stops the start), and compiled on first use.
+    """
+
+    __slots__ = ("_prepared", "_compiled", "_paths")
+
+    def __init__(self) -> None:
+        self._prepared: dict[str, Any] = {}
+        self._compiled: dict[str, Check] = {}
+        self._paths: dict[str, str] = {}
+
+    def add(self, action: str, schema: Any, path: str) -> None:
+        self._prepared[action] = schema
+        self._paths[action] = path
+
+    def __getitem__(self, action: str) -> Check:
+        check = self._compiled.get(action)
+        if check is None:
+            check = self._compiled[action] = _compile(
+                self._prepared[action], self._paths[action]
+            )
+        return check
+
+    def get(self, action: str, default: Any = None) -> Any:
+        # the hot path: one dict lookup once compiled
+        check = self._compiled.get(action)
+        if check is not None:
+            return check
+        if action not in self._prepared:
+            return default
+        return self[action]
+
+    def __contains__(self, action: object) -> bool:
+        return action in self._prepared
+
+    def __iter__(self):
+        return iter(self._prepared)
+
+    def __len__(self) -> int:
+        return len(self._prepared)
+
+
+def _compile(prepared: Any, path: str) -> Check:
+    try:
+        # use_default=False: a validator must not write defaults into the
+        # payload it checks.
+        return fastjsonschema.compile(prepared, formats=_ENUM_FORMATS, use_default=False)
+    except fastjsonschema.JsonSchemaException as error:
+        raise SchemaError(f"{path}: cannot load schema: {error}") from None
+
+
 @functools.lru_cache(maxsize=None)
-def compile_schemas(directory: str, allow_additional_properties: bool = False) -> Schemas:
+def compile_schemas(
+    directory: str, allow_additional_properties: bool = False, eager: bool = True
+) -> Schemas:
     """
     Read and compile every schema in C{directory}, once per process.
 
-    Compiling takes seconds for a whole version, so the result is cached:
-    several gateways in one process (tests, embedding) share it.
+    Reading is cached: several gateways in one process (tests, embedding)
+    share the result.
 
+    @param eager: compile every schema now, so that a schema that cannot
+        be compiled stops the start; with C{False} each is compiled on its
+        first use (the shipped schemas, which the tests compile).
     @raise SchemaError: naming the file that cannot be read or compiled.
     """
     try:
         names = sorted(os.listdir(directory))
     except OSError as error:
         raise SchemaError(f"{directory}: cannot read schemas: {error.strerror or error}")
-    requests: dict[str, Check] = {}
-    responses: dict[str, Check] = {}
+    requests = _CompiledOnUse()
+    responses = _CompiledOnUse()
     for name in names:
         if not name.endswith(".json"):
             continue
@@ -331,15 +394,11 @@ def compile_schemas(directory: str, allow_additional_properties: bool = False) -
         try:
             with open(path, "rb") as file:
                 schema = orjson.loads(file.read())
-            # use_default=False: a validator must not write defaults into
-            # the payload it checks.
-            table[action] = fastjsonschema.compile(
-                _prepare(schema, allow_additional_properties),
-                formats=_ENUM_FORMATS,
-                use_default=False,
-            )
-        except (OSError, orjson.JSONDecodeError, fastjsonschema.JsonSchemaException) as error:
+        except (OSError, orjson.JSONDecodeError) as error:
             raise SchemaError(f"{path}: cannot load schema: {error}") from None
+        table.add(action, _prepare(schema, allow_additional_properties), path)
+        if eager:
+            table[action]
     if not requests:
         raise SchemaError(f"{directory}: no request schemas (<Action>Request.json) found")
     return Schemas(requests, responses, directory)
@@ -388,13 +447,15 @@ class PayloadChecker:
         self.version = version
         self.enforce = enforce
         self.stats = stats if stats is not None else ValidationStats()
-        self._requests = dict(schemas.requests)
-        self._responses = dict(schemas.responses)
-        for action in exempt_actions:
+        self._requests = schemas.requests
+        self._responses = schemas.responses
+        if exempt_actions:
             # Accepted even when this version does not know the action:
-            # an exemption is a promise to let it through.
-            self._requests[action] = _accept
-            self._responses[action] = _accept
+            # an exemption is a promise to let it through. A layer over the
+            # shared tables, so that they stay compiled-on-use.
+            exempt = dict.fromkeys(exempt_actions, _accept)
+            self._requests = collections.ChainMap(exempt, self._requests)
+            self._responses = collections.ChainMap(exempt, self._responses)
 
     def request(self, action: str, payload: dict) -> Optional[Violation]:
         """
@@ -484,7 +545,12 @@ class Validation:
                         break
             if not directory:
                 directory = package_schema_dir(version.subprotocol)
-            schemas = compile_schemas(os.path.abspath(directory), allow_additional_properties)
+            schemas = compile_schemas(
+                os.path.abspath(directory),
+                allow_additional_properties,
+                # one's own schemas are compiled now, to fail at start
+                eager=bool(schema_dir),
+            )
             self._checkers[version.subprotocol] = PayloadChecker(
                 version, schemas, mode == ENFORCE, exempt_actions, self.stats
             )

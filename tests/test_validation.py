@@ -18,6 +18,7 @@ from ocppgw.session import ChargerSession, Delivery, PublishOutcome
 from ocppgw.validation import (
     ENFORCE,
     OFF,
+    PayloadChecker,
     WARN,
     SchemaError,
     Validation,
@@ -187,6 +188,21 @@ class SchemaLoadingTests(SynchronousTestCase):
                 set(schemas.requests) - set(schemas.responses),
                 {"NotifyPeriodicEventStream"} if subprotocol == "ocpp2.1" else set(),
             )
+
+    def test_shipped_schemas_compiled_on_first_use(self):
+        """
+        The shipped schemas are read at start but compiled only when an
+        action is first checked (all of them would cost seconds and tens
+        of MB at start); the test above compiles every one of them.
+        """
+        directory = os.path.abspath(package_schema_dir("ocpp1.6"))
+        schemas = compile_schemas.__wrapped__(directory, False, eager=False)
+        self.assertEqual(schemas.requests._compiled, {})
+        self.assertIn("Heartbeat", schemas.requests)
+        checker = PayloadChecker(OCPP16, schemas, enforce=True)
+        self.assertIsNone(checker.request("Heartbeat", {}))
+        self.assertEqual(list(schemas.requests._compiled), ["Heartbeat"])
+        self.assertIsNotNone(checker.request("Heartbeat", {"extra": 1}))
 
     def test_ocpp20_uses_201_schemas(self):
         validation = Validation(ENFORCE, [OCPP20, OCPP201])
