@@ -1163,7 +1163,7 @@ SECTIONS: tuple[Section, ...] = (
     )),
     Section("validation", ValidationSettings,
             "Checking payloads against the OCA JSON schemas of each OCPP version, in both "
-            "directions. The schemas are compiled once at start.", (
+            "directions. The schemas are read at start and compiled on first use.", (
         Option("mode", Choice(VALIDATION_MODES), "warn",
                "off: no checks; warn: invalid payloads pass, are counted, logged and marked "
                "with the x-ocppgw-validation-error header; enforce: they are refused with the "
