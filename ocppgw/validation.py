@@ -461,37 +461,32 @@ class PayloadChecker:
         """
         Check a CALL or SEND payload; C{None} when it is valid.
         """
-        check = self._requests.get(action)
-        if check is None:
-            return _unknown_action(action)
-        try:
-            check(payload)
-        except fastjsonschema.JsonSchemaValueException as error:
-            return _violation(error)
-        except Exception:  # noqa: BLE001 -- nothing a peer sends may escape
-            return Violation(ErrorKind.FORMAT_VIOLATION, "payload could not be checked")
-        return None
+        return _check(self._requests, action, payload)
 
     def response(self, action: str, payload: dict) -> Optional[Violation]:
         """
         Check a CALLRESULT payload answering a CALL of C{action}.
         """
-        check = self._responses.get(action)
-        if check is None:
-            return _unknown_action(action)
-        try:
-            check(payload)
-        except fastjsonschema.JsonSchemaValueException as error:
-            return _violation(error)
-        except Exception:  # noqa: BLE001
-            return Violation(ErrorKind.FORMAT_VIOLATION, "payload could not be checked")
-        return None
+        return _check(self._responses, action, payload)
 
     def count(self, direction: str, action: str, refused: bool) -> None:
         key = (self.version.subprotocol, direction, action)
         self.stats.invalid[key] += 1
         if refused:
             self.stats.refused[key] += 1
+
+
+def _check(table: Mapping[str, Check], action: str, payload: dict) -> Optional[Violation]:
+    check = table.get(action)
+    if check is None:
+        return _unknown_action(action)
+    try:
+        check(payload)
+    except fastjsonschema.JsonSchemaValueException as error:
+        return _violation(error)
+    except Exception:  # noqa: BLE001 -- nothing a peer sends may escape
+        return Violation(ErrorKind.FORMAT_VIOLATION, "payload could not be checked")
+    return None
 
 
 def _identity_matcher(patterns: Iterable[str]) -> Optional[Callable[[str], Any]]:
