@@ -373,12 +373,8 @@ class ChargerSession:
         """
         The charger sent a text frame.
         """
-        if self._ended:
-            return
-        try:
-            frame = framing.parse_frame(data, self.version)
-        except BadFrame as bad:
-            self._bad_frame(bad)
+        frame = self._parse(data)
+        if frame is None:
             return
         kind = frame.message_type
         stats = self._stats
@@ -435,12 +431,8 @@ class ChargerSession:
         may retry it later); the answer to the CSMS's outstanding CALL still
         goes through, since there is at most one; anything else is dropped.
         """
-        if self._ended:
-            return
-        try:
-            frame = framing.parse_frame(data, self.version)
-        except BadFrame as bad:
-            self._bad_frame(bad)
+        frame = self._parse(data)
+        if frame is None:
             return
         kind = frame.message_type
         if kind == framing.CALL:
@@ -459,6 +451,20 @@ class ChargerSession:
             and self._outstanding.message_id == frame.message_id
         ):
             self._charger_answer(frame, data)
+
+    def _parse(self, data: bytes) -> Optional[Frame]:
+        """
+        The charger's frame, or C{None} when there is nothing to do with it:
+        the session has ended, or the frame is malformed (then it is
+        answered as the version asks and counted towards C{max_bad_frames}).
+        """
+        if self._ended:
+            return None
+        try:
+            return framing.parse_frame(data, self.version)
+        except BadFrame as bad:
+            self._bad_frame(bad)
+            return None
 
     def _bad_frame(self, bad: BadFrame) -> None:
         self._bad_frames += 1
