@@ -4,6 +4,7 @@ Shared fixtures for tests that run a real gateway against the real broker.
 
 from __future__ import annotations
 
+import socket
 from urllib.parse import quote
 
 from twisted.internet import defer, reactor
@@ -13,6 +14,15 @@ from ocppgw.amqp import BackEndClient
 from ocppgw.config import settings_from_dict
 from ocppgw.service import GatewayService
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
+
+
+def free_port() -> int:
+    """
+    A TCP port on 127.0.0.1 that nothing listens on right now.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -20,7 +20,7 @@ from ocppgw import logs
 from ocppgw.config import LogSettings
 from ocppgw.testing import FakeCharger, amqp_url, unique_name
 from ocppgw.amqp import BackEndClient
-from tests.support import GatewayTestCase
+from tests.support import GatewayTestCase, free_port
 from tests import test_service
 
 
@@ -143,7 +143,7 @@ class TwistdJsonLogTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_json_lines_on_stdout(self):
-        port = test_service.free_port()
+        port = free_port()
         exchange = unique_name("twistd-json")
         child = self.twistd(
             f"[listener]\ntcp.port = {port}\n[admin]\ntcp.port = 0\n"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 
 from twisted.application.service import IServiceMaker
@@ -21,6 +20,7 @@ from ocppgw.amqp import BackEndClient
 from ocppgw.service import GatewayService
 from ocppgw.tap import Options
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
+from tests.support import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,12 +123,6 @@ class MakeServiceTests(unittest.TestCase):
         service.startService()
         yield self.assertFailure(service.started, Exception)
         self.assertIsNone(service.listening_port)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Collect(protocol.ProcessProtocol):

@@ -19,11 +19,7 @@ import uuid
 
 from twisted.internet import threads
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import free_port
 
 
 def rabbitmq_available() -> bool:

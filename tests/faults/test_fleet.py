@@ -19,7 +19,8 @@ from twisted.trial import unittest
 
 from ocppgw.amqp import BackEndClient
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
-from tests.test_service import REPO, _Collect, free_port
+from tests.support import free_port
+from tests.test_service import REPO, _Collect
 
 
 def peak_rss(pid: int) -> int:

@@ -287,7 +287,7 @@ class FailoverStartTests(unittest.TestCase):
         when none answers the start fails naming each one (password masked).
         """
         from ocppgw.amqp import AmqpBridge, BrokerUnavailable
-        from tests.faults.broker import free_port
+        from tests.support import free_port
 
         dead = f"amqp://guest:secret@127.0.0.1:{free_port()}/%2F"
         exchange = unique_name("failover")
