@@ -29,6 +29,9 @@ How the broker is used, and why:
   A command is requeued only after its consumer's cancel-ok: a nack goes
   out at once but a cancel waits its turn, so an earlier requeue could come
   straight back to the consumer being cancelled.
+- Deliveries and confirms, most of what the broker sends, are read by
+  L{ocppgw.amqp.reader.FrameReader} without pika's frame objects; pika
+  still handles every other frame.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from ocppgw.amqp.reader import install_reader
 from ocppgw.amqp.wire import encode_ack, encode_publish
 from ocppgw.config import mask_url
 from ocppgw.session import Delivery, PublishOutcome
@@ -201,13 +205,21 @@ class _ConfirmChannel(_Channel):
             entry[1] = True
 
     def _on_confirm(self, frame) -> None:
+        # a confirm that came through pika rather than the FrameReader
         method = frame.method
-        nacked = isinstance(method, pika.spec.Basic.Nack)
-        tag = method.delivery_tag
+        self.confirmed(
+            method.delivery_tag, method.multiple, isinstance(method, pika.spec.Basic.Nack)
+        )
+
+    def confirmed(self, tag: int, multiple: bool, nacked: bool) -> None:
+        """
+        The broker settled publish C{tag} (and, if C{multiple}, every
+        earlier one).
+        """
         pending = self._pending
         observe = self.observe_latency
         now = time.monotonic() if observe is not None else 0.0
-        if method.multiple:
+        if multiple:
             while pending:
                 seq = next(iter(pending))
                 if seq > tag:
@@ -330,6 +342,20 @@ class _ConsumerChannel(_Channel):
         if consumer is not None and consumer._cancelling:
             consumer._finish_cancel()
 
+    def deliver_to(self, consumer_tag: str) -> Optional["Consumer"]:
+        """
+        The consumer a delivery is for, when it can skip pika: pika knows
+        the consumer and neither side is cancelling it (pika rejects
+        those deliveries itself).
+        """
+        consumer = self.consumers.get(consumer_tag)
+        if consumer is None or consumer._cancelling:
+            return None
+        channel = self.channel
+        if consumer_tag not in channel._consumers or consumer_tag in channel._cancelled:
+            return None
+        return consumer
+
     def _cancelled_by_broker(self, frame) -> None:
         consumer = self.consumers.pop(frame.method.consumer_tag, None)
         if consumer is not None:
@@ -378,14 +404,13 @@ class Consumer:
         self.cancelled: Optional[defer.Deferred] = None
 
     def _message(self, _channel, method, properties, body) -> None:
+        # a delivery that came through pika rather than the FrameReader
+        self._deliver(method.delivery_tag, body, properties.reply_to,
+                      properties.correlation_id, method.redelivered)
+
+    def _deliver(self, delivery_tag, body, reply_to, correlation_id, redelivered) -> None:
         self._on_delivery(
-            Delivery(
-                (self._cc, method.delivery_tag),
-                body,
-                properties.reply_to,
-                properties.correlation_id,
-                method.redelivered,
-            )
+            Delivery((self._cc, delivery_tag), body, reply_to, correlation_id, redelivered)
         )
 
     def _lost(self, why: str, connection_gone: bool = False) -> None:
@@ -499,6 +524,8 @@ class AmqpBridge:
         self._n_declare = declare_channels
         self._reconnect_max_delay = reconnect_max_delay
         self._connection: Optional[TwistedProtocolConnection] = None
+        # reads deliveries and confirms past pika (see ocppgw.amqp.reader)
+        self._reader = None
         self._publishers: list[_ConfirmChannel] = []
         self._declarers: list[_DeclareChannel] = []
         self._waiting_declares: list[tuple] = []
@@ -646,6 +673,7 @@ class AmqpBridge:
             if timeout.active():
                 timeout.cancel()
         self._connection = connection
+        self._reader = install_reader(connection)
         connection.closed.addCallback(self._connection_closed, connection)
         connection._impl.add_on_connection_blocked_callback(self._blocked)
         connection._impl.add_on_connection_unblocked_callback(self._unblocked)
@@ -836,6 +864,7 @@ class AmqpBridge:
         )
         publisher.observe_latency = self.observe_confirm
         yield publisher.start()
+        self._reader.confirm_channel(publisher)
         return publisher
 
     @defer.inlineCallbacks
@@ -851,7 +880,9 @@ class AmqpBridge:
         # that starts on the channel afterwards, i.e. per charger.
         channel.basic_qos(prefetch_count=self._prefetch, callback=ready.callback)
         yield ready
-        return _ConsumerChannel(channel, self._consumer_channel_closed)
+        cc = _ConsumerChannel(channel, self._consumer_channel_closed)
+        self._reader.consumer_channel(cc)
+        return cc
 
     def _replace_channel(self, channels: list, old, opener) -> None:
         """
