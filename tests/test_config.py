@@ -224,7 +224,7 @@ class DefaultsTests(SynchronousTestCase):
                 confirm_window=1000,
                 publish_channels=1,
                 consumer_channels=4,
-                declare_channels=4,
+                declare_channels=32,
                 node=f"{socket.gethostname()}:{os.getpid()}",
                 failover_urls=(),
                 outage_grace=30.0,

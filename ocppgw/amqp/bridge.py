@@ -504,7 +504,7 @@ class AmqpBridge:
         confirm_window: int = 1000,
         publish_channels: int = 1,
         consumer_channels: int = 4,
-        declare_channels: int = 4,
+        declare_channels: int = 32,
         reconnect_max_delay: float = 30.0,
         failover_urls: tuple = (),
     ) -> None:
