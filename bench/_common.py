@@ -125,7 +125,9 @@ class Proc:
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
         self.popen = subprocess.Popen(
             argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": SOURCE, **(env or {})},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                filter(None, [SOURCE, os.environ.get("OCPPGW_BENCH_EXTRA_PATH")])),
+                **(env or {})},
         )
         self.pid = self.popen.pid
 

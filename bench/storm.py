@@ -66,7 +66,10 @@ def bench_target(target: str, args) -> dict:
         result["new"]["peak_rss"] = server.memory()["hwm"]
         loadgen.all("close")
         time.sleep(args.pause)
+        spy = start_profile(server.pid, args.profile_returning) \
+            if args.profile_returning and target == "gateway" else None
         result["returning"] = one_storm(loadgen, urls, meter)
+        stop_profile(spy)
         result["returning"]["peak_rss"] = server.memory()["hwm"]
         loadgen.all("close")
     finally:
@@ -119,6 +122,8 @@ def main(argv=None):
     add_settings_argument(parser)
     parser.add_argument("--json")
     parser.add_argument("--profile", help="py-spy collapsed stacks of the gateway, new chargers' storm")
+    parser.add_argument("--profile-returning",
+                        help="py-spy collapsed stacks of the gateway, returning chargers' storm")
     args = parser.parse_args(argv)
     apply_settings(args)
     results = [bench_target(t, args) for t in args.targets.split(",")]

@@ -185,6 +185,18 @@ class ChargerProtocol(WebSocketServerProtocol):
 
     # autobahn's own logger lives at self.log; ours is _log.
 
+    def dataReceived(self, data: bytes) -> None:
+        # autobahn's, minus a debug line whose arguments it formats for
+        # every chunk read even with debug logging off
+        self._dataReceived(data)
+
+    def onMessageEnd(self) -> None:
+        # autobahn's, minus firing its "message" event for observers
+        # (none here), which built a Deferred and callbacks per frame
+        if not self.failedByMe:
+            self._onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None
+
     def _dataReceived(self, data: bytes) -> None:
         # autobahn buffers the opening handshake without a bound; a client
         # that streams headers forever would grow it until the handshake
