@@ -390,6 +390,11 @@ class ChargerProtocol(WebSocketServerProtocol):
             current = attributes.get(name, attributes)
             if type(current) is type(value) and current == value:
                 del attributes[name]
+        if attributes.get("_listeners") is None:
+            # autobahn's observer bookkeeping, read only by .on()/.fire()
+            # with listeners; nobody subscribes to a charger's events
+            attributes.pop("_valid_events", None)
+            attributes.pop("_results", None)
         self.__dict__ = dict(attributes)
         # Twisted's transport grew its dict past its 15 attributes too
         transport = self.transport

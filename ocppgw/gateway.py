@@ -49,7 +49,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from ocppgw import framing, limits, topology
-from ocppgw.amqp import AmqpBridge, BrokerUnavailable, ChannelGone, DeclareFailed
+from ocppgw.amqp import AmqpBridge, BrokerUnavailable, ChannelGone, DeclareFailed, FixedHeaders
 from ocppgw.edge import ChargerProtocol, Refused
 from ocppgw.audit import IN as AUDIT_IN, OUT as AUDIT_OUT
 from ocppgw.framing import OcppVersion
@@ -110,12 +110,12 @@ class ChargerLink:
         self.edge = edge
         self.identity: str = edge.identity
         self.version: OcppVersion = edge.version
-        # The same dict for every publish of this charger.
-        self.headers = {
+        # The same table for every publish of this charger, encoded once.
+        self.headers = FixedHeaders({
             topology.HEADER_IDENTITY: self.identity,
             topology.HEADER_VERSION: self.version.subprotocol,
             topology.HEADER_NODE: gateway.node,
-        }
+        })
         self.listener: str = getattr(edge.factory, "listener", "ws")
         self.peer: str = edge.peer
         self.stats = ChargerStats(gateway.metrics, self.version.routing_prefix)

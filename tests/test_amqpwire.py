@@ -5,7 +5,7 @@ The directly encoded publish and ack frames are byte for byte pika's.
 from pika import frame, spec
 from twisted.trial import unittest
 
-from ocppgw.amqp.wire import encode_ack, encode_publish
+from ocppgw.amqp.wire import FixedHeaders, encode_ack, encode_publish
 
 
 def pika_publish(channel, frame_max, exchange, routing_key, mandatory, body, properties):
@@ -39,13 +39,20 @@ class PublishTests(unittest.TestCase):
             ),
         )
         self.assertEqual(ours, theirs)
-        # the second encode of the same headers comes from the cache
+        # a charger's fixed headers: encoded on first use, then kept
+        fixed = FixedHeaders(headers)
+        self.assertIsNone(fixed.encoded)
         self.assertEqual(ours, encode_publish(
             3, 131072, "ocpp", "ocpp16.Heartbeat.req", True, b'[2,"1","Heartbeat",{}]',
-            content_type="application/json", headers=dict(headers), persistent=True,
+            content_type="application/json", headers=fixed, persistent=True,
             correlation_id="1", reply_to="CP 1|é", message_id="3.abcd.17",
             timestamp=1700000000, type="Heartbeat", app_id="ocppgw",
         ))
+        self.assertIn(fixed.encoded, ours)
+        fixed.encoded = b"\x00\x00\x00\x00"  # what a second publish uses
+        # flags (headers, delivery mode), the kept table, delivery mode 2
+        self.assertIn(b"\x30\x00" + b"\x00\x00\x00\x00" + b"\x02", encode_publish(
+            3, 131072, "ocpp", "k", True, b"", headers=fixed, persistent=True))
 
     def test_few_properties_and_default_exchange(self):
         ours = encode_publish(1, 4096, "", "amq.rabbitmq.reply-to.x", False, b"[3]",

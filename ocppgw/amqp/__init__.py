@@ -7,6 +7,8 @@ everything pika-specific stays behind this package's small surface:
 - L{bridge}: the gateway's side -- the shared connection, confirm, declare
   and consumer channels, reconnects (L{AmqpBridge});
 - L{wire}: the two hottest AMQP methods (publish, ack) encoded directly;
+- L{reader}: the two hottest incoming ones (deliveries, confirms) read
+  directly, everything else left to pika;
 - L{client}: the CSMS side of the contract for the command line, the
   examples, the C{amqp} credentials checker and the tests
   (L{BackEndClient}, L{check_login}).
@@ -20,6 +22,7 @@ from ocppgw.amqp.bridge import (
     DeclareFailed,
 )
 from ocppgw.amqp.client import DIRECT_REPLY_TO, BackEndClient, Message, check_login
+from ocppgw.amqp.wire import FixedHeaders
 
 __all__ = [
     "AmqpBridge",
@@ -29,6 +32,7 @@ __all__ = [
     "Consumer",
     "DIRECT_REPLY_TO",
     "DeclareFailed",
+    "FixedHeaders",
     "Message",
     "check_login",
 ]

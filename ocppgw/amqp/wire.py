@@ -42,10 +42,19 @@ _TIMESTAMP = 1 << 6
 _TYPE = 1 << 5
 _APP_ID = 1 << 3
 
-#: encoded header tables by their items; a charger's headers are the same
-#: dict for all its publishes, so this is mostly hits. Bounded by clearing.
-_tables: dict = {}
-_MAX_TABLES = 2048
+class FixedHeaders(dict):
+    """
+    A headers table that is published unchanged many times (a charger's
+    identity, version and node): it keeps its own encoding.
+
+    Do not change it after its first publish.
+    """
+
+    __slots__ = ("encoded",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.encoded: bytes | None = None
 
 
 def _shortstr(value: str) -> bytes:
@@ -56,20 +65,18 @@ def _shortstr(value: str) -> bytes:
 
 
 def _table(headers: dict) -> bytes:
-    try:
-        key = tuple(headers.items())
-        cached = _tables.get(key)
-    except TypeError:  # an unhashable value: encode, do not cache
-        key, cached = None, None
-    if cached is None:
-        parts: list = []
-        encode_table(parts, headers)
-        cached = b"".join(parts)
-        if key is not None:
-            if len(_tables) >= _MAX_TABLES:
-                _tables.clear()
-            _tables[key] = cached
-    return cached
+    if type(headers) is FixedHeaders:
+        encoded = headers.encoded
+        if encoded is None:
+            encoded = headers.encoded = _encode_table(headers)
+        return encoded
+    return _encode_table(headers)
+
+
+def _encode_table(headers: dict) -> bytes:
+    parts: list = []
+    encode_table(parts, headers)
+    return b"".join(parts)
 
 
 def encode_publish(
