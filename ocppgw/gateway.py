@@ -22,7 +22,8 @@ exchange, see L{AmqpBridge.publish_control}); a process that holds that
 charger detaches and closes it as replaced, requeueing its unanswered
 commands after its consumer is cancelled. With
 C{[queue] x-single-active-consumer} the new consumer gets nothing before
-the old one is cancelled, so no command reaches both connections.
+the old one is cancelled, so no command reaches both connections. A
+process that knows of no other (L{ocppgw.peers}) skips the broadcast.
 
 When the broker connection breaks, chargers are kept for a grace period
 (their CALLs get CALLERROR InternalError meanwhile); once the bridge is
@@ -408,10 +409,11 @@ class Gateway:
             raise Refused(503, "Service Unavailable")
         self._claims[identity] = edge
         # Other gateway processes that hold this charger let it go while
-        # we declare its queue.
-        self.bridge.publish_control(
-            {"type": CONTROL_TAKEOVER, "identity": identity, "node": self.node}
-        )
+        # we declare its queue (when there are any: see ocppgw.peers).
+        if self.bridge.may_have_peers():
+            self.bridge.publish_control(
+                {"type": CONTROL_TAKEOVER, "identity": identity, "node": self.node}
+            )
         try:
             previous = self.chargers.get(identity)
             if previous is not None:

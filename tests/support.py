@@ -25,6 +25,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@defer.inlineCallbacks
+def delete_exchange(name: str):
+    """
+    Delete a test's exchange from the shared broker.
+    """
+    admin = yield BackEndClient.connect(reactor, amqp_url(), name)
+    try:
+        yield admin.delete_exchange(name)
+    finally:
+        yield admin.close()
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     merged = {section: dict(values) for section, values in base.items()}
     for section, values in extra.items():

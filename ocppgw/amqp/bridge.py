@@ -48,16 +48,18 @@ import orjson
 import pika
 import pika.exceptions
 from pika.adapters.twisted_connection import TwistedProtocolConnection
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from ocppgw import peers
 from ocppgw.amqp.reader import install_reader
 from ocppgw.amqp.wire import encode_ack, encode_publish
 from ocppgw.config import mask_url
+from ocppgw.peers import PeerDirectory
 from ocppgw.session import Delivery, PublishOutcome
 
 _log = Logger()
@@ -541,6 +543,9 @@ class AmqpBridge:
         # the publish channels whose confirm window is full
         self._pause_reasons: set = set()
         self._control_handlers: list[Callable[[dict], None]] = []
+        #: the other gateway processes on our exchange (see ocppgw.peers)
+        self.peers = PeerDirectory(reactor)
+        self._announcer: Optional[task.LoopingCall] = None
         self._control_queue: Optional[str] = None
         #: whether RabbitMQ blocks our publishes (connection.blocked)
         self.blocked = False
@@ -699,6 +704,7 @@ class AmqpBridge:
         self._consumer_channels = consumer_channels
         self.connected = True
         self._attempt = 0
+        self._introduce()
         _log.info(
             "Connected to the broker {url} as node {node}",
             url=mask_url(self._url),
@@ -800,7 +806,8 @@ class AmqpBridge:
 
     def _control_message(self, _channel, _method, properties, body) -> None:
         headers = properties.headers or {}
-        if headers.get("x-ocppgw-node") == self.node:
+        node = headers.get("x-ocppgw-node")
+        if node == self.node:
             return
         try:
             message = orjson.loads(body)
@@ -809,11 +816,43 @@ class AmqpBridge:
             return
         if not isinstance(message, dict):
             return
+        kind = message.get("type")
+        if isinstance(node, str) and node:
+            if kind == peers.BYE:
+                self.peers.gone(node)
+            else:
+                self.peers.heard(node)
+        if kind in peers.TYPES:
+            if kind == peers.HELLO:
+                self.publish_control({"type": peers.HERE, "node": self.node})
+            return
         for handler in list(self._control_handlers):
             try:
                 handler(message)
             except Exception:
                 _log.failure("Control message handler failed")
+
+    def may_have_peers(self) -> bool:
+        """
+        Whether another gateway process may be listening on the control
+        exchange (see L{ocppgw.peers}).
+        """
+        return self.peers.may_have_peers()
+
+    def _introduce(self) -> None:
+        """
+        Our control queue is up: say hello, and keep saying we are here.
+        """
+        self.peers.listening()
+        self.publish_control({"type": peers.HELLO, "node": self.node})
+        if self._announcer is None:
+            self._announcer = task.LoopingCall(self._announce)
+            self._announcer.clock = self._reactor
+            self._announcer.start(peers.ANNOUNCE_INTERVAL, now=False)
+
+    def _announce(self) -> None:
+        if self.connected:
+            self.publish_control({"type": peers.HERE, "node": self.node})
 
     def publish_control(self, message: dict, on_outcome=None) -> None:
         """
@@ -994,9 +1033,14 @@ class AmqpBridge:
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
         self._reconnect_call = None
+        if self._announcer is not None and self._announcer.running:
+            self._announcer.stop()
+        self._announcer = None
         connection = self._connection
         if connection is None:
             return
+        if self.connected:
+            self.publish_control({"type": peers.BYE, "node": self.node})
         drained = defer.DeferredList([p.drained() for p in self._publishers])
         timer = self._reactor.callLater(confirm_timeout, drained.cancel)
         try:

@@ -19,7 +19,7 @@ from twisted.trial import unittest
 
 from ocppgw.amqp import BackEndClient
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
-from tests.support import free_port
+from tests.support import delete_exchange, free_port
 from tests.test_service import REPO, _Collect
 
 
@@ -59,15 +59,7 @@ class FleetTestCase(unittest.TestCase):
         self.exchange = unique_name("fleet")
         self.port = free_port()
         self.prefix = unique_name("S")
-        self.addCleanup(self._delete_exchange)
-
-    @defer.inlineCallbacks
-    def _delete_exchange(self):
-        admin = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
-        try:
-            yield admin.delete_exchange(self.exchange)
-        finally:
-            yield admin.close()
+        self.addCleanup(delete_exchange, self.exchange)
 
     @defer.inlineCallbacks
     def gateway(self, listener: str = "", extra: str = ""):
