@@ -126,7 +126,8 @@ def main() -> None:
             print(f"one charger's protocol: {len(attrs)} attributes, "
                   f"instance dict {sys.getsizeof(attrs)} B")
             if args.verbose:
-                print(" ".join(sorted(attrs)))
+                for name in sorted(attrs):
+                    print(f"  {name} = {attrs[name]!r:.60}")
         reactor.stop()
 
     def failed(failure):

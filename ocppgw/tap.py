@@ -64,7 +64,7 @@ def makeService(options: Options):
     from ocppgw.auth import PasswordFileError
     from ocppgw.service import GatewayService
     from ocppgw.tls import TLSConfigError
-    from ocppgw.tuning import tune_gc
+    from ocppgw.tuning import HeapTrimmer, tune_gc
     from ocppgw.validation import SchemaError
 
     settings = options["settings"]
@@ -85,9 +85,11 @@ def makeService(options: Options):
         reuse_port = True
     tune_gc()
     try:
-        return GatewayService(
+        gateway = GatewayService(
             settings, reactor, exit_on_startup_failure=True, reload_signal=True,
             reuse_port=reuse_port,
         )
     except (TLSConfigError, PasswordFileError, SchemaError, OSError, UnicodeDecodeError) as error:
         raise SystemExit(f"ocppgw could not start: {error}") from None
+    HeapTrimmer(reactor).setServiceParent(gateway)
+    return gateway
