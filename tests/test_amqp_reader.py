@@ -77,15 +77,25 @@ def deliver(number, body, properties, tag=7, redelivered=False, frame_max=None):
     return raw
 
 
+class DeclareRole:
+    def __init__(self, channel, log):
+        self.channel = channel
+        self.log = log
+
+    def bound(self):
+        self.log.append(("bound", self.channel.channel_number))
+
+
 class FrameReaderTests(unittest.TestCase):
     def setUp(self):
         self.impl = FakeImpl()
         self.log = []
         self.reader = FrameReader.install(self.impl)
-        for number in (1, 2):
+        for number in (1, 2, 3):
             self.impl._channels[number] = FakeChannel(number)
         self.reader.consumer_channel(ConsumerRole(self.impl._channels[1], self.log))
         self.reader.confirm_channel(ConfirmRole(self.impl._channels[2], self.log))
+        self.reader.declare_channel(DeclareRole(self.impl._channels[3], self.log))
 
     def test_installs_itself(self):
         self.assertEqual(self.impl._on_data_available, self.reader.data_received)
@@ -131,6 +141,23 @@ class FrameReaderTests(unittest.TestCase):
         )
         self.assertEqual(self.log, [("confirmed", 3, False, False),
                                     ("confirmed", 9, True, True)])
+
+    def test_bind_ok(self):
+        bind_ok = frame.Method(3, spec.Queue.BindOk()).marshal()
+        self.reader.data_received(bind_ok + bind_ok)
+        self.assertEqual(self.log, [("bound", 3), ("bound", 3)])
+        # a bind-ok on a channel that is not a declare channel is pika's
+        self.reader.data_received(frame.Method(1, spec.Queue.BindOk()).marshal())
+        self.assertEqual(len(self.impl.processed), 1)
+
+    def test_channel_number_changes_role(self):
+        # channel 3 closed, and pika reopened its number as a consumer channel
+        self.impl._channels[3] = FakeChannel(3)
+        self.reader.consumer_channel(ConsumerRole(self.impl._channels[3], self.log))
+        self.reader.data_received(frame.Method(3, spec.Queue.BindOk()).marshal()
+                                  + deliver(3, b"a", spec.BasicProperties()))
+        self.assertEqual(self.log, [("deliver", 7, b"a", None, None, False)])
+        self.assertEqual(len(self.impl.processed), 1)
 
     def test_other_frames_go_to_pika_in_order(self):
         returned = frame.Method(2, spec.Basic.Return(312, "NO_ROUTE", "ocpp", "x")).marshal()

@@ -5,7 +5,9 @@ The directly encoded publish and ack frames are byte for byte pika's.
 from pika import frame, spec
 from twisted.trial import unittest
 
-from ocppgw.amqp.wire import FixedHeaders, encode_ack, encode_publish
+from ocppgw.amqp.wire import (
+    FixedHeaders, encode_ack, encode_publish, encode_queue_bind, encode_queue_declare,
+)
 
 
 def pika_publish(channel, frame_max, exchange, routing_key, mandatory, body, properties):
@@ -90,3 +92,29 @@ class AckTests(unittest.TestCase):
                 encode_ack(7, tag, multiple),
                 frame.Method(7, spec.Basic.Ack(delivery_tag=tag, multiple=multiple)).marshal(),
             )
+
+
+class DeclareTests(unittest.TestCase):
+    def test_queue_declare(self):
+        arguments = {"x-expires": 604800000, "x-message-ttl": 300000,
+                     "x-queue-type": "classic", "x-single-active-consumer": True}
+        for durable in (True, False):
+            for nowait in (True, False):
+                self.assertEqual(
+                    encode_queue_declare(5, "ocpp.CP 1|é", durable=durable, nowait=nowait,
+                                         arguments=arguments),
+                    frame.Method(5, spec.Queue.Declare(
+                        queue="ocpp.CP 1|é", durable=durable, nowait=nowait,
+                        arguments=arguments)).marshal(),
+                )
+        self.assertEqual(
+            encode_queue_declare(1, "q", durable=True, nowait=True),
+            frame.Method(1, spec.Queue.Declare(queue="q", durable=True, nowait=True)).marshal(),
+        )
+
+    def test_queue_bind(self):
+        self.assertEqual(
+            encode_queue_bind(7, "ocpp.CP 1|é", "ocpp", "CP 1|é"),
+            frame.Method(7, spec.Queue.Bind(
+                queue="ocpp.CP 1|é", exchange="ocpp", routing_key="CP 1|é")).marshal(),
+        )

@@ -57,7 +57,9 @@ from twisted.logger import Logger
 
 from ocppgw import peers
 from ocppgw.amqp.reader import install_reader
-from ocppgw.amqp.wire import encode_ack, encode_publish
+from ocppgw.amqp.wire import (
+    encode_ack, encode_publish, encode_queue_bind, encode_queue_declare,
+)
 from ocppgw.config import mask_url
 from ocppgw.peers import PeerDirectory
 from ocppgw.session import Delivery, PublishOutcome
@@ -290,26 +292,33 @@ class _ConfirmChannel(_Channel):
 
 class _DeclareChannel(_Channel):
     """
-    A channel that only declares and binds charger queues.
+    A channel that only declares and binds charger queues, many at a time.
+
+    The declare (no-wait) and the bind are written directly (see
+    L{ocppgw.amqp.wire}) rather than through pika, which would send one
+    at a time per channel; the broker answers the binds in order, and the
+    L{FrameReader} hands us each bind-ok.
     """
 
     def __init__(self, channel, on_closed: Callable[["_DeclareChannel", object], None]):
         self.channel = channel
-        # operations sent on this channel and not yet answered
-        self.in_flight: list[tuple[str, defer.Deferred]] = []
+        # operations sent on this channel and not yet answered, oldest first
+        self.in_flight: deque[tuple[str, defer.Deferred]] = deque()
         self._on_closed = on_closed
         channel.add_on_close_callback(self._closed)
 
     def declare_and_bind(self, queue, arguments, exchange, binding_key, d) -> None:
-        entry = (queue, d)
-        self.in_flight.append(entry)
+        channel = self.channel
+        number = channel.channel_number
+        self.in_flight.append((queue, d))
+        channel.connection._output_marshaled_frames((
+            encode_queue_declare(number, queue, durable=True, nowait=True, arguments=arguments),
+            encode_queue_bind(number, queue, exchange, binding_key),
+        ))
 
-        def bound(_frame):
-            self.in_flight.remove(entry)
-            d.callback(None)
-
-        self.channel.queue_declare(queue, durable=True, arguments=arguments)
-        self.channel.queue_bind(queue, exchange, routing_key=binding_key, callback=bound)
+    def bound(self) -> None:
+        _queue, d = self.in_flight.popleft()
+        d.callback(None)
 
     def _closed(self, _channel, reason) -> None:
         self._on_closed(self, reason)
@@ -909,7 +918,9 @@ class AmqpBridge:
     @defer.inlineCallbacks
     def _open_declarer(self, connection):
         channel = yield _channel(connection)
-        return _DeclareChannel(channel, self._declarer_closed)
+        declarer = _DeclareChannel(channel, self._declarer_closed)
+        self._reader.declare_channel(declarer)
+        return declarer
 
     @defer.inlineCallbacks
     def _open_consumer_channel(self, connection):
@@ -957,13 +968,13 @@ class AmqpBridge:
         A declare failed (or the channel died): fail the culprit, retry the
         others on a fresh channel.
 
-        pika sends one synchronous method at a time per channel and queues
-        the rest, so of the operations on this channel only the oldest was
-        at the broker: that one is the culprit. The others merely shared
-        its channel and are retried.
+        The broker handles a channel's methods in order and has answered
+        every operation before the oldest one still waiting (their bind-ok
+        took them off the list), so the oldest is the culprit. The others
+        merely shared its channel and are retried.
         """
         text = str(reason)
-        in_flight, declarer.in_flight = declarer.in_flight, []
+        in_flight, declarer.in_flight = declarer.in_flight, deque()
         connection = self._connection
         broker_gone = connection is None or not connection.is_open or self._stopping
         for position, (_queue, d) in enumerate(in_flight):

@@ -3,7 +3,8 @@ The receiving half of the broker connection, for the frames that matter.
 
 Two kinds of incoming AMQP frames make up almost all of a busy gateway's
 traffic: commands for chargers (C{basic.deliver} with its content header
-and body) and publisher confirms (C{basic.ack}/C{basic.nack}). pika turns
+and body) and publisher confirms (C{basic.ack}/C{basic.nack}); a third,
+C{queue.bind-ok}, answers every arriving charger's queue declaration. pika turns
 each of those into several objects (a Method with a decoded spec class, a
 Header with a full C{BasicProperties}, callback lookups keyed by prefixed
 strings) and re-slices its whole receive buffer after every frame, which
@@ -39,6 +40,8 @@ _FRAME_HEADER_TYPE = 2
 _FRAME_BODY = 3
 _FRAME_END = 0xCE
 
+_QUEUE = 50
+_BIND_OK = 21
 _BASIC = 60
 _DELIVER = 60
 _ACK_METHOD = 80
@@ -127,7 +130,8 @@ class FrameReader:
     C{channel} (pika's) and C{deliver_to(consumer_tag)}, returning the
     consumer (with C{_deliver}) or C{None} to leave the delivery to pika;
     a I{confirm channel} has a C{channel} and C{confirmed(tag, multiple,
-    nacked)}.
+    nacked)}; a I{declare channel} has a C{channel} and C{bound()},
+    called for each C{queue.bind-ok} in order.
     """
 
     def __init__(self, impl) -> None:
@@ -135,6 +139,8 @@ class FrameReader:
         self._buffer = b""
         self._consumers: dict = {}
         self._confirms: dict = {}
+        self._declares: dict = {}
+        self._roles = (self._consumers, self._confirms, self._declares)
         # channel number -> _Content being assembled
         self._content: dict = {}
 
@@ -151,18 +157,25 @@ class FrameReader:
         """
         Hand the deliveries on C{role.channel} to C{role}.
         """
-        number = role.channel.channel_number
-        self._consumers[number] = role
-        self._confirms.pop(number, None)
-        self._content.pop(number, None)
+        self._register(self._consumers, role)
 
     def confirm_channel(self, role) -> None:
         """
         Hand the confirms on C{role.channel} to C{role}.
         """
+        self._register(self._confirms, role)
+
+    def declare_channel(self, role) -> None:
+        """
+        Hand the C{queue.bind-ok}s on C{role.channel} to C{role}.
+        """
+        self._register(self._declares, role)
+
+    def _register(self, roles: dict, role) -> None:
         number = role.channel.channel_number
-        self._confirms[number] = role
-        self._consumers.pop(number, None)
+        for other in self._roles:
+            other.pop(number, None)
+        roles[number] = role
         self._content.pop(number, None)
 
     def _live(self, roles: dict, number: int):
@@ -203,7 +216,10 @@ class FrameReader:
             impl.frames_received += 1
             if frame_type == _FRAME_METHOD:
                 class_id, method_id = _CLASS_METHOD.unpack_from(buf, start)
-                if class_id == _BASIC:
+                if class_id == _QUEUE:
+                    if method_id == _BIND_OK and self._bound(number):
+                        continue
+                elif class_id == _BASIC:
                     if method_id == _DELIVER and self._deliver(number, buf, start + 4):
                         continue
                     if (method_id == _ACK_METHOD or method_id == _NACK) and \
@@ -265,6 +281,13 @@ class FrameReader:
             content.delivery_tag, body, content.reply_to,
             content.correlation_id, content.redelivered,
         )
+
+    def _bound(self, number: int) -> bool:
+        role = self._live(self._declares, number)
+        if role is None:
+            return False
+        role.bound()
+        return True
 
     def _confirm(self, number: int, buf, offset: int, nacked: bool) -> bool:
         role = self._live(self._confirms, number)

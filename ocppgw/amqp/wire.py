@@ -1,5 +1,5 @@
 """
-AMQP 0-9-1 frames for the gateway's two hottest methods, encoded directly.
+AMQP 0-9-1 frames for the gateway's hottest methods, encoded directly.
 
 pika builds a method object, a C{BasicProperties} (fourteen attributes,
 each tested on encode) and three frame objects for every publish, and a
@@ -16,6 +16,12 @@ Wire layout (AMQP 0-9-1 §4.2.3, §4.2.6): a frame is type (octet), channel
 a content header frame (class 60, weight 0, body size, property flags,
 the properties present in flag order) and body frames of at most
 C{frame_max - 8} bytes.
+
+Declaring a charger's queue (C{queue.declare} with no-wait, then
+C{queue.bind}) is encoded here too, so that a declare channel can have
+many in flight: pika sends one synchronous method per channel at a time
+and queues the rest, which serialised arriving chargers on the broker's
+round trips (the bind-ok is read by L{ocppgw.amqp.reader}).
 """
 
 from __future__ import annotations
@@ -154,3 +160,28 @@ def encode_ack(channel: int, delivery_tag: int, multiple: bool = False) -> bytes
     One C{basic.ack} method frame (class 60, method 80).
     """
     return _ACK.pack(_METHOD, channel, 13, 60, 80, delivery_tag, 1 if multiple else 0, 0xCE)
+
+
+def _method(channel: int, payload: bytes) -> bytes:
+    return _FRAME.pack(_METHOD, channel, len(payload)) + payload + _FRAME_END
+
+
+def encode_queue_declare(channel: int, queue: str, *, durable: bool, nowait: bool,
+                         arguments: dict | None = None) -> bytes:
+    """
+    One C{queue.declare} method frame (class 50, method 10), not passive,
+    exclusive or auto-delete.
+    """
+    bits = (2 if durable else 0) | (16 if nowait else 0)
+    return _method(channel, b"\x00\x32\x00\x0a\x00\x00" + _shortstr(queue)
+                   + bytes((bits,)) + _encode_table(arguments or {}))
+
+
+def encode_queue_bind(channel: int, queue: str, exchange: str, routing_key: str) -> bytes:
+    """
+    One C{queue.bind} method frame (class 50, method 20), answered with
+    C{queue.bind-ok}.
+    """
+    return _method(channel, b"\x00\x32\x00\x14\x00\x00" + _shortstr(queue)
+                   + _shortstr(exchange) + _shortstr(routing_key) + b"\x00"
+                   + _encode_table({}))
