@@ -52,10 +52,14 @@ class Consumer:
 class ConsumerRole:
     def __init__(self, channel, log):
         self.channel = channel
+        self.log = log
         self.consumers = {"ctag": Consumer(log)}
 
     def deliver_to(self, tag):
         return self.consumers.get(tag)
+
+    def consume_ok(self, tag):
+        self.log.append(("consume_ok", tag))
 
 
 class ConfirmRole:
@@ -141,6 +145,14 @@ class FrameReaderTests(unittest.TestCase):
         )
         self.assertEqual(self.log, [("confirmed", 3, False, False),
                                     ("confirmed", 9, True, True)])
+
+    def test_consume_ok(self):
+        self.reader.data_received(
+            frame.Method(1, spec.Basic.ConsumeOk("ocppgw.1.ab.7")).marshal()
+            + frame.Method(1, spec.Basic.ConsumeOk("ocppgw.1.ab.8")).marshal())
+        self.assertEqual(self.log, [("consume_ok", "ocppgw.1.ab.7"),
+                                    ("consume_ok", "ocppgw.1.ab.8")])
+        self.assertEqual(self.impl.processed, [])
 
     def test_bind_ok(self):
         bind_ok = frame.Method(3, spec.Queue.BindOk()).marshal()

@@ -6,7 +6,8 @@ from pika import frame, spec
 from twisted.trial import unittest
 
 from ocppgw.amqp.wire import (
-    FixedHeaders, encode_ack, encode_publish, encode_queue_bind, encode_queue_declare,
+    FixedHeaders, encode_ack, encode_basic_consume, encode_publish, encode_queue_bind,
+    encode_queue_declare,
 )
 
 
@@ -117,4 +118,11 @@ class DeclareTests(unittest.TestCase):
             encode_queue_bind(7, "ocpp.CP 1|é", "ocpp", "CP 1|é"),
             frame.Method(7, spec.Queue.Bind(
                 queue="ocpp.CP 1|é", exchange="ocpp", routing_key="CP 1|é")).marshal(),
+        )
+
+    def test_basic_consume(self):
+        self.assertEqual(
+            encode_basic_consume(4, "ocpp.CP 1|é", "ocppgw.ab12.7"),
+            frame.Method(4, spec.Basic.Consume(
+                queue="ocpp.CP 1|é", consumer_tag="ocppgw.ab12.7")).marshal(),
         )

@@ -58,7 +58,7 @@ from twisted.logger import Logger
 from ocppgw import peers
 from ocppgw.amqp.reader import install_reader
 from ocppgw.amqp.wire import (
-    encode_ack, encode_publish, encode_queue_bind, encode_queue_declare,
+    encode_ack, encode_basic_consume, encode_publish, encode_queue_bind, encode_queue_declare,
 )
 from ocppgw.config import mask_url
 from ocppgw.peers import PeerDirectory
@@ -332,6 +332,10 @@ class _ConsumerChannel(_Channel):
     def __init__(self, channel, on_closed: Callable[["_ConsumerChannel", object], None]):
         self.channel = channel
         self.consumers: dict[str, "Consumer"] = {}
+        # consumer tags: unique on the channel, and telling in the broker's
+        # management UI whose consumer it is
+        self._tag_prefix = f"ocppgw.{channel.channel_number}.{os.urandom(3).hex()}."
+        self._tags = itertools.count(1)
         self._on_closed = on_closed
         channel.add_on_close_callback(self._closed)
         channel.add_on_cancel_callback(self._cancelled_by_broker)
@@ -352,6 +356,28 @@ class _ConsumerChannel(_Channel):
         consumer = self.consumers.get(frame.method.consumer_tag)
         if consumer is not None and consumer._cancelling:
             consumer._finish_cancel()
+
+    def start(self, consumer: "Consumer", queue: str) -> None:
+        """
+        Send C{basic.consume} for C{consumer} at once, whatever else is in
+        flight on this channel (see L{ocppgw.amqp.wire}).
+
+        pika is told of the consumer as its own C{basic_consume} would
+        (so that it can cancel it, and handle a delivery we leave to it);
+        the consume-ok comes back through L{consume_ok}.
+        """
+        channel = self.channel
+        tag = f"{self._tag_prefix}{next(self._tags)}"
+        consumer.tag = tag
+        self.consumers[tag] = consumer
+        channel._consumers[tag] = consumer._message
+        channel.connection._output_marshaled_frames(
+            (encode_basic_consume(channel.channel_number, queue, tag),))
+
+    def consume_ok(self, consumer_tag: str) -> None:
+        consumer = self.consumers.get(consumer_tag)
+        if consumer is not None and not consumer._ready.called:
+            consumer._ready.callback(consumer)
 
     def deliver_to(self, consumer_tag: str) -> Optional["Consumer"]:
         """
@@ -1181,13 +1207,5 @@ class AmqpBridge:
             return defer.fail(BrokerUnavailable("not connected to the broker"))
         cc = min(channels, key=lambda c: len(c.consumers))
         consumer = Consumer(cc, on_delivery, on_lost)
-        ready = consumer._ready
-
-        def consume_ok(_frame):
-            if not ready.called:
-                ready.callback(consumer)
-
-        tag = cc.channel.basic_consume(queue, consumer._message, callback=consume_ok)
-        consumer.tag = tag
-        cc.consumers[tag] = consumer
-        return ready
+        cc.start(consumer, queue)
+        return consumer._ready

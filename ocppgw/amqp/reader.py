@@ -4,7 +4,8 @@ The receiving half of the broker connection, for the frames that matter.
 Two kinds of incoming AMQP frames make up almost all of a busy gateway's
 traffic: commands for chargers (C{basic.deliver} with its content header
 and body) and publisher confirms (C{basic.ack}/C{basic.nack}); a third,
-C{queue.bind-ok}, answers every arriving charger's queue declaration. pika turns
+C{queue.bind-ok} and C{basic.consume-ok}, answer every arriving
+charger's queue declaration and consumer. pika turns
 each of those into several objects (a Method with a decoded spec class, a
 Header with a full C{BasicProperties}, callback lookups keyed by prefixed
 strings) and re-slices its whole receive buffer after every frame, which
@@ -43,6 +44,7 @@ _FRAME_END = 0xCE
 _QUEUE = 50
 _BIND_OK = 21
 _BASIC = 60
+_CONSUME_OK = 21
 _DELIVER = 60
 _ACK_METHOD = 80
 _NACK = 120
@@ -127,8 +129,9 @@ class FrameReader:
     C{_on_data_available}; see the module docstring.
 
     Channels are registered by role: a I{consumer channel} has a
-    C{channel} (pika's) and C{deliver_to(consumer_tag)}, returning the
-    consumer (with C{_deliver}) or C{None} to leave the delivery to pika;
+    C{channel} (pika's), C{deliver_to(consumer_tag)}, returning the
+    consumer (with C{_deliver}) or C{None} to leave the delivery to pika,
+    and C{consume_ok(consumer_tag)};
     a I{confirm channel} has a C{channel} and C{confirmed(tag, multiple,
     nacked)}; a I{declare channel} has a C{channel} and C{bound()},
     called for each C{queue.bind-ok} in order.
@@ -222,6 +225,8 @@ class FrameReader:
                 elif class_id == _BASIC:
                     if method_id == _DELIVER and self._deliver(number, buf, start + 4):
                         continue
+                    if method_id == _CONSUME_OK and self._consume_ok(number, buf, start + 4):
+                        continue
                     if (method_id == _ACK_METHOD or method_id == _NACK) and \
                             self._confirm(number, buf, start + 4, method_id == _NACK):
                         continue
@@ -281,6 +286,13 @@ class FrameReader:
             content.delivery_tag, body, content.reply_to,
             content.correlation_id, content.redelivered,
         )
+
+    def _consume_ok(self, number: int, buf, offset: int) -> bool:
+        role = self._live(self._consumers, number)
+        if role is None:
+            return False
+        role.consume_ok(_shortstr(buf, offset)[0])
+        return True
 
     def _bound(self, number: int) -> bool:
         role = self._live(self._declares, number)

@@ -18,10 +18,11 @@ the properties present in flag order) and body frames of at most
 C{frame_max - 8} bytes.
 
 Declaring a charger's queue (C{queue.declare} with no-wait, then
-C{queue.bind}) is encoded here too, so that a declare channel can have
-many in flight: pika sends one synchronous method per channel at a time
-and queues the rest, which serialised arriving chargers on the broker's
-round trips (the bind-ok is read by L{ocppgw.amqp.reader}).
+C{queue.bind}) and consuming it (C{basic.consume}) are encoded here too,
+so that a channel can have many in flight: pika sends one synchronous
+method per channel at a time and queues the rest, which serialised
+arriving chargers on the broker's round trips (the bind-ok and
+consume-ok are read by L{ocppgw.amqp.reader}).
 """
 
 from __future__ import annotations
@@ -185,3 +186,12 @@ def encode_queue_bind(channel: int, queue: str, exchange: str, routing_key: str)
     return _method(channel, b"\x00\x32\x00\x14\x00\x00" + _shortstr(queue)
                    + _shortstr(exchange) + _shortstr(routing_key) + b"\x00"
                    + _encode_table({}))
+
+
+def encode_basic_consume(channel: int, queue: str, consumer_tag: str) -> bytes:
+    """
+    One C{basic.consume} method frame (class 60, method 20) with
+    acknowledgements, answered with C{basic.consume-ok}.
+    """
+    return _method(channel, b"\x00\x3c\x00\x14\x00\x00" + _shortstr(queue)
+                   + _shortstr(consumer_tag) + b"\x00" + _encode_table({}))
