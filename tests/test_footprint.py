@@ -5,6 +5,7 @@ still works like any other: frames both ways, pings, close codes.
 
 from twisted.internet import defer
 
+from ocppgw.edge import READ_SIZE
 from tests.support import GatewayTestCase
 
 
@@ -28,6 +29,18 @@ class FootprintTests(GatewayTestCase):
         self.assertEqual(edge.websocket_version, 13)
         self.assertIsNone(edge.localCloseCode)
         self.assertLess(len(attributes), 45)
+        # autobahn's observer bookkeeping and last unmasker are gone
+        for name in ("_valid_events", "_results"):
+            self.assertNotIn(name, attributes)
+        self.assertIsNone(edge.current_frame_masker)
+        # the socket is read in small pieces, and a frame of many pieces
+        # arrives whole
+        self.assertEqual(edge.transport.bufferSize, READ_SIZE)
+        self.backend.handle("DataTransfer",
+                            lambda _m, payload: {"status": "Accepted", "data": payload["data"]})
+        big = "x" * (5 * READ_SIZE)
+        answer = yield charger.call("DataTransfer", {"vendorId": "v", "data": big})
+        self.assertEqual(answer[2]["data"], big)
 
         # pings (every 0.3 s) are answered by the client and keep it open
         yield self.wait(1.0)
