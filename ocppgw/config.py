@@ -1084,8 +1084,10 @@ SECTIONS: tuple[Section, ...] = (
                "AMQP heartbeat in seconds (0 = off)."),
         Option("connect_timeout", Seconds(), "10",
                "Seconds to connect to the broker and open the AMQP connection."),
-        Option("confirm_window", Integer(1), "1000",
-               "Publishes awaiting broker confirmation per channel before later ones wait."),
+        Option("confirm_window", Integer(1), "10000",
+               "Publishes awaiting broker confirmation per channel before later ones wait "
+               "and reading from chargers pauses. Pausing and resuming touches every "
+               "charger's socket, so the window should hold a connect storm's publishes."),
         Option("publish_channels", Integer(1, 64), "1",
                "Channels that carry charger frames, with publisher confirms."),
         Option("consumer_channels", Integer(1, 256), "4",

@@ -221,7 +221,7 @@ class DefaultsTests(SynchronousTestCase):
                 prefetch_count=10,
                 heartbeat=60,
                 connect_timeout=10.0,
-                confirm_window=1000,
+                confirm_window=10000,
                 publish_channels=1,
                 consumer_channels=4,
                 declare_channels=32,

@@ -538,7 +538,7 @@ class AmqpBridge:
         prefetch_count: int = 10,
         heartbeat: int = 60,
         connect_timeout: float = 10.0,
-        confirm_window: int = 1000,
+        confirm_window: int = 10000,
         publish_channels: int = 1,
         consumer_channels: int = 4,
         declare_channels: int = 32,
