@@ -164,7 +164,10 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
-        os.unlink(self.log.name)
+        if os.environ.get("OCPPGW_BENCH_KEEP_LOGS"):
+            print(f"{self.name} log kept: {self.log.name}")
+        else:
+            os.unlink(self.log.name)
 
 
 def start_profile(pid: int, output: str) -> subprocess.Popen:
@@ -244,38 +247,29 @@ def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int =
     0: no charger authentication, allowed on 127.0.0.1) and the plain
     listener moves to another free port.
     """
-    sections: dict = {}
+    sections: dict = {
+        "listener": {"tcp.ip": "127.0.0.1", "tcp.port": str(port),
+                     "max_connections": "200000"},
+        "websocket": {"ws_opts.idle_timeout": f"{ping:g}", "handshake_timeout": "60"},
+        "amqp": {"url": AMQP_URL, "exchange": exchange, "node": unique("bench")},
+        "queue": {"x-expires": str(expires_ms)},
+    }
+    if tls:
+        cert, key = make_certificate()
+        sections["listener"].update({
+            "ssl.enabled": "true", "ssl.ip": "127.0.0.1", "ssl.port": str(port),
+            "ssl.profile": "0", "ssl.certfile": cert, "ssl.keyfile": key,
+            "tcp.port": str(free_port()),
+        })
+    # --set overrides the defaults above
     for item in GATEWAY_SETTINGS:
         name, _, value = item.partition("=")
         section, _, key = name.partition(".")
-        sections.setdefault(section, []).append(f"{key} = {value}")
-    extra = {section: "\n".join(lines) for section, lines in sections.items()}
-    listener = extra.pop("listener", "")
-    if tls:
-        cert, key = make_certificate()
-        listener += (f"\nssl.enabled = true\nssl.ip = 127.0.0.1\nssl.port = {port}\n"
-                     f"ssl.profile = 0\nssl.certfile = {cert}\nssl.keyfile = {key}")
-        port = free_port()
-    text = f"""[listener]
-tcp.ip = 127.0.0.1
-tcp.port = {port}
-max_connections = 200000
-{listener}
-[websocket]
-ws_opts.idle_timeout = {ping:g}
-handshake_timeout = 60
-{extra.pop("websocket", "")}
-[amqp]
-url = {AMQP_URL}
-exchange = {exchange}
-node = {unique('bench')}
-{extra.pop("amqp", "")}
-[queue]
-x-expires = {expires_ms}
-{extra.pop("queue", "")}
-"""
-    for section, lines in extra.items():
-        text += f"[{section}]\n{lines}\n"
+        sections.setdefault(section, {})[key] = value
+    text = "".join(
+        f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
+        for section, values in sections.items()
+    )
     f = tempfile.NamedTemporaryFile("w", prefix="bench-gw-", suffix=".ini", delete=False)
     f.write(text)
     f.close()

@@ -52,6 +52,11 @@ def bench_target(target: str, args) -> dict:
         runs = loadgen.send([("connect", {"urls": part}) for part in split(urls, len(loadgen))])
         booted = sum(r.get("booted", 0) for r in runs)
         result["booted"] = booted
+        refused: dict = {}
+        for r in runs:
+            for reason, count in (r.get("refused") or {}).items():
+                refused[reason] = refused.get(reason, 0) + count
+        result["refused"] = refused
         time.sleep(2.0)  # let the last consumers settle
         cpu0 = server.cpu()
         idle = loadgen.all("idle", seconds=args.seconds)
@@ -85,7 +90,9 @@ def report(results) -> None:
     base = {r["target"]: r for r in results}
     for r in results:
         rows = [
-            ("chargers booted / open after idle", f"{r['booted']} / {r['open']}"),
+            ("chargers booted / open after idle", f"{r['booted']} / {r['open']}",
+             "not connected: " + (", ".join(f"{k} {v}" for k, v in r["refused"].items())
+                                  or "none")),
             ("server RSS per charger", f"{r['rss_per_charger'] / 1024:.1f} KiB",
              f"({r['rss_before'] / 2**20:.0f} -> {r['rss_after'] / 2**20:.0f} MiB)"),
             ("broker memory per charger",
