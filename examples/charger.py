@@ -8,7 +8,8 @@ BootNotification and StatusNotification shaped for that version, then
 stays connected: it sends a Heartbeat every interval the CSMS asked for,
 and answers every CALL from the CSMS with ``{"status": "Accepted"}``
 (the shape of most OCPP command responses: Reset, ChangeAvailability,
-RemoteStartTransaction, ...). Every frame is printed as it goes by.
+RemoteStartTransaction, ...), except the few whose response has another
+shape (GetConfiguration: no keys). Every frame is printed as it goes by.
 
 It uses the ``websockets`` package, which ``make venv`` installs (it is in
 ocppgw's ``test`` extra)::
@@ -33,6 +34,11 @@ from urllib.parse import quote
 from websockets.sync.client import connect
 
 CALL, CALLRESULT, CALLERROR = 2, 3, 4
+
+#: responses that are not {"status": "Accepted"}, valid under the schemas
+ANSWERS = {
+    "GetConfiguration": {"configurationKey": []},  # 1.6: no keys to show
+}
 
 
 def say(text: str) -> None:
@@ -87,7 +93,7 @@ class Charger:
     def answer(self, frame: list) -> None:
         _, message_id, action, payload = frame
         say(f"CSMS called {action} {json.dumps(payload)}: accepting")
-        self.send([CALLRESULT, message_id, {"status": "Accepted"}])
+        self.send([CALLRESULT, message_id, ANSWERS.get(action, {"status": "Accepted"})])
 
 
 def main(argv=None) -> int:

@@ -338,6 +338,10 @@ class WorkedExampleTests(ExampleTestCase):
         answer = json.loads(out)
         self.assertEqual(answer[2], {"status": "Accepted"})
         yield charger.wait_for_line(lambda line: line.startswith("CSMS called Reset"))
+        # a command whose response has another shape gets a valid one
+        out, err, code = yield self.run_call(identity, "GetConfiguration", "{}")
+        self.assertEqual(code, EXIT_RESULT, err)
+        self.assertEqual(json.loads(out)[2], {"configurationKey": []})
 
 
 class GatewayTimeoutTests(ExampleTestCase):
