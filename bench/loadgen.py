@@ -237,7 +237,6 @@ class Runner:
 
     async def closed_loop(self, seconds, chargers=None):
         """Every charger keeps one Heartbeat CALL outstanding for C{seconds}."""
-        loop = asyncio.get_running_loop()
         lat = array("d")
         stop = [False]
         active = self.chargers if chargers is None else self.chargers[:chargers]

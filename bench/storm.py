@@ -14,7 +14,6 @@ server's peak RSS and the CPU each process spent per charger.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from bench._common import (

@@ -7,7 +7,7 @@ from pika import frame, spec
 from pika.callback import CallbackManager
 from twisted.trial import unittest
 
-from ocppgw.amqp.bridge import Consumer, _ConsumerChannel
+from ocppgw.amqp.channels import Consumer, _ConsumerChannel
 
 
 class _Channel:

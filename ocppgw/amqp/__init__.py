@@ -4,8 +4,11 @@ ocppgw's AMQP layer: the only package that speaks to pika.
 pika's Twisted adapter is deprecated upstream (pika is pinned below 2), so
 everything pika-specific stays behind this package's small surface:
 
-- L{bridge}: the gateway's side -- the shared connection, confirm, declare
-  and consumer channels, reconnects (L{AmqpBridge});
+- L{bridge}: the gateway's side -- the shared connection, its channels,
+  reconnects, the control exchange (L{AmqpBridge});
+- L{channels}: the roles of those channels (confirm, declare, consumer)
+  and a charger's L{Consumer};
+- L{errors}: what this package raises;
 - L{wire}: the two hottest AMQP methods (publish, ack) encoded directly;
 - L{reader}: the two hottest incoming ones (deliveries, confirms) read
   directly, everything else left to pika;
@@ -14,13 +17,9 @@ everything pika-specific stays behind this package's small surface:
   (L{BackEndClient}, L{check_login}).
 """
 
-from ocppgw.amqp.bridge import (
-    AmqpBridge,
-    BrokerUnavailable,
-    ChannelGone,
-    Consumer,
-    DeclareFailed,
-)
+from ocppgw.amqp.bridge import AmqpBridge
+from ocppgw.amqp.channels import Consumer
+from ocppgw.amqp.errors import BrokerUnavailable, ChannelGone, DeclareFailed
 from ocppgw.amqp.client import DIRECT_REPLY_TO, BackEndClient, Message, check_login
 from ocppgw.amqp.wire import FixedHeaders
 

@@ -23,24 +23,27 @@ How the broker is used, and why:
   declare (a queue that exists with other arguments) closes its channel,
   and that must not take consumers or publishes with it. The declare is
   sent C{nowait} and followed by a confirmed bind: bind-ok proves both.
+  Many are in flight per channel.
 - Consumers are spread over a few I{consumer channels} with a per-consumer
-  prefetch, using pika's callback consumer (the Twisted wrapper's
-  per-consumer DeferredQueue costs more for thousands of chargers).
-  A command is requeued only after its consumer's cancel-ok: a nack goes
-  out at once but a cancel waits its turn, so an earlier requeue could come
-  straight back to the consumer being cancelled.
-- Deliveries and confirms, most of what the broker sends, are read by
-  L{ocppgw.amqp.reader.FrameReader} without pika's frame objects; pika
-  still handles every other frame.
+  prefetch, started without waiting on each other (pika would send one
+  basic.consume per channel at a time). A command is requeued only after
+  its consumer's cancel-ok: a nack goes out at once but a cancel waits its
+  turn, so an earlier requeue could come straight back to the consumer
+  being cancelled.
+- Deliveries, confirms, bind-oks and consume-oks, most of what the broker
+  sends, are read by L{ocppgw.amqp.reader.FrameReader} without pika's
+  frame objects; pika still handles every other frame.
+
+The channel roles live in L{ocppgw.amqp.channels}; this module holds the
+connection, its lifecycle and what the gateway asks of it.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
@@ -56,40 +59,21 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ocppgw import peers
-from ocppgw.amqp.reader import install_reader
-from ocppgw.amqp.wire import (
-    encode_ack, encode_basic_consume, encode_publish, encode_queue_bind, encode_queue_declare,
+from ocppgw.amqp.channels import (
+    Consumer, _channel, _ConfirmChannel, _ConsumerChannel, _DeclareChannel,
 )
+from ocppgw.amqp.errors import BrokerUnavailable, ChannelGone, DeclareFailed
+from ocppgw.amqp.reader import install_reader
 from ocppgw.config import mask_url
 from ocppgw.peers import PeerDirectory
-from ocppgw.session import Delivery, PublishOutcome
+from ocppgw.session import PublishOutcome
 
 _log = Logger()
 
-_CONFIRMED = PublishOutcome.CONFIRMED
-_UNROUTABLE = PublishOutcome.UNROUTABLE
 _FAILED = PublishOutcome.FAILED
 
 #: Persistent delivery mode: charger frames survive a broker restart.
 _PERSISTENT = 2
-
-
-class BrokerUnavailable(Exception):
-    """
-    The broker connection is not up, so the request cannot be served.
-    """
-
-
-class DeclareFailed(Exception):
-    """
-    The broker refused to declare or bind a charger queue.
-    """
-
-
-class ChannelGone(Exception):
-    """
-    The channel carrying an operation closed before it completed.
-    """
 
 
 def _endpoint(reactor, url: str, timeout: float):
@@ -105,420 +89,6 @@ def _endpoint(reactor, url: str, timeout: float):
         endpoint = HostnameEndpoint(reactor, host, parts.port or 5671, timeout=timeout)
         return wrapClientTLS(optionsForClientTLS(host), endpoint)
     return HostnameEndpoint(reactor, host, parts.port or 5672, timeout=timeout)
-
-
-def _channel(connection: TwistedProtocolConnection) -> defer.Deferred:
-    """
-    Open a plain pika channel (not the Twisted wrapper, see module doc).
-    """
-    d: defer.Deferred = defer.Deferred()
-    connection._impl.channel(on_open_callback=d.callback)
-    return d
-
-
-class _Channel:
-    """
-    Base of our channel roles: a pika channel and whether it is usable.
-    """
-
-    channel = None
-
-    @property
-    def open(self) -> bool:
-        # pika refuses methods on a closing channel, not only a closed one
-        return self.channel.is_open
-
-
-class _ConfirmChannel(_Channel):
-    """
-    A publish channel in confirm mode that tracks its own delivery tags.
-    """
-
-    def __init__(self, channel, window: int, on_closed: Callable[["_ConfirmChannel"], None],
-                 on_full: Optional[Callable[[bool], None]] = None):
-        self.channel = channel
-        self._window = window
-        # Called with True when publishes start waiting for room in the
-        # window, and with False once the window is half empty again.
-        self._on_full = on_full
-        self.full = False
-        self._seq = 0
-        # seq -> [on_outcome, returned]
-        self._pending: OrderedDict[int, list] = OrderedDict()
-        self._backlog: deque = deque()
-        self._prefix = f"{channel.channel_number}.{os.urandom(4).hex()}."
-        self._prefix_len = len(self._prefix)
-        # pika's body chunk size is frame_max minus the frame's 8 bytes
-        self._frame_max = channel.connection._body_max_length + 8
-        self._on_closed = on_closed
-        self._drained: list[defer.Deferred] = []
-        #: called with the seconds from publish to confirm, or None
-        self.observe_latency: Optional[Callable[[float], None]] = None
-        channel.add_on_return_callback(self._on_return)
-        channel.add_on_close_callback(self._closed)
-
-    def start(self) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.channel.confirm_delivery(
-            ack_nack_callback=self._on_confirm, callback=lambda _frame: d.callback(self)
-        )
-        return d
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending) + len(self._backlog)
-
-    def publish(self, exchange, routing_key, body, properties, mandatory, on_outcome):
-        if len(self._pending) >= self._window:
-            self._backlog.append(
-                (exchange, routing_key, body, properties, mandatory, on_outcome)
-            )
-            if not self.full:
-                self.full = True
-                if self._on_full is not None:
-                    self._on_full(True)
-            return
-        self._send(exchange, routing_key, body, properties, mandatory, on_outcome)
-
-    def _send(self, exchange, routing_key, body, properties, mandatory, on_outcome):
-        channel = self.channel
-        if not channel.is_open:
-            if on_outcome is not None:
-                on_outcome(_FAILED)
-            return
-        # the broker numbers the channel's publishes 1, 2, ...: so do we
-        self._seq += 1
-        seq = self._seq
-        self._pending[seq] = [on_outcome, False, time.monotonic()]
-        # encoded here rather than by pika: see ocppgw.amqp.wire
-        channel.connection._output_marshaled_frames((encode_publish(
-            channel.channel_number, self._frame_max, exchange, routing_key, mandatory,
-            body, message_id=self._prefix + str(seq), **properties),))
-
-    def _on_return(self, _channel, _method, properties, _body) -> None:
-        # RabbitMQ sends basic.return before the ack of the same publish.
-        message_id = properties.message_id or ""
-        if not message_id.startswith(self._prefix):
-            return
-        try:
-            seq = int(message_id[self._prefix_len:])
-        except ValueError:
-            return
-        entry = self._pending.get(seq)
-        if entry is not None:
-            entry[1] = True
-
-    def _on_confirm(self, frame) -> None:
-        # a confirm that came through pika rather than the FrameReader
-        method = frame.method
-        self.confirmed(
-            method.delivery_tag, method.multiple, isinstance(method, pika.spec.Basic.Nack)
-        )
-
-    def confirmed(self, tag: int, multiple: bool, nacked: bool) -> None:
-        """
-        The broker settled publish C{tag} (and, if C{multiple}, every
-        earlier one).
-        """
-        pending = self._pending
-        observe = self.observe_latency
-        now = time.monotonic() if observe is not None else 0.0
-        if multiple:
-            while pending:
-                seq = next(iter(pending))
-                if seq > tag:
-                    break
-                entry = pending.popitem(last=False)[1]
-                if observe is not None:
-                    observe(now - entry[2])
-                self._settle(entry, nacked)
-        else:
-            entry = pending.pop(tag, None)
-            if entry is not None:
-                if observe is not None:
-                    observe(now - entry[2])
-                self._settle(entry, nacked)
-        backlog = self._backlog
-        while backlog and len(pending) < self._window:
-            self._send(*backlog.popleft())
-        if self.full and not backlog and len(pending) <= self._window // 2:
-            self.full = False
-            if self._on_full is not None:
-                self._on_full(False)
-        if not pending and self._drained:
-            waiting, self._drained = self._drained, []
-            for d in waiting:
-                d.callback(None)
-
-    @staticmethod
-    def _settle(entry: list, nacked: bool) -> None:
-        on_outcome = entry[0]
-        if on_outcome is None:
-            return
-        if nacked:
-            on_outcome(_FAILED)
-        elif entry[1]:
-            on_outcome(_UNROUTABLE)
-        else:
-            on_outcome(_CONFIRMED)
-
-    def drained(self) -> defer.Deferred:
-        """
-        Fires when every publish so far is settled.
-        """
-        if not self._pending and not self._backlog:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._drained.append(d)
-        return d
-
-    def _closed(self, _channel, reason) -> None:
-        entries = list(self._pending.values())
-        entries.extend([item[5], False] for item in self._backlog)
-        self._pending.clear()
-        self._backlog.clear()
-        if self.full:
-            self.full = False
-            if self._on_full is not None:
-                self._on_full(False)
-        for entry in entries:
-            if entry[0] is not None:
-                entry[0](_FAILED)
-        waiting, self._drained = self._drained, []
-        for d in waiting:
-            d.callback(None)
-        self._on_closed(self, reason)
-
-
-class _DeclareChannel(_Channel):
-    """
-    A channel that only declares and binds charger queues, many at a time.
-
-    The declare (no-wait) and the bind are written directly (see
-    L{ocppgw.amqp.wire}) rather than through pika, which would send one
-    at a time per channel; the broker answers the binds in order, and the
-    L{FrameReader} hands us each bind-ok.
-    """
-
-    def __init__(self, channel, on_closed: Callable[["_DeclareChannel", object], None]):
-        self.channel = channel
-        # operations sent on this channel and not yet answered, oldest first
-        self.in_flight: deque[tuple[str, defer.Deferred]] = deque()
-        self._on_closed = on_closed
-        channel.add_on_close_callback(self._closed)
-
-    def declare_and_bind(self, queue, arguments, exchange, binding_key, d) -> None:
-        channel = self.channel
-        number = channel.channel_number
-        self.in_flight.append((queue, d))
-        channel.connection._output_marshaled_frames((
-            encode_queue_declare(number, queue, durable=True, nowait=True, arguments=arguments),
-            encode_queue_bind(number, queue, exchange, binding_key),
-        ))
-
-    def bound(self) -> None:
-        _queue, d = self.in_flight.popleft()
-        d.callback(None)
-
-    def _closed(self, _channel, reason) -> None:
-        self._on_closed(self, reason)
-
-
-class _ConsumerChannel(_Channel):
-    """
-    A channel carrying many chargers' consumers.
-    """
-
-    def __init__(self, channel, on_closed: Callable[["_ConsumerChannel", object], None]):
-        self.channel = channel
-        self.consumers: dict[str, "Consumer"] = {}
-        # consumer tags: unique on the channel, and telling in the broker's
-        # management UI whose consumer it is
-        self._tag_prefix = f"ocppgw.{channel.channel_number}.{os.urandom(3).hex()}."
-        self._tags = itertools.count(1)
-        self._on_closed = on_closed
-        channel.add_on_close_callback(self._closed)
-        channel.add_on_cancel_callback(self._cancelled_by_broker)
-
-    def _cancel_ok(self, frame) -> None:
-        """
-        One cancel-ok, for the consumer it names.
-
-        pika registers a C{basic_cancel} callback for every cancel-ok on the
-        channel, without matching the consumer tag: with one callback per
-        consumer, the first cancel-ok fired them all (requeueing the others'
-        commands before their own cancel-ok) and each registration scanned
-        all pending ones (quadratic: 14 ms of CPU per charger when 10,000
-        reconnected at once, bench.storm). Every consumer passes this same
-        method, which pika counts instead of adding, and it finds the
-        consumer by the tag in the frame.
-        """
-        consumer = self.consumers.get(frame.method.consumer_tag)
-        if consumer is not None and consumer._cancelling:
-            consumer._finish_cancel()
-
-    def start(self, consumer: "Consumer", queue: str) -> None:
-        """
-        Send C{basic.consume} for C{consumer} at once, whatever else is in
-        flight on this channel (see L{ocppgw.amqp.wire}).
-
-        pika is told of the consumer as its own C{basic_consume} would
-        (so that it can cancel it, and handle a delivery we leave to it);
-        the consume-ok comes back through L{consume_ok}.
-        """
-        channel = self.channel
-        tag = f"{self._tag_prefix}{next(self._tags)}"
-        consumer.tag = tag
-        self.consumers[tag] = consumer
-        channel._consumers[tag] = consumer._message
-        channel.connection._output_marshaled_frames(
-            (encode_basic_consume(channel.channel_number, queue, tag),))
-
-    def consume_ok(self, consumer_tag: str) -> None:
-        consumer = self.consumers.get(consumer_tag)
-        if consumer is not None and not consumer._ready.called:
-            consumer._ready.callback(consumer)
-
-    def deliver_to(self, consumer_tag: str) -> Optional["Consumer"]:
-        """
-        The consumer a delivery is for, when it can skip pika: pika knows
-        the consumer and neither side is cancelling it (pika rejects
-        those deliveries itself).
-        """
-        consumer = self.consumers.get(consumer_tag)
-        if consumer is None or consumer._cancelling:
-            return None
-        channel = self.channel
-        if consumer_tag not in channel._consumers or consumer_tag in channel._cancelled:
-            return None
-        return consumer
-
-    def _cancelled_by_broker(self, frame) -> None:
-        consumer = self.consumers.pop(frame.method.consumer_tag, None)
-        if consumer is not None:
-            consumer._lost("the charger's queue was deleted")
-
-    def _closed(self, channel, reason) -> None:
-        consumers, self.consumers = self.consumers, {}
-        # When the connection is gone the broker requeues every delivery
-        # and the bridge reconnects: consumers are restored, not lost.
-        connection_gone = isinstance(reason, pika.exceptions.AMQPConnectionError) or not (
-            channel.connection is not None and channel.connection.is_open
-        )
-        for consumer in consumers.values():
-            consumer._lost(f"consumer channel closed: {reason}", connection_gone)
-        self._on_closed(self, reason)
-
-
-class Consumer:
-    """
-    One charger's consumer on its queue.
-
-    Acks, rejects and requeues go to the channel the delivery came on; once
-    that channel is gone they are moot (the broker has requeued the
-    deliveries already) and are dropped.
-    """
-
-    __slots__ = (
-        "_cc",
-        "tag",
-        "_on_delivery",
-        "_on_lost",
-        "_cancelling",
-        "_requeue_later",
-        "_ready",
-        "cancelled",
-    )
-
-    def __init__(self, cc: _ConsumerChannel, on_delivery, on_lost) -> None:
-        self._cc = cc
-        self.tag: Optional[str] = None
-        self._on_delivery = on_delivery
-        self._on_lost = on_lost
-        self._cancelling = False
-        self._requeue_later: list[int] = []
-        self._ready: defer.Deferred = defer.Deferred()
-        self.cancelled: Optional[defer.Deferred] = None
-
-    def _message(self, _channel, method, properties, body) -> None:
-        # a delivery that came through pika rather than the FrameReader
-        self._deliver(method.delivery_tag, body, properties.reply_to,
-                      properties.correlation_id, method.redelivered)
-
-    def _deliver(self, delivery_tag, body, reply_to, correlation_id, redelivered) -> None:
-        self._on_delivery(
-            Delivery((self._cc, delivery_tag), body, reply_to, correlation_id, redelivered)
-        )
-
-    def _lost(self, why: str, connection_gone: bool = False) -> None:
-        if not self._ready.called:
-            # consume never got its consume-ok (e.g. the queue is gone)
-            self._on_lost = None
-            self._ready.errback(ChannelGone(why))
-            return
-        if self._cancelling:
-            self._finish_cancel()
-            return
-        on_lost, self._on_lost = self._on_lost, None
-        if on_lost is not None:
-            on_lost(why, connection_gone)
-
-    # A delivery tag is only valid on the channel it came on. After a
-    # reconnect, a session may still hold deliveries of the old connection:
-    # acting on them must not touch the new channels (an unknown tag is a
-    # channel error that would take every consumer on it down).
-
-    def ack(self, delivery: Delivery) -> None:
-        cc, tag = delivery.tag
-        if cc.open:
-            # pika's basic_ack, encoded directly (see ocppgw.amqp.wire)
-            channel = cc.channel
-            channel.connection._output_marshaled_frames(
-                (encode_ack(channel.channel_number, tag),))
-
-    def reject(self, delivery: Delivery) -> None:
-        cc, tag = delivery.tag
-        if cc.open:
-            cc.channel.basic_reject(tag, requeue=False)
-
-    def requeue(self, delivery: Delivery) -> None:
-        cc, tag = delivery.tag
-        if cc is not self._cc:
-            if cc.open:
-                cc.channel.basic_nack(tag, requeue=True)
-        elif self._cancelling:
-            self._requeue_later.append(tag)
-        elif cc.open:
-            cc.channel.basic_nack(tag, requeue=True)
-
-    def cancel(self) -> defer.Deferred:
-        """
-        Stop consuming; requeues asked for meanwhile go out after cancel-ok.
-
-        @return: a Deferred that fires once the consumer is cancelled.
-        """
-        if self.cancelled is not None:
-            return self.cancelled
-        self.cancelled = defer.Deferred()
-        self._cancelling = True
-        self._on_lost = None
-        cc = self._cc
-        if not cc.open or self.tag is None or self.tag not in cc.consumers:
-            self._finish_cancel()
-        else:
-            cc.channel.basic_cancel(self.tag, callback=cc._cancel_ok)
-        return self.cancelled
-
-    def _finish_cancel(self) -> None:
-        cc = self._cc
-        cc.consumers.pop(self.tag, None)
-        tags, self._requeue_later = self._requeue_later, []
-        if cc.open:
-            for tag in tags:
-                cc.channel.basic_nack(tag, requeue=True)
-        d = self.cancelled
-        if d is not None and not d.called:
-            d.callback(None)
 
 
 class AmqpBridge:

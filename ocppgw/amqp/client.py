@@ -19,7 +19,8 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import deferLater
 from twisted.python import failure
 
-from ocppgw.amqp.bridge import _PERSISTENT, BrokerUnavailable, _endpoint
+from ocppgw.amqp.bridge import _PERSISTENT, _endpoint
+from ocppgw.amqp.errors import BrokerUnavailable
 from ocppgw.config import mask_url
 
 
