@@ -27,19 +27,22 @@ that number is the one the role was made for.
 from __future__ import annotations
 
 import struct
+
 from pika import frame as pika_frame
 
-_FRAME_HEADER = struct.Struct(">BHI")
+# the frame layout and property flags are the ones ocppgw.amqp.wire writes
+from ocppgw.amqp.wire import (
+    _BODY, _CONTENT_ENCODING, _CONTENT_TYPE, _CORRELATION_ID, _DELIVERY_MODE, _FRAME,
+    _FRAME_END, _HEADER, _HEADERS, _METHOD, _PRIORITY, _REPLY_TO,
+)
+
 _CLASS_METHOD = struct.Struct(">HH")
 _LONGLONG = struct.Struct(">Q")
 _ACK = struct.Struct(">QB")
 _CONTENT_HEADER = struct.Struct(">HHQH")
 _LONG = struct.Struct(">I")
 
-_FRAME_METHOD = 1
-_FRAME_HEADER_TYPE = 2
-_FRAME_BODY = 3
-_FRAME_END = 0xCE
+_FRAME_END_OCTET = _FRAME_END[0]
 
 _QUEUE = 50
 _BIND_OK = 21
@@ -48,15 +51,6 @@ _CONSUME_OK = 21
 _DELIVER = 60
 _ACK_METHOD = 80
 _NACK = 120
-
-# Basic property flags, in the order the properties follow the flags.
-_CONTENT_TYPE = 1 << 15
-_CONTENT_ENCODING = 1 << 14
-_HEADERS = 1 << 13
-_DELIVERY_MODE = 1 << 12
-_PRIORITY = 1 << 11
-_CORRELATION_ID = 1 << 10
-_REPLY_TO = 1 << 9
 
 
 def _shortstr(buf, offset: int):
@@ -201,13 +195,13 @@ class FrameReader:
         buf = self._buffer + data if self._buffer else data
         end = len(buf)
         pos = 0
-        unpack_header = _FRAME_HEADER.unpack_from
+        unpack_header = _FRAME.unpack_from
         while end - pos >= 8:
             frame_type, number, size = unpack_header(buf, pos)
             frame_end = pos + 7 + size  # the index of the frame-end octet
             if frame_end >= end:
                 break
-            if buf[frame_end] != _FRAME_END:
+            if buf[frame_end] != _FRAME_END_OCTET:
                 # let pika report the broken stream as it always has
                 self._buffer = b""
                 impl._frame_buffer = b""
@@ -217,7 +211,7 @@ class FrameReader:
             start = pos + 7
             pos = frame_end + 1
             impl.frames_received += 1
-            if frame_type == _FRAME_METHOD:
+            if frame_type == _METHOD:
                 class_id, method_id = _CLASS_METHOD.unpack_from(buf, start)
                 if class_id == _QUEUE:
                     if method_id == _BIND_OK and self._bound(number):
@@ -230,12 +224,12 @@ class FrameReader:
                     if (method_id == _ACK_METHOD or method_id == _NACK) and \
                             self._confirm(number, buf, start + 4, method_id == _NACK):
                         continue
-            elif frame_type == _FRAME_HEADER_TYPE:
+            elif frame_type == _HEADER:
                 content = self._content.get(number)
                 if content is not None:
                     self._header(number, content, buf, start)
                     continue
-            elif frame_type == _FRAME_BODY:
+            elif frame_type == _BODY:
                 content = self._content.get(number)
                 if content is not None:
                     self._body(number, content, buf[start:frame_end])

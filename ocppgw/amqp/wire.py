@@ -38,10 +38,13 @@ _ACK = struct.Struct(">BHIHHQBB")
 # Basic.Publish: class 60, method 40, ticket 0
 _PUBLISH_PREFIX = b"\x00\x3c\x00\x28\x00\x00"
 
-# property flag bits of the Basic class, in encoding order
+# property flag bits of the Basic class, in encoding order (the reader
+# skips the ones before reply_to that ocppgw does not publish)
 _CONTENT_TYPE = 1 << 15
+_CONTENT_ENCODING = 1 << 14
 _HEADERS = 1 << 13
 _DELIVERY_MODE = 1 << 12
+_PRIORITY = 1 << 11
 _CORRELATION_ID = 1 << 10
 _REPLY_TO = 1 << 9
 _MESSAGE_ID = 1 << 7
