@@ -37,7 +37,8 @@ class FakeImpl:
         self.frames_received += 1
         self.processed.append(value)
 
-    def _on_data_available_by_pika(self, data):
+    def _on_data_available(self, data):
+        # pika's own reader, until the FrameReader takes over
         self.by_pika.append(data)
 
 

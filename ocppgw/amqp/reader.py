@@ -133,6 +133,8 @@ class FrameReader:
 
     def __init__(self, impl) -> None:
         self._impl = impl
+        # pika's own reader, for a stream that breaks the frame format
+        self._by_pika = impl._on_data_available
         self._buffer = b""
         self._consumers: dict = {}
         self._confirms: dict = {}
@@ -206,7 +208,7 @@ class FrameReader:
                 self._buffer = b""
                 impl._frame_buffer = b""
                 impl.bytes_received -= end - pos
-                impl._on_data_available_by_pika(buf[pos:])
+                self._by_pika(buf[pos:])
                 return
             start = pos + 7
             pos = frame_end + 1
@@ -310,9 +312,7 @@ def install_reader(connection) -> FrameReader:
     C{TwistedProtocolConnection} that is open), keeping pika's own reader
     for the frames it still handles.
     """
-    impl = connection._impl
-    impl._on_data_available_by_pika = impl._on_data_available
-    return FrameReader.install(impl)
+    return FrameReader.install(connection._impl)
 
 
 __all__ = ["FrameReader", "install_reader", "read_reply_fields"]
