@@ -37,6 +37,19 @@ def delete_exchange(name: str):
         yield admin.close()
 
 
+@defer.inlineCallbacks
+def start_gateway(testcase: unittest.TestCase, values: dict):
+    """
+    A L{GatewayService} built from settings C{values} (by section), started,
+    and stopped when C{testcase} cleans up.
+    """
+    service = GatewayService(settings_from_dict(values), reactor)
+    service.startService()
+    testcase.addCleanup(lambda: service.running and service.stopService())
+    yield service.started
+    return service
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     merged = {section: dict(values) for section, values in base.items()}
     for section, values in extra.items():

@@ -10,12 +10,10 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from ocppgw.amqp import BackEndClient
-from ocppgw.config import settings_from_dict
-from ocppgw.service import GatewayService
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
 from tests.faults import rawws
 from tests.faults.broker import rabbitmq_available, shared_fault_broker
-from tests.support import deep_merge
+from tests.support import deep_merge, start_gateway
 
 
 def rss_bytes() -> int:
@@ -72,10 +70,7 @@ class OwnBrokerTests(unittest.TestCase):
             },
             sections,
         )
-        service = GatewayService(settings_from_dict(values), reactor)
-        service.startService()
-        self.addCleanup(lambda: service.running and service.stopService())
-        yield service.started
+        service = yield start_gateway(self, values)
         self.service = service
         self.port = service.listening_port.getHost().port
         return service

@@ -10,10 +10,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from ocppgw.amqp import BackEndClient
-from ocppgw.config import settings_from_dict
-from ocppgw.service import GatewayService
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
-from tests.support import deep_merge
+from tests.support import deep_merge, start_gateway
 
 
 class GatewaysTestCase(unittest.TestCase):
@@ -40,10 +38,7 @@ class GatewaysTestCase(unittest.TestCase):
             },
             sections,
         )
-        service = GatewayService(settings_from_dict(values), reactor)
-        service.startService()
-        self.addCleanup(lambda: service.running and service.stopService())
-        yield service.started
+        service = yield start_gateway(self, values)
         return service
 
     def identity(self):
