@@ -169,6 +169,8 @@ class AmqpSettings:
     outage_grace: float
     outage_keep_chargers: bool
     reconnect_max_delay: float
+    topology_check_interval: float
+    owed_presence_max: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -1111,6 +1113,16 @@ SECTIONS: tuple[Section, ...] = (
         Option("reconnect_max_delay", Seconds(), "30",
                "Longest wait between two reconnection attempts (exponential back-off with "
                "jitter, starting at 0.5 s)."),
+        Option("topology_check_interval", Seconds(zero_allowed=True), "15",
+               "Seconds between passive checks that the exchange is still the one the "
+               "gateway bound its chargers' queues to; one deleted (or deleted and declared "
+               "again) under the gateway is declared again and every connected charger's "
+               "queue bound again (0 = notice only when a publish to it fails)."),
+        Option("owed_presence_max", Integer(0), "100000",
+               "Presence messages (offline StatusNotifications, connected and disconnected "
+               "events) kept while the broker cannot take them and published in order once "
+               "it can; beyond this many the oldest are dropped "
+               "(ocppgw_presence_dropped_total)."),
     )),
     Section("queue", QueueSettings,
             "Arguments of the per-charger queues ocpp.<identity>, passed to queue.declare "

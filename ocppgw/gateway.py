@@ -41,11 +41,9 @@ that the fleet reconnects to other processes gradually.
 
 from __future__ import annotations
 
-import datetime
-import os
+import enum
 from typing import Optional
 
-import orjson
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
@@ -55,7 +53,9 @@ from ocppgw.edge import ChargerProtocol, Refused
 from ocppgw.audit import IN as AUDIT_IN, OUT as AUDIT_OUT
 from ocppgw.framing import OcppVersion
 from ocppgw.metrics import ChargerStats
+from ocppgw.presence import Presence
 from ocppgw.session import ChargerSession, Delivery
+from ocppgw.states import check_transition
 
 _log = Logger()
 
@@ -75,14 +75,44 @@ CLOSE_POLICY = 1008
 CONTROL_TAKEOVER = "takeover"
 
 
-def _utc_timestamp(seconds: float) -> str:
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+class ChargerState(enum.Enum):
+    """Where an attached charger's link to its command queue is."""
+
+    #: open; its consumer is being started
+    ATTACHED = "attached"
+    #: its consumer is up: commands flow
+    CONSUMING = "consuming"
+    #: the broker connection is lost; the charger stays (outage grace)
+    BROKER_LOST = "broker lost"
+    #: the broker is back: queue declared again, consumer being started
+    RESTORING = "restoring"
+    #: a newer connection took the identity over (here or elsewhere)
+    REPLACED = "replaced"
+    #: gone: closed by either side, or by the gateway's shutdown
+    CLOSED = "closed"
+
+
+_C = ChargerState
+
+#: Every transition a charger link may make. A broker loss can catch a
+#: charger in any live state, and each live state can end.
+CHARGER_TRANSITIONS: dict[ChargerState, frozenset] = {
+    _C.ATTACHED: frozenset({_C.CONSUMING, _C.BROKER_LOST, _C.REPLACED, _C.CLOSED}),
+    _C.CONSUMING: frozenset({_C.BROKER_LOST, _C.REPLACED, _C.CLOSED}),
+    _C.BROKER_LOST: frozenset({_C.RESTORING, _C.REPLACED, _C.CLOSED}),
+    _C.RESTORING: frozenset({_C.CONSUMING, _C.BROKER_LOST, _C.REPLACED, _C.CLOSED}),
+    _C.REPLACED: frozenset(),
+    _C.CLOSED: frozenset(),
+}
+
+#: States in which a charger waits for its consumer to come back.
+_AWAITING_BROKER = frozenset({_C.BROKER_LOST, _C.RESTORING})
 
 
 class ChargerLink:
     """
-    One attached charger: its edge protocol, session and consumer.
+    One attached charger: its edge protocol, session and consumer, and
+    where its link to the broker is (L{ChargerState}).
 
     Implements L{SessionEffects} for the session.
     """
@@ -94,10 +124,10 @@ class ChargerLink:
         "version",
         "session",
         "consumer",
-        "consumer_ready",
+        "starting",
         "headers",
         "connected_at",
-        "detached",
+        "state",
         "bucket",
         "violations",
         "last_violation",
@@ -135,9 +165,10 @@ class ChargerLink:
             ),
         )
         self.consumer = None
-        self.consumer_ready: Optional[defer.Deferred] = None
+        # the consumer being started, until it is up (or given up)
+        self.starting: Optional[defer.Deferred] = None
         self.connected_at = clock.seconds()
-        self.detached = False
+        self.state = ChargerState.ATTACHED
         self.bucket = (
             limits.TokenBucket(clock, gateway.max_message_rate, gateway.message_burst)
             if gateway.max_message_rate
@@ -145,6 +176,20 @@ class ChargerLink:
         )
         self.violations = 0
         self.last_violation = 0.0
+
+    @property
+    def detached(self) -> bool:
+        """Whether the charger is replaced or closed (its session ended)."""
+        return self.state is ChargerState.REPLACED or self.state is ChargerState.CLOSED
+
+    def _goto(self, new: ChargerState) -> None:
+        check_transition(CHARGER_TRANSITIONS, self.state, new, f"charger {self.identity!r}")
+        self.state = new
+        awaiting = self.gateway.awaiting_broker
+        if new in _AWAITING_BROKER:
+            awaiting.add(self)
+        else:
+            awaiting.discard(self)
 
     # -- SessionEffects ------------------------------------------------------
 
@@ -186,6 +231,10 @@ class ChargerLink:
             headers=headers,
             on_outcome=on_outcome,
         )
+
+    # A delivery's tag belongs to the connection it came on: the consumer
+    # drops acks and requeues for a lost connection (its broker requeued
+    # them already), so a session may call these at any time.
 
     def ack(self, delivery: Delivery) -> None:
         if self.consumer is not None:
@@ -230,58 +279,93 @@ class ChargerLink:
         if self.consumer is not None:
             self.consumer.requeue(delivery)
 
+    def current(self, delivery: Delivery) -> bool:
+        return self.consumer is not None and self.consumer.current(delivery)
+
     def close(self, code: int, reason: str) -> None:
         self.edge.close(code, reason)
 
     # -- lifecycle -------------------------------------------------------------
 
     def start_consuming(self) -> None:
-        bridge = self.gateway.bridge
+        """
+        Start the consumer (ATTACHED or RESTORING); CONSUMING once the
+        broker says consume-ok, BROKER_LOST if the connection goes first.
+        """
         try:
-            d = bridge.consume(
+            d = self.gateway.bridge.consume(
                 topology.charger_queue(self.identity),
                 self.session.delivery,
                 self._consumer_lost,
             )
         except Exception:
             d = defer.fail()
-        self.consumer_ready = d
 
         def started(consumer):
-            self.consumer = consumer
             if self.detached:
+                # ended while consume was on its way: nothing delivered can
+                # have been sent to the charger
+                self.consumer = consumer
                 return self._cancel_and_requeue([])
+            if self.state is ChargerState.BROKER_LOST:
+                return None  # lost meanwhile (its connection is gone too)
+            self.consumer = consumer
+            self._goto(ChargerState.CONSUMING)
             return consumer
 
         def failed(failure):
+            if self.detached:
+                return None
+            if failure.check(BrokerUnavailable):
+                self.broker_lost()
+                return None
             _log.warn(
                 "Could not consume commands for {identity}: {error}",
                 identity=self.identity,
                 error=failure.getErrorMessage(),
             )
             self.close(CLOSE_INTERNAL, "Command queue unavailable")
+            return None
 
-        d.addCallbacks(started, failed)
+        d.addCallbacks(started, failed).addErrback(
+            lambda f: _log.failure("Starting the consumer of {identity}", f,
+                                   identity=self.identity))
+        self.starting = d
 
-    def _consumer_lost(self, why: str, connection_gone: bool = False) -> None:
+    def _consumer_lost(self, why: str) -> None:
+        """
+        The consumer ended while its connection lives (the queue was
+        deleted, or its channel closed): the charger cannot get commands.
+        """
         self.consumer = None
-        if connection_gone:
-            # The broker requeued our unacknowledged commands; the gateway
-            # restores the consumer when the bridge is back.
-            self.session.broker_lost()
+        if self.detached:
             return
         _log.warn(
             "Consumer of {identity} lost: {why}", identity=self.identity, why=why
         )
         self.close(CLOSE_INTERNAL, "Command queue lost")
 
+    def broker_lost(self) -> None:
+        """
+        The broker connection is lost. The broker requeues every
+        unacknowledged command by itself; the charger stays until the link
+        is back (L{restore}) or the outage grace ends.
+        """
+        if self.detached or self.state is ChargerState.BROKER_LOST:
+            return
+        self.consumer = None
+        self.session.broker_lost()
+        self._goto(ChargerState.BROKER_LOST)
+
     def restore(self) -> None:
         """
-        The bridge reconnected: declare the queue again (the node we are
-        on now may not have it) and consume it again.
+        The link is open again: declare the queue again (the node we are
+        on now may not have it, a classic queue may be gone with its
+        node) and consume it again.
         """
-        if self.detached:
+        if self.state is not ChargerState.BROKER_LOST:
             return
+        self._goto(ChargerState.RESTORING)
         gateway = self.gateway
         d = gateway.bridge.declare_queue(
             topology.charger_queue(self.identity),
@@ -290,22 +374,46 @@ class ChargerLink:
         )
 
         def declared(_):
-            if not self.detached and self.consumer is None:
+            if self.state is ChargerState.RESTORING:
                 self.start_consuming()
 
         def failed(failure):
+            if self.state is not ChargerState.RESTORING:
+                return
+            if failure.check(BrokerUnavailable):
+                self.broker_lost()  # the next reconnect tries again
+                return
             _log.warn(
                 "Could not restore the queue of {identity}: {error}",
                 identity=self.identity,
                 error=failure.getErrorMessage(),
             )
-            if gateway.bridge.connected:
-                self.close(CLOSE_INTERNAL, "Command queue unavailable")
-            # else: the next reconnect tries again
+            self.close(CLOSE_INTERNAL, "Command queue unavailable")
 
-        d.addCallbacks(declared, failed)
+        d.addCallbacks(declared, failed).addErrback(
+            lambda f: _log.failure("Restoring {identity}", f, identity=self.identity))
 
-    def detach(self) -> defer.Deferred:
+    def rebind(self) -> None:
+        """
+        The exchange was deleted and declared again: bind the queue again
+        (declaring it too; both are idempotent).
+        """
+        if self.state is not ChargerState.CONSUMING:
+            return
+        gateway = self.gateway
+
+        def failed(failure):
+            if not failure.check(BrokerUnavailable):
+                _log.warn("Could not bind the queue of {identity} again: {error}",
+                          identity=self.identity, error=failure.getErrorMessage())
+
+        gateway.bridge.declare_queue(
+            topology.charger_queue(self.identity),
+            topology.charger_binding_key(self.identity),
+            gateway.queue_arguments,
+        ).addErrback(failed)
+
+    def detach(self, replaced: bool) -> defer.Deferred:
         """
         End the session, hand unanswered commands back to the queue.
 
@@ -315,16 +423,18 @@ class ChargerLink:
         """
         if self.detached:
             return defer.succeed(None)
-        self.detached = True
+        self._goto(ChargerState.REPLACED if replaced else ChargerState.CLOSED)
         unanswered = self.session.end()
         if self.consumer is not None:
             return self._cancel_and_requeue(unanswered)
-        if self.consumer_ready is not None and not self.consumer_ready.called:
-            # consume is still on its way: cancel once it is ok; nothing
-            # can have been delivered yet.
+        starting = self.starting
+        if starting is not None and not starting.called:
+            # consume is on its way: `started` cancels it once it is ok,
+            # so that a connection replacing this one consumes after it
             done: defer.Deferred = defer.Deferred()
-            self.consumer_ready.addBoth(lambda _: done.callback(None))
+            starting.addBoth(lambda _: done.callback(None))
             return done
+        # no consumer: the broker was lost (and requeued everything)
         return defer.succeed(None)
 
     def _cancel_and_requeue(self, unanswered: list) -> defer.Deferred:
@@ -356,11 +466,14 @@ class Gateway:
         max_message_rate: float = 0.0,
         message_burst: int = 50,
         max_rate_violations: int = 200,
+        max_owed_presence: int = 100000,
         validation=None,
         metrics=None,
         audit=None,
     ) -> None:
         """
+        @param max_owed_presence: presence messages kept while the broker
+            cannot take them (see L{ocppgw.presence}).
         @param validation: an L{ocppgw.validation.Validation} that gives
             each charger's session its payload checker, or C{None}.
         @param metrics: an L{ocppgw.metrics.Metrics}, or C{None}.
@@ -375,8 +488,10 @@ class Gateway:
         self.queue_arguments = dict(queue_arguments)
         self.call_timeout = call_timeout
         self.max_bad_frames = max_bad_frames
-        self.offline_status = offline_status
-        self.presence_events = presence_events
+        self.presence = Presence(
+            bridge, reactor, node, offline_status=offline_status, events=presence_events,
+            max_owed=max_owed_presence,
+        )
         self.validation = validation
         #: Where refused commands are copied with the reason in headers: the
         #: charger queues' dead-letter exchange once it is known to exist
@@ -384,6 +499,9 @@ class Gateway:
         self.dead_letter_exchange: Optional[str] = None
         #: identity -> ChargerLink of attached chargers
         self.chargers: dict[str, ChargerLink] = {}
+        #: the chargers waiting for their consumer to come back after a
+        #: broker loss (BROKER_LOST or RESTORING): readiness waits for them
+        self.awaiting_broker: set[ChargerLink] = set()
         # identity -> the edge whose handshake most recently claimed it
         self._claims: dict[str, ChargerProtocol] = {}
         self._accepting = True
@@ -398,6 +516,7 @@ class Gateway:
         bridge.add_observer(self._broker_state)
         bridge.add_flow_observer(self._flow)
         bridge.add_control_handler(self._control)
+        bridge.add_topology_observer(self._topology_restored)
 
     # -- ChargerHub --------------------------------------------------------------
 
@@ -468,7 +587,12 @@ class Gateway:
         self.chargers[identity] = link
         if self.reading_paused:
             edge.pause_reading()
-        link.start_consuming()
+        if self.bridge.connected:
+            link.start_consuming()
+        else:
+            # the link was lost between the queue's declare and the 101:
+            # the charger waits for it like the others
+            link.broker_lost()
         _log.info(
             "{identity} connected from {peer} speaking {version}",
             identity=identity,
@@ -482,8 +606,7 @@ class Gateway:
                 identity, link.version.subprotocol, "connected",
                 peer=link.peer, listener=link.listener, node=self.node,
             )
-        if self.presence_events:
-            self._publish_event(link, topology.ROUTING_KEY_CONNECTED, "connected")
+        self.presence.connected(link)
 
     def charger_frame(self, edge: ChargerProtocol, data: bytes) -> None:
         link = edge.link
@@ -540,7 +663,7 @@ class Gateway:
             return defer.succeed(None)
         if self.chargers.get(link.identity) is link:
             del self.chargers[link.identity]
-        d = link.detach()
+        d = link.detach(replaced)
         duration = self._reactor.seconds() - link.connected_at
         _log.info(
             "{identity} disconnected ({why}, code {code}) after {duration:.1f} s",
@@ -566,69 +689,35 @@ class Gateway:
                 code=code, replaced=replaced, duration=round(duration, 3), node=self.node,
             )
         if not replaced:
-            if self.offline_status:
-                self._publish_offline_status(link)
-            if self.presence_events:
-                self._publish_event(
-                    link, topology.ROUTING_KEY_DISCONNECTED, "disconnected", code=code
-                )
+            self.presence.disconnected(link, code)
         return d
-
-    def _publish_offline_status(self, link: ChargerLink) -> None:
-        message_id = "ocppgw-offline-" + os.urandom(8).hex()
-        body = framing.offline_status_notification(
-            link.version, message_id, _utc_timestamp(self._reactor.seconds())
-        )
-        self.bridge.publish(
-            None,
-            topology.routing_key(
-                link.version.routing_prefix, "StatusNotification", topology.KIND_REQUEST
-            ),
-            body,
-            correlation_id=message_id,
-            type="StatusNotification",
-            reply_to=link.identity,
-            headers={**link.headers, topology.HEADER_SYNTHETIC: True},
-        )
-
-    def _publish_event(self, link: ChargerLink, routing_key: str, event: str, **extra) -> None:
-        body = {
-            "event": event,
-            "identity": link.identity,
-            "version": link.version.subprotocol,
-            "node": self.node,
-            "remote": link.edge.peer,
-            "time": _utc_timestamp(self._reactor.seconds()),
-        }
-        body.update(extra)
-        self.bridge.publish(
-            None,
-            routing_key,
-            orjson.dumps(body),
-            type=event,
-            headers=link.headers,
-        )
 
     def _broker_state(self, connected: bool, why: str) -> None:
         """
-        The broker connection went down or came back.
+        The broker link opened, or was lost (told once per loss, before
+        anything in flight on the lost connection is settled).
 
-        Down: every consumer and unconfirmed publish is gone with it (their
-        CALLs were answered InternalError), but the chargers stay for
-        C{outage_grace} seconds -- new ones get 503 meanwhile -- and are
+        Lost: every charger is told (its consumer is gone, the broker
+        requeues its unacknowledged commands) but stays for
+        C{outage_grace} seconds -- new ones get 503 meanwhile -- and is
         then closed with 1012 rather than left talking to nobody.
-        Back: every kept charger's queue and consumer is restored.
+        Open: presence messages owed since the loss are published, and
+        every kept charger's queue and consumer is restored.
         """
         if connected:
             if self._outage_timer is not None and self._outage_timer.active():
                 self._outage_timer.cancel()
             self._outage_timer = None
-            links = list(self.chargers.values())
+            self.presence.flush()
+            links = [link for link in self.chargers.values()
+                     if link.state is ChargerState.BROKER_LOST]
             if links:
                 _log.info("Restoring {count} chargers' consumers", count=len(links))
             for link in links:
                 link.restore()
             return
+        for link in list(self.chargers.values()):
+            link.broker_lost()
         if self.outage_keep_chargers or self._outage_timer is not None:
             return
         if self.outage_grace <= 0:
@@ -648,6 +737,17 @@ class Gateway:
         for link in links:
             self._detach(link, replaced=False, code=CLOSE_SERVICE_RESTART)
             link.close(CLOSE_SERVICE_RESTART, "Broker unavailable")
+
+    def _topology_restored(self) -> None:
+        """
+        The exchange was deleted under us and declared again: bind every
+        charger's queue again, and publish what is owed.
+        """
+        links = list(self.chargers.values())
+        _log.info("Binding {count} chargers' queues again", count=len(links))
+        for link in links:
+            link.rebind()
+        self.presence.flush()
 
     def _flow(self, paused: bool) -> None:
         """

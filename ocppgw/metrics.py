@@ -295,9 +295,59 @@ class GatewayState:
         """C{{check: bool}}; ready when every check is true."""
         raise NotImplementedError
 
+    def broker_link(self) -> Optional[dict]:
+        """
+        The broker link's C{state} and counters (C{losses},
+        C{topology_restores}, C{awaiting_restore}, C{presence_owed},
+        C{presence_dropped}), or None.
+        """
+        return None
+
     def validation_stats(self):
         """The L{ocppgw.validation.ValidationStats} of payload checks, or None."""
         return None
+
+
+#: Every state of the broker link, for a gauge that is 1 for the current one.
+LINK_STATES = ("idle", "connecting", "open", "lost", "reconnecting", "closing", "closed")
+
+
+def _link_families(link: dict):
+    state = GaugeMetricFamily(
+        "ocppgw_amqp_link_state",
+        "1 for the broker link's current state (connecting, open, lost, reconnecting, ...).",
+        labels=["state"],
+    )
+    for name in LINK_STATES:
+        state.add_metric([name], int(link["state"] == name))
+    yield state
+    yield CounterMetricFamily(
+        "ocppgw_amqp_link_losses",
+        "Times the broker connection was lost (closed by the broker, TCP gone, or silent "
+        "for longer than the heartbeat allows).",
+        value=link["losses"],
+    )
+    yield CounterMetricFamily(
+        "ocppgw_amqp_topology_restores",
+        "Times the OCPP exchange was found deleted under the gateway and declared again.",
+        value=link["topology_restores"],
+    )
+    yield GaugeMetricFamily(
+        "ocppgw_chargers_awaiting_restore",
+        "Connected chargers whose command queue consumer is not back yet after a broker loss.",
+        value=link["awaiting_restore"],
+    )
+    yield GaugeMetricFamily(
+        "ocppgw_presence_owed",
+        "Presence messages (offline status, connected/disconnected events) not yet "
+        "confirmed by the broker.",
+        value=link["presence_owed"],
+    )
+    yield CounterMetricFamily(
+        "ocppgw_presence_dropped",
+        "Presence messages dropped because more than [amqp] owed_presence_max waited.",
+        value=link["presence_dropped"],
+    )
 
 
 class GatewayCollector:
@@ -352,6 +402,9 @@ class GatewayCollector:
             "1 while RabbitMQ blocks the gateway's publishes (memory or disk alarm).",
             value=int(state.broker_blocked()),
         )
+        link = state.broker_link()
+        if link is not None:
+            yield from _link_families(link)
         ready = GaugeMetricFamily(
             "ocppgw_ready",
             "Readiness checks of /readyz (1 = passing).",

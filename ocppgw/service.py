@@ -103,6 +103,7 @@ class GatewayService(service.MultiService, GatewayState):
             declare_channels=amqp.declare_channels,
             failover_urls=amqp.failover_urls,
             reconnect_max_delay=amqp.reconnect_max_delay,
+            topology_check_interval=amqp.topology_check_interval,
         )
         self.metrics = Metrics()
         self.bridge.observe_confirm = self.metrics.observe_confirm
@@ -132,6 +133,7 @@ class GatewayService(service.MultiService, GatewayState):
             max_message_rate=ws.max_message_rate,
             message_burst=ws.message_burst,
             max_rate_violations=ws.max_rate_violations,
+            max_owed_presence=amqp.owed_presence_max,
             validation=self.validation,
             metrics=self.metrics,
             audit=self.audit,
@@ -205,12 +207,31 @@ class GatewayService(service.MultiService, GatewayState):
     def broker_blocked(self) -> bool:
         return getattr(self.bridge, "blocked", False)
 
+    def broker_state(self) -> str:
+        """The broker link's state: idle, connecting, open, lost, ..."""
+        return self.bridge.state.value
+
+    def broker_link(self) -> dict:
+        bridge, gateway = self.bridge, self.gateway
+        return {
+            "state": bridge.state.value,
+            "losses": bridge.link.losses,
+            "topology_restores": bridge.topology_restores,
+            "awaiting_restore": len(gateway.awaiting_broker),
+            "presence_owed": gateway.presence.owed,
+            "presence_dropped": gateway.presence.dropped,
+        }
+
     def validation_stats(self):
         return self.validation.stats
 
     def readiness(self) -> dict:
+        # Not ready from the moment the broker link is lost until every
+        # kept charger's consumer is restored: a load balancer should not
+        # send new chargers meanwhile (they would get 503).
         return {
             "broker": bool(self.bridge.connected),
+            "consumers": not self.gateway.awaiting_broker,
             "listening": self.listening_port is not None,
             "accepting": self.gateway.accepting,
         }
@@ -348,7 +369,13 @@ class GatewayService(service.MultiService, GatewayState):
         for port in ports.values():
             yield port.stopListening()
         self.listening_port = None
-        yield self.gateway.drain(self.settings.listener.drain_window)
+        window = self.settings.listener.drain_window
+        # Bounded: requeues wait for cancel-oks, which a broker that went
+        # silent never sends; the broker requeues them itself anyway.
+        yield _within(
+            self._reactor, self.gateway.drain(window), window + DRAIN_GRACE,
+            "draining the chargers",
+        )
         yield self.bridge.stop()
         yield self.security.stop()
         # last: /readyz says "not ready" while the gateway drains
@@ -356,6 +383,32 @@ class GatewayService(service.MultiService, GatewayState):
             yield self.admin_port.stopListening()
             self.admin_port = None
         _log.info("ocppgw stopped")
+
+
+#: Seconds a drain may take beyond its window (cancel-oks, requeues).
+DRAIN_GRACE = 5.0
+
+
+def _within(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
+    """
+    Wait for C{d} at most C{seconds}, then go on (logging that it did).
+    """
+    done: defer.Deferred = defer.Deferred()
+
+    def give_up():
+        _log.warn("Gave up {what} after {seconds:g} s", what=what, seconds=seconds)
+        done.callback(None)
+
+    timer = reactor.callLater(seconds, give_up)
+
+    def finished(result):
+        if timer.active():
+            timer.cancel()
+            done.callback(None)
+        return result
+
+    d.addBoth(finished)
+    return done
 
 
 def _exit(status: int) -> None:

@@ -42,13 +42,14 @@ The rules it keeps (DESIGN §3):
 
 from __future__ import annotations
 
-import enum
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 from twisted.logger import Logger
 
 from ocppgw import framing, topology
+from ocppgw.answers import AnswerMemory
 from ocppgw.framing import BadFrame, ErrorKind, Frame, OcppVersion
+from ocppgw.outcome import Delivery, OutcomeCallback, PublishOutcome
 from ocppgw.validation import PayloadChecker, Violation
 
 _log = Logger()
@@ -58,37 +59,6 @@ _log = Logger()
 #: pipeline, and the bound keeps a charger that never gets answers small.
 MAX_OPEN_CHARGER_CALLS = 16
 
-#: How many answers to CSMS CALLs a session remembers, so that a command
-#: redelivered after a broker reconnect is not sent to the charger again.
-#: Only commands answered just before the connection broke (whose ack may
-#: not have reached the broker) can come back answered; a charger answers
-#: one CALL at a time, so a handful is plenty, and the memory of thousands
-#: of idle chargers stays small.
-MAX_REMEMBERED_ANSWERS = 8
-#: Larger answers are not remembered (a charger could otherwise pin
-#: megabytes per connection); such a command, if redelivered, is sent again.
-MAX_REMEMBERED_ANSWER_SIZE = 16384
-
-# States of a remembered answer's publish.
-_PENDING = "pending"
-_CONFIRMED = "confirmed"
-_FAILED = "failed"
-
-
-class PublishOutcome(enum.Enum):
-    """
-    What the broker did with a publish.
-    """
-
-    #: Confirmed, and routed to at least one queue (or not mandatory).
-    CONFIRMED = "confirmed"
-    #: Confirmed but returned: no queue is bound for the routing key.
-    UNROUTABLE = "unroutable"
-    #: Not confirmed: nacked, or the channel or connection went away.
-    FAILED = "failed"
-
-
-OutcomeCallback = Callable[[PublishOutcome], None]
 
 
 def _remember(mapping: dict, key, value, limit: int) -> None:
@@ -100,33 +70,6 @@ def _remember(mapping: dict, key, value, limit: int) -> None:
     mapping[key] = value
     if len(mapping) > limit:
         del mapping[next(iter(mapping))]
-
-
-class Delivery:
-    """
-    One command taken from a charger's queue, as the session sees it.
-
-    C{tag} is opaque to the session; the gateway uses it to ack or reject.
-    """
-
-    __slots__ = ("tag", "body", "reply_to", "correlation_id", "redelivered")
-
-    def __init__(
-        self,
-        tag: object,
-        body: bytes,
-        reply_to: Optional[str] = None,
-        correlation_id: Optional[str] = None,
-        redelivered: bool = False,
-    ) -> None:
-        self.tag = tag
-        self.body = body
-        self.reply_to = reply_to
-        self.correlation_id = correlation_id
-        self.redelivered = redelivered
-
-    def __repr__(self) -> str:
-        return f"<Delivery tag={self.tag!r} reply_to={self.reply_to!r}>"
 
 
 class SessionEffects(Protocol):
@@ -179,6 +122,12 @@ class SessionEffects(Protocol):
     def requeue(self, delivery: Delivery) -> None:
         """Give a command back to its queue for later."""
 
+    def current(self, delivery: Delivery) -> bool:
+        """
+        Whether C{delivery} came on the broker connection in use now (an
+        ack or requeue for it still means something).
+        """
+
     def close(self, code: int, reason: str) -> None:
         """Close the charger's WebSocket with C{code}."""
 
@@ -196,42 +145,6 @@ class _OutstandingCall:
         self.action = frame.action
         self.timer = None
         self.sent_at = sent_at
-
-
-class _AckWhenPublished:
-    """
-    Acknowledge a command once every publish of its answer is settled.
-
-    The answer goes to the routing key and, when the command asked for it,
-    to its C{reply_to}; the routing-key publish decides: if the broker did
-    not take it, the command is requeued so the answer is not lost.
-    """
-
-    __slots__ = ("_session", "_delivery", "_waiting", "_failed", "_message_id")
-
-    def __init__(self, session: "ChargerSession", delivery: Delivery, waiting: int,
-                 message_id: Optional[str] = None):
-        self._session = session
-        self._delivery = delivery
-        self._waiting = waiting
-        self._failed = False
-        self._message_id = message_id
-
-    def routed(self, outcome: PublishOutcome) -> None:
-        if outcome is PublishOutcome.FAILED:
-            self._failed = True
-        self._settle()
-
-    def replied(self, outcome: PublishOutcome) -> None:
-        # A reply_to that is gone (the caller gave up) must not bring the
-        # command back: the answer was published on the routing key.
-        self._settle()
-
-    def _settle(self) -> None:
-        self._waiting -= 1
-        if self._waiting:
-            return
-        self._session._settled(self._delivery, self._failed, self._message_id)
 
 
 class _SettleRefusal:
@@ -307,7 +220,6 @@ class ChargerSession:
         "_open_charger_calls",
         "_outstanding",
         "_held",
-        "_unsettled",
         "_ended",
         "_answers",
         "_checker",
@@ -350,14 +262,10 @@ class ChargerSession:
         # a list, not a deque: it holds at most prefetch_count commands, and
         # an empty deque costs 0.7 KB per idle charger
         self._held: list[tuple[Delivery, Frame]] = []
-        # Commands whose answer is published but not yet confirmed: they
-        # are neither held nor outstanding, and must not be requeued.
-        self._unsettled = 0
         self._ended = False
-        # message id -> [routing key, body, extra headers, state, waiting]
-        # of the last answers to CSMS CALLs; state is _PENDING, _CONFIRMED
-        # or _FAILED, waiting the redeliveries that wait for a pending one
-        self._answers: dict[str, list] = {}
+        # answers to CSMS CALLs until their commands are acknowledged, and
+        # a memory of the last ones (see ocppgw.answers)
+        self._answers = AnswerMemory(effects, clock)
         self._checker = checker
         # Actions whose invalid payloads this session has logged already:
         # a charger with a quirk repeats it every few seconds, and the
@@ -761,35 +669,7 @@ class ChargerSession:
         if outstanding is not None and outstanding.message_id == frame.message_id:
             outstanding.delivery = delivery
             return True
-        answer = self._answers.get(frame.message_id)
-        if answer is None:
-            return False
-        state = answer[3]
-        if state is _CONFIRMED:
-            self._effects.ack(delivery)
-        elif state is _PENDING:
-            # settled when the publish in flight is (no second copy)
-            answer[4].append(delivery)
-        else:
-            self._republish(frame.message_id, answer, delivery)
-        return True
-
-    def _republish(self, message_id: str, answer: list, delivery: Delivery) -> None:
-        """
-        Publish a remembered answer again, for a redelivered command.
-        """
-        routing_key, body, extra_headers = answer[0], answer[1], answer[2]
-        answer[3] = _PENDING
-        reply_to = delivery.reply_to
-        settle = _AckWhenPublished(self, delivery, 2 if reply_to else 1, message_id)
-        self._unsettled += 1
-        self._effects.publish(
-            routing_key, body, message_id, None, False, settle.routed, extra_headers
-        )
-        if reply_to:
-            self._effects.publish_reply(
-                reply_to, delivery.correlation_id, body, settle.replied, extra_headers
-            )
+        return self._answers.redelivered(frame.message_id, delivery)
 
     def broker_lost(self) -> None:
         """
@@ -798,9 +678,10 @@ class ChargerSession:
         Every unacknowledged command goes back to the queue on the broker's
         side, so the held ones are forgotten here (they will be delivered
         again); the outstanding one stays outstanding, to be matched with
-        its redelivery.
+        its redelivery, and so do answers the broker has not confirmed.
         """
         self._held.clear()
+        self._answers.broker_lost()
 
     def _invalid_command(
         self, delivery: Delivery, frame: Frame, checker: PayloadChecker
@@ -870,52 +751,14 @@ class ChargerSession:
         if outstanding.timer is not None:
             outstanding.timer.cancel()
             outstanding.timer = None
-        delivery = outstanding.delivery
-        reply_to = delivery.reply_to
         routing_key = topology.routing_key(
             self.version.routing_prefix, outstanding.action, kind
         )
-        answers = self._answers
-        if len(body) <= MAX_REMEMBERED_ANSWER_SIZE:
-            _remember(answers, outstanding.message_id,
-                      [routing_key, body, extra_headers, _PENDING, []], MAX_REMEMBERED_ANSWERS)
-        else:
-            answers.pop(outstanding.message_id, None)
-        settle = _AckWhenPublished(
-            self, delivery, 2 if reply_to else 1, outstanding.message_id
+        self._answers.publish(
+            outstanding.message_id, routing_key, body, extra_headers, outstanding.delivery
         )
-        self._unsettled += 1
-        self._effects.publish(
-            routing_key,
-            body,
-            outstanding.message_id,
-            None,
-            False,
-            settle.routed,
-            extra_headers,
-        )
-        if reply_to:
-            self._effects.publish_reply(
-                reply_to, delivery.correlation_id, body, settle.replied, extra_headers
-            )
         if not self._ended:
             self._send_next_held()
-
-    def _settled(self, delivery: Delivery, failed: bool, message_id=None) -> None:
-        self._unsettled -= 1
-        answer = self._answers.get(message_id) if message_id is not None else None
-        if answer is not None:
-            answer[3] = _FAILED if failed else _CONFIRMED
-            waiting, answer[4] = answer[4], []
-            for other in waiting:
-                if failed:
-                    self._republish(message_id, answer, other)
-                else:
-                    self._effects.ack(other)
-        if failed:
-            self._effects.requeue(delivery)
-        else:
-            self._effects.ack(delivery)
 
     def _send_next_held(self) -> None:
         if self._held:
@@ -939,6 +782,7 @@ class ChargerSession:
             self._outstanding = None
         unanswered.extend(delivery for delivery, _ in self._held)
         self._held.clear()
+        unanswered.extend(self._answers.end())
         return unanswered
 
     def handover(self) -> dict:

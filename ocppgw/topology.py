@@ -80,3 +80,28 @@ def routing_key(routing_prefix: str, action: str, kind: str) -> str:
     impersonate another version or kind.
     """
     return f"{routing_prefix}.{action}.{kind}"
+
+
+def control_exchange(exchange: str) -> str:
+    """
+    The fanout exchange gateway processes tell each other things on
+    (takeovers, who is there), beside the OCPP exchange C{exchange}.
+
+    It is apart from the OCPP exchange so that no back-end binding (C{#})
+    ever sees these messages.
+    """
+    return exchange + ".gateways"
+
+
+def sentinel_exchange(exchange: str, token: str) -> str:
+    """
+    A gateway connection's sentinel for the OCPP exchange C{exchange}.
+
+    The sentinel is an auto-delete exchange whose only binding leads
+    I{into} the OCPP exchange. RabbitMQ removes a binding when either end
+    is deleted, and an auto-delete exchange with it: so the sentinel
+    exists exactly as long as the OCPP exchange it was bound to, even if
+    an operator deletes that exchange and declares it again (which drops
+    every charger queue's binding). Nothing is ever published to it.
+    """
+    return f"{exchange}.gateways.sentinel.{token}"

@@ -199,7 +199,7 @@ class MetricsTests(AdminTestCase):
         import pika.spec
         from pika.frame import Method
 
-        impl = self.gateway_service.bridge._connection._impl
+        impl = self.gateway_service.bridge.link.connection.impl
         impl._process_frame(Method(0, pika.spec.Connection.Blocked("low on memory")))
         scraped = yield self.scrape()
         self.assertEqual(value(scraped, "ocppgw_amqp_blocked"), 1)
@@ -227,7 +227,8 @@ class HealthTests(AdminTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(
             orjson.loads(body),
-            {"ready": True, "checks": {"broker": True, "listening": True, "accepting": True}},
+            {"ready": True, "checks": {"broker": True, "consumers": True, "listening": True,
+                                       "accepting": True}},
         )
         bridge = self.gateway_service.bridge
         down: defer.Deferred = defer.Deferred()

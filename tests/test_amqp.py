@@ -11,6 +11,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from ocppgw.amqp import AmqpBridge, BackEndClient, BrokerUnavailable, DeclareFailed
+from ocppgw.amqp import LinkState
 from ocppgw.session import PublishOutcome
 from ocppgw.testing import amqp_url, unique_name
 from tests.support import GatewayTestCase
@@ -121,13 +122,14 @@ class ConfirmTests(BridgeTestCase):
         )
 
     def test_publish_while_disconnected_fails_at_once(self):
-        self.bridge.connected = False
+        link = self.bridge.link
+        link.state = LinkState.RECONNECTING
         try:
             outcomes = []
             self.bridge.publish(None, "k", b"[]", on_outcome=outcomes.append)
             self.assertEqual(outcomes, [PublishOutcome.FAILED])
         finally:
-            self.bridge.connected = True
+            link.state = LinkState.OPEN
 
 
 class DeclareTests(BridgeTestCase):

@@ -41,10 +41,22 @@ class _Channel:
             frame.Method(self.channel_number, spec.Basic.CancelOk(consumer_tag=tag)))
 
 
+class _Connection:
+    """The parts of a L{BrokerConnection} a channel role uses: alive."""
+
+    alive = True
+    lost_reason = None
+
+    @staticmethod
+    def call(method, *args, **kwargs):
+        method(*args, **kwargs)
+        return True
+
+
 class CancelTests(unittest.TestCase):
     def test_each_cancel_waits_for_its_own_cancel_ok(self):
         channel = _Channel()
-        cc = _ConsumerChannel(channel, lambda *_: None)
+        cc = _ConsumerChannel(_Connection(), channel, lambda *_: None)
         consumers = []
         for n in range(3):
             consumer = Consumer(cc, lambda delivery: None, lambda why: None)

@@ -90,6 +90,8 @@ failover_urls = amqp://gw:s3cret@b2:5672/ocpp, amqp://b3/ocpp
 outage_grace = 0
 outage_keep_chargers = yes
 reconnect_max_delay = 4
+topology_check_interval = 0
+owed_presence_max = 10
 
 [queue]
 x-queue-type = quorum
@@ -230,6 +232,8 @@ class DefaultsTests(SynchronousTestCase):
                 outage_grace=30.0,
                 outage_keep_chargers=False,
                 reconnect_max_delay=30.0,
+                topology_check_interval=15.0,
+                owed_presence_max=100000,
             ),
         )
         self.assertEqual(
@@ -385,6 +389,8 @@ class EveryKeyTests(SynchronousTestCase):
                 outage_grace=0.0,
                 outage_keep_chargers=True,
                 reconnect_max_delay=4.0,
+                topology_check_interval=0.0,
+                owed_presence_max=10,
             ),
         )
         self.assertEqual(

@@ -26,6 +26,8 @@ class RecordingEffects:
         self.rejected = []
         self.requeued = []
         self.closed = []
+        #: tags of deliveries whose broker connection is gone
+        self.lost = set()
 
     def send_to_charger(self, frame):
         self.sent.append(json.loads(frame))
@@ -72,6 +74,9 @@ class RecordingEffects:
 
     def requeue(self, delivery):
         self.requeued.append(delivery.tag)
+
+    def current(self, delivery):
+        return delivery.tag not in self.lost
 
     def close(self, code, reason):
         self.closed.append(code)
@@ -210,12 +215,64 @@ class BackEndToChargerTests(SessionTestsMixin, SynchronousTestCase):
         self.session.charger_frame(frame(4, "c1", "NotSupported", "", {}))
         self.assertEqual(self.effects.published[0]["routing_key"], "ocpp16.Reset.error")
 
-    def test_unconfirmed_answer_requeues_command(self):
+    def test_unconfirmed_answer_published_again_after_a_delay(self):
+        """
+        An answer the broker refuses (nack, publish channel closed) while
+        the connection lives is published again after a back-off of 1 s,
+        then 2 s, ...; the command stays unacknowledged meanwhile and is
+        neither requeued (it would come straight back) nor sent again.
+        """
+        self.deliver(1, 2, "c1", "Reset", {"type": "Soft"})
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        first = self.effects.published[0]
+        first["on_outcome"](PublishOutcome.FAILED)
+        self.assertEqual((self.effects.requeued, self.effects.acked), ([], []))
+        self.clock.advance(0.99)
+        self.assertEqual(len(self.effects.published), 1)
+        self.clock.advance(0.01)
+        second = self.effects.published[1]
+        self.assertEqual((second["routing_key"], second["body"]),
+                         (first["routing_key"], first["body"]))
+        second["on_outcome"](PublishOutcome.FAILED)
+        self.clock.advance(1.99)
+        self.assertEqual(len(self.effects.published), 2)
+        self.clock.advance(0.01)
+        self.effects.published[2]["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual((self.effects.requeued, self.effects.acked), ([], [1]))
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
+
+    def test_unconfirmed_answer_of_a_lost_connection_waits_for_redelivery(self):
+        """
+        When the answer's publish failed because the broker connection was
+        lost, the command's delivery is moot: nothing is published again
+        until the broker delivers the command again.
+        """
+        self.deliver(1, 2, "c1", "Reset", {"type": "Soft"})
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.effects.lost.add(1)
+        self.session.broker_lost()
+        self.effects.published[0]["on_outcome"](PublishOutcome.FAILED)
+        self.clock.advance(60)
+        self.assertEqual(len(self.effects.published), 1)
+        self.assertEqual((self.effects.requeued, self.effects.acked), ([], []))
+        self.session.delivery(Delivery(
+            11, frame(2, "c1", "Reset", {"type": "Soft"}), redelivered=True))
+        self.assertEqual(len(self.effects.published), 2)
+        self.effects.published[1]["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(self.effects.acked, [11])
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
+
+    def test_unconfirmed_answer_requeued_when_the_session_ends(self):
+        """
+        A command whose answer waits to be published again goes back to
+        the queue when the charger leaves, with the unanswered ones.
+        """
         self.deliver(1, 2, "c1", "Reset", {"type": "Soft"})
         self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
         self.effects.published[0]["on_outcome"](PublishOutcome.FAILED)
-        self.assertEqual(self.effects.requeued, [1])
-        self.assertEqual(self.effects.acked, [])
+        self.assertEqual([d.tag for d in self.session.end()], [1])
+        self.clock.advance(60)
+        self.assertEqual(len(self.effects.published), 1)
 
     def test_answer_sent_to_reply_to(self):
         self.deliver(

@@ -5,7 +5,12 @@ pika's Twisted adapter is deprecated upstream (pika is pinned below 2), so
 everything pika-specific stays behind this package's small surface:
 
 - L{bridge}: the gateway's side -- the shared connection, its channels,
-  reconnects, the control exchange (L{AmqpBridge});
+  the control exchange (L{AmqpBridge});
+- L{link}: the broker link's state machine -- which connection is
+  current, loss, reconnection with back-off (L{BrokerLink});
+- L{connection}: one AMQP connection and the guard that keeps anything
+  from being sent on it once it is lost, and pika's callbacks from
+  raising into pika (L{BrokerConnection});
 - L{channels}: the roles of those channels (confirm, declare, consumer)
   and a charger's L{Consumer};
 - L{errors}: what this package raises;
@@ -18,6 +23,7 @@ everything pika-specific stays behind this package's small surface:
 """
 
 from ocppgw.amqp.bridge import AmqpBridge
+from ocppgw.amqp.link import BrokerLink, InvalidTransition, LinkState
 from ocppgw.amqp.channels import Consumer
 from ocppgw.amqp.errors import BrokerUnavailable, ChannelGone, DeclareFailed
 from ocppgw.amqp.client import DIRECT_REPLY_TO, BackEndClient, Message, check_login
@@ -26,12 +32,15 @@ from ocppgw.amqp.wire import FixedHeaders
 __all__ = [
     "AmqpBridge",
     "BackEndClient",
+    "BrokerLink",
     "BrokerUnavailable",
     "ChannelGone",
     "Consumer",
     "DIRECT_REPLY_TO",
     "DeclareFailed",
     "FixedHeaders",
+    "InvalidTransition",
+    "LinkState",
     "Message",
     "check_login",
 ]

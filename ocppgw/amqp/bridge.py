@@ -9,8 +9,11 @@ publishes, outcomes and deliveries, not frames and channels.
 How the broker is used, and why:
 
 - One AMQP connection carries every charger (a charger is not an AMQP
-  connection). Its socket has Nagle off: small AMQP writes otherwise wait
-  for the broker's delayed ACK (~40 ms a round trip).
+  connection). Which connection is current, and what happens when it is
+  lost, is L{ocppgw.amqp.link.BrokerLink}'s job: a state machine that
+  reconnects with back-off to the next URL, every time. Nothing is sent
+  unless the link is open and the channel belongs to the current
+  connection (L{ocppgw.amqp.connection}).
 - Charger frames go out on a few I{publish channels} in confirm mode.
   pika's Twisted channel keeps only the last C{basic.return} and credits it
   to the lowest tag of a multiple ack, so we use the plain pika channel and
@@ -33,69 +36,82 @@ How the broker is used, and why:
 - Deliveries, confirms, bind-oks and consume-oks, most of what the broker
   sends, are read by L{ocppgw.amqp.reader.FrameReader} without pika's
   frame objects; pika still handles every other frame.
+- An operator may delete the OCPP exchange under a running gateway (and
+  declare it again, which drops every charger queue's binding). A publish
+  channel closed with 404 for it, or a periodic passive check of a
+  I{sentinel} exchange bound into it (see L{topology.sentinel_exchange}),
+  shows it; the bridge declares the exchanges again and tells its
+  topology observers (the gateway re-binds its chargers' queues).
 
-The channel roles live in L{ocppgw.amqp.channels}; this module holds the
-connection, its lifecycle and what the gateway asks of it.
+The channel roles live in L{ocppgw.amqp.channels}; this module holds what
+each connection is set up with and what the gateway asks of it.
 """
 
 from __future__ import annotations
 
 import itertools
-import random
+import os
 import time
 from collections import deque
 from typing import Callable, Optional
-from urllib.parse import urlsplit
 
 import orjson
 import pika
 import pika.exceptions
-from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.internet import defer, task
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.ssl import optionsForClientTLS
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from ocppgw import peers
+from ocppgw import peers, topology
 from ocppgw.amqp.channels import (
-    Consumer, _channel, _ConfirmChannel, _ConsumerChannel, _DeclareChannel,
+    Consumer, _ConfirmChannel, _ConsumerChannel, _DeclareChannel,
 )
+from ocppgw.amqp.connection import BrokerConnection, guarded
 from ocppgw.amqp.errors import BrokerUnavailable, ChannelGone, DeclareFailed
-from ocppgw.amqp.reader import install_reader
-from ocppgw.config import mask_url
+from ocppgw.amqp.link import BrokerLink, LinkState
 from ocppgw.peers import PeerDirectory
-from ocppgw.session import PublishOutcome
+from ocppgw.outcome import PublishOutcome
 
 _log = Logger()
 
 _FAILED = PublishOutcome.FAILED
 
-#: Persistent delivery mode: charger frames survive a broker restart.
-_PERSISTENT = 2
+#: Seconds between two passive checks that the exchanges still exist.
+DEFAULT_TOPOLOGY_CHECK_INTERVAL = 15.0
 
 
-def _endpoint(reactor, url: str, timeout: float):
+class _Channels:
     """
-    The client endpoint for an AMQP URL.
-
-    pika's Twisted connection ignores host and port in its parameters
-    (Twisted makes the connection), so they are read from the URL here.
+    What one connection was set up with: its channel roles, and the
+    declares waiting for a declare channel to reopen.
     """
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    if parts.scheme == "amqps":
-        endpoint = HostnameEndpoint(reactor, host, parts.port or 5671, timeout=timeout)
-        return wrapClientTLS(optionsForClientTLS(host), endpoint)
-    return HostnameEndpoint(reactor, host, parts.port or 5672, timeout=timeout)
+
+    def __init__(self, conn: BrokerConnection, publishers, declarers, consumer_channels,
+                 control_queue: str, sentinel: str) -> None:
+        self.conn = conn
+        self.publishers: list[_ConfirmChannel] = publishers
+        self.declarers: list[_DeclareChannel] = declarers
+        self.consumer_channels: list[_ConsumerChannel] = consumer_channels
+        self.control_queue = control_queue
+        self.sentinel = sentinel
+        self.waiting_declares: list[tuple] = []
+
+    def retire(self, why: str) -> None:
+        """
+        The connection is lost: settle everything in flight, once.
+        """
+        waiting, self.waiting_declares = self.waiting_declares, []
+        for *_args, d in waiting:
+            d.errback(BrokerUnavailable(why))
+        for role in (*self.publishers, *self.declarers, *self.consumer_channels):
+            role.retire(why)
 
 
 class AmqpBridge:
     """
-    The broker connection, its channels, and what ocppgw does over them.
+    The broker link, its channels, and what ocppgw does over them.
 
-    @ivar connected: whether the connection and its channels are up.
+    @ivar link: the L{BrokerLink} (its C{state} says where the broker
+        connection is).
     """
 
     def __init__(
@@ -114,36 +130,37 @@ class AmqpBridge:
         declare_channels: int = 32,
         reconnect_max_delay: float = 30.0,
         failover_urls: tuple = (),
+        topology_check_interval: float = DEFAULT_TOPOLOGY_CHECK_INTERVAL,
     ) -> None:
         self._reactor = reactor
-        #: every broker URL, tried in turn (a cluster's nodes)
-        self._urls = [url, *failover_urls]
-        self._url_index = 0
-        self._url = url
         self.exchange = exchange
         self.node = node
         self._prefetch = prefetch_count
         self._heartbeat = heartbeat
-        self._connect_timeout = connect_timeout
         self._window = confirm_window
         self._n_publish = publish_channels
         self._n_consume = consumer_channels
         self._n_declare = declare_channels
-        self._reconnect_max_delay = reconnect_max_delay
-        self._connection: Optional[TwistedProtocolConnection] = None
-        # reads deliveries and confirms past pika (see ocppgw.amqp.reader)
-        self._reader = None
-        self._publishers: list[_ConfirmChannel] = []
-        self._declarers: list[_DeclareChannel] = []
-        self._waiting_declares: list[tuple] = []
-        self._consumer_channels: list[_ConsumerChannel] = []
+        self.link = BrokerLink(
+            reactor,
+            [url, *failover_urls],
+            parameters=self._parameters,
+            setup=self._setup,
+            connect_timeout=connect_timeout,
+            heartbeat=heartbeat,
+            reconnect_max_delay=reconnect_max_delay,
+        )
+        self.link.add_observer(self._link_changed)
+        # the current connection's channels (while the link is open), and
+        # those of a connection being set up
+        self._channels: Optional[_Channels] = None
+        self._next_channels: Optional[_Channels] = None
+        # more exchanges to declare on every connection (the audit trail's)
+        self._extra_exchanges: list[str] = []
         self._round_robin = itertools.count()
-        self.connected = False
-        self._stopping = False
-        self._reconnect_call = None
-        self._attempt = 0
         self._observers: list[Callable[[bool, str], None]] = []
         self._flow_observers: list[Callable[[bool], None]] = []
+        self._topology_observers: list[Callable[[], None]] = []
         # why publishing should pause: "blocked" (connection.blocked) and
         # the publish channels whose confirm window is full
         self._pause_reasons: set = set()
@@ -151,23 +168,68 @@ class AmqpBridge:
         #: the other gateway processes on our exchange (see ocppgw.peers)
         self.peers = PeerDirectory(reactor)
         self._announcer: Optional[task.LoopingCall] = None
-        self._control_queue: Optional[str] = None
+        self._check_interval = topology_check_interval
+        self._checker: Optional[task.LoopingCall] = None
+        self._restoring_topology = False
         #: whether RabbitMQ blocks our publishes (connection.blocked)
         self.blocked = False
         #: called with the seconds each publish took to be confirmed
         self.observe_confirm: Optional[Callable[[float], None]] = None
+        #: times the OCPP exchange was found deleted and declared again
+        self.topology_restores = 0
 
-    # -- lifecycle -----------------------------------------------------------
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the link is open: its connection and channels are up."""
+        return self.link.state is LinkState.OPEN and self._channels is not None
+
+    @property
+    def state(self) -> LinkState:
+        return self.link.state
+
+    @property
+    def url(self) -> str:
+        """The broker URL in use or last tried (with its password)."""
+        return self.link.url
 
     def add_observer(self, observer: Callable[[bool, str], None]) -> None:
         """
-        Call C{observer(connected, why)} when the connection goes up or down.
+        Call C{observer(connected, why)} when the link opens (C{True}) and
+        when it is lost (C{False}, once per loss, before anything in flight
+        on the lost connection is settled).
         """
         self._observers.append(observer)
 
+    def add_topology_observer(self, observer: Callable[[], None]) -> None:
+        """
+        Call C{observer()} once the exchanges were declared again after
+        being deleted under us: bindings to them must be made again.
+        """
+        self._topology_observers.append(observer)
+
     def _notify(self, connected: bool, why: str) -> None:
         for observer in list(self._observers):
-            observer(connected, why)
+            guarded(observer, "a broker observer")(connected, why)
+
+    def _link_changed(self, old: LinkState, new: LinkState, why: str) -> None:
+        if new is LinkState.OPEN:
+            self._channels, self._next_channels = self._next_channels, None
+            self._introduce()
+            self._start_topology_check()
+            self._notify(True, why)
+        elif new is LinkState.LOST:
+            channels, self._channels = self._channels, None
+            self._stop_topology_check()
+            self.blocked = False
+            # a new connection starts unblocked
+            self._set_pause("blocked", False)
+            # observers first: the gateway marks its chargers as without a
+            # broker before their publishes in flight fail
+            self._notify(False, why)
+            if channels is not None:
+                channels.retire(why)
 
     # -- flow control ----------------------------------------------------------
 
@@ -197,125 +259,7 @@ class AmqpBridge:
                 reason=reason if isinstance(reason, str) else "confirm window",
             )
             for observer in list(self._flow_observers):
-                observer(self.paused)
-
-    @defer.inlineCallbacks
-    def start(self):
-        """
-        Connect, open the channels and declare the exchange.
-
-        Fails (rather than retrying) so that a gateway pointed at a wrong
-        broker, or refused by it, stops at start with a clear message.
-        """
-        self._stopping = False
-        errors = []
-        for index in range(len(self._urls)):
-            self._url_index = index
-            self._url = self._urls[index]
-            try:
-                yield self._connect()
-            except Exception as error:
-                errors.append(error)
-                if self._stopping:
-                    raise
-                continue
-            return
-        if len(errors) == 1:
-            raise errors[0]
-        reasons = []
-        for url, error in zip(self._urls, errors):
-            text = str(error)
-            shown = mask_url(url)
-            reasons.append(text if shown in text else f"{shown}: {text}")
-        raise BrokerUnavailable("no broker could be reached: " + "; ".join(reasons))
-
-    def _parameters(self) -> pika.URLParameters:
-        parameters = pika.URLParameters(self._url)
-        parameters.heartbeat = self._heartbeat
-        parameters.client_properties = {
-            "connection_name": f"ocppgw {self.node}",
-            "product": "ocppgw",
-        }
-        return parameters
-
-    @defer.inlineCallbacks
-    def _connect(self):
-        parameters = self._parameters()
-        connection = TwistedProtocolConnection(parameters, custom_reactor=self._reactor)
-        # pika's Twisted connection reports a failed open as a bare
-        # AMQPConnectionError; keep the broker's reason for the message.
-        open_errors: list = []
-        connection._impl.add_on_open_error_callback(
-            lambda _connection, error: open_errors.append(error), remove_default=False
-        )
-        yield connectProtocol(
-            _endpoint(self._reactor, self._url, self._connect_timeout), connection
-        )
-        transport = connection.transport
-        no_delay = getattr(transport, "setTcpNoDelay", None)
-        if no_delay is None and hasattr(transport, "getHandle"):
-            no_delay = getattr(transport.getHandle(), "setTcpNoDelay", None)
-        if no_delay is not None:
-            no_delay(True)
-        timeout = self._reactor.callLater(
-            self._connect_timeout,
-            lambda: connection.transport.loseConnection(),
-        )
-        try:
-            yield connection.ready
-        except Exception as error:
-            # pika calls our error callback right after the one that
-            # failed `ready`: give it that turn.
-            yield deferLater(self._reactor, 0, lambda: None)
-            reason = open_errors[0] if open_errors else error
-            if isinstance(reason, (ConnectionDone, ConnectionLost)):
-                # The adapter overwrites the broker's close reason with the
-                # TCP close that follows it; a close during the AMQP
-                # handshake is the broker refusing the login or vhost.
-                why = "the broker closed the connection during login " \
-                    "(check user, password and access to the vhost)"
-            else:
-                why = repr(reason)
-            raise BrokerUnavailable(
-                f"AMQP connection to {mask_url(self._url)} failed: {why}"
-            ) from error
-        finally:
-            if timeout.active():
-                timeout.cancel()
-        self._connection = connection
-        self._reader = install_reader(connection)
-        connection.closed.addCallback(self._connection_closed, connection)
-        connection._impl.add_on_connection_blocked_callback(self._blocked)
-        connection._impl.add_on_connection_unblocked_callback(self._unblocked)
-        try:
-            yield self._declare_exchange(connection)
-            yield self._start_control(connection)
-            publishers = []
-            for _ in range(self._n_publish):
-                publishers.append((yield self._open_publisher(connection)))
-            declarers = []
-            for _ in range(self._n_declare):
-                declarers.append((yield self._open_declarer(connection)))
-            consumer_channels = []
-            for _ in range(self._n_consume):
-                consumer_channels.append((yield self._open_consumer_channel(connection)))
-        except Exception:
-            connection.close()
-            raise
-        for publisher in publishers:
-            publisher.observe_latency = self.observe_confirm
-        self._publishers = publishers
-        self._declarers = declarers
-        self._consumer_channels = consumer_channels
-        self.connected = True
-        self._attempt = 0
-        self._introduce()
-        _log.info(
-            "Connected to the broker {url} as node {node}",
-            url=mask_url(self._url),
-            node=self.node,
-        )
-        self._notify(True, "connected")
+                guarded(observer, "a flow observer")(self.paused)
 
     def _blocked(self, _connection, frame) -> None:
         self.blocked = True
@@ -331,48 +275,266 @@ class AmqpBridge:
         _log.info("The broker unblocked publishing", event="amqp_unblocked")
         self._set_pause("blocked", False)
 
-    @defer.inlineCallbacks
-    def declare_exchange(self, name: str) -> defer.Deferred:
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> defer.Deferred:
         """
-        Declare another durable topic exchange (the audit exchange) on a
-        channel of its own; fails with L{DeclareFailed} when refused.
+        Connect, open the channels and declare the exchange.
+
+        Fails (rather than retrying) so that a gateway pointed at a wrong
+        broker, or refused by it, stops at start with a clear message.
         """
-        if self._connection is None:
-            raise BrokerUnavailable("not connected to the broker")
-        yield self._declare_exchange(self._connection, name)
+        return self.link.start()
+
+    def _parameters(self, url: str) -> pika.URLParameters:
+        parameters = pika.URLParameters(url)
+        parameters.heartbeat = self._heartbeat
+        parameters.client_properties = {
+            "connection_name": f"ocppgw {self.node}",
+            "product": "ocppgw",
+        }
+        return parameters
 
     @defer.inlineCallbacks
-    def _declare_exchange(self, connection, name: Optional[str] = None):
-        channel = yield _channel(connection)
+    def _setup(self, conn: BrokerConnection):
+        """
+        Set a fresh connection up: exchanges, control queue, sentinel and
+        channels. Every step fails if the connection is lost meanwhile.
+        """
+        impl = conn.impl
+        impl.add_on_connection_blocked_callback(guarded(self._blocked, "connection.blocked"))
+        impl.add_on_connection_unblocked_callback(
+            guarded(self._unblocked, "connection.unblocked"))
+        for name in (self.exchange, *self._extra_exchanges):
+            yield self._declare_exchange(conn, name)
+        control_queue = yield self._start_control(conn)
+        sentinel = yield self._declare_sentinel(conn)
+        publishers = []
+        for _ in range(self._n_publish):
+            publishers.append((yield self._open_publisher(conn)))
+        declarers = []
+        for _ in range(self._n_declare):
+            declarers.append((yield self._open_declarer(conn)))
+        consumer_channels = []
+        for _ in range(self._n_consume):
+            consumer_channels.append((yield self._open_consumer_channel(conn)))
+        self._next_channels = _Channels(
+            conn, publishers, declarers, consumer_channels, control_queue, sentinel
+        )
+
+    @defer.inlineCallbacks
+    def stop(self, confirm_timeout: float = 5.0):
+        """
+        Wait (bounded) for outstanding confirms, then close the connection
+        (aborting it after C{confirm_timeout}); give up a reconnect in
+        progress.
+        """
+        if self._announcer is not None and self._announcer.running:
+            self._announcer.stop()
+        self._announcer = None
+        self._stop_topology_check()
+        if self.connected:
+            self.publish_control({"type": peers.BYE, "node": self.node})
+        yield self.link.stop(self._drained, confirm_timeout)
+        self._channels = None
+
+    def _drained(self) -> defer.Deferred:
+        channels = self._channels
+        if channels is None:
+            return defer.succeed(None)
+        return defer.DeferredList([p.drained() for p in channels.publishers])
+
+    # -- exchanges -------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def declare_exchange(self, name: str):
+        """
+        Declare another durable topic exchange (the audit exchange) on a
+        channel of its own, now and on every later connection; fails with
+        L{DeclareFailed} when refused.
+        """
+        if name not in self._extra_exchanges:
+            self._extra_exchanges.append(name)
+        channels = self._channels
+        if channels is None or not self.connected:
+            raise BrokerUnavailable("not connected to the broker")
+        yield self._declare_exchange(channels.conn, name)
+
+    @defer.inlineCallbacks
+    def _declare_exchange(self, conn: BrokerConnection, name: str):
+        yield self._on_own_channel(
+            conn,
+            lambda channel, callback: channel.exchange_declare(
+                name, exchange_type="topic", durable=True, callback=callback
+            ),
+            lambda reason: DeclareFailed(
+                f"the broker refused to declare exchange {name!r}: {reason}"
+            ),
+        )
+
+    @defer.inlineCallbacks
+    def _on_own_channel(self, conn: BrokerConnection, method, refused):
+        """
+        Run one synchronous AMQP method on a channel of its own, which the
+        broker may close to refuse it; the channel is closed afterwards.
+
+        @param method: called with the channel and the callback for its
+            answer.
+        @param refused: makes the exception for the broker's close reason.
+        """
+        channel = yield conn.channel()
         closed: defer.Deferred = defer.Deferred()
-        declared: defer.Deferred = defer.Deferred()
-        channel.add_on_close_callback(lambda _ch, reason: closed.callback(reason))
-        name = self.exchange if name is None else name
-        channel.exchange_declare(
-            name,
-            exchange_type="topic",
-            durable=True,
-            callback=declared.callback,
-        )
-        result, index = yield defer.DeferredList(
-            [declared, closed], fireOnOneCallback=True, consumeErrors=True
-        )
+        answered: defer.Deferred = defer.Deferred()
+        channel.add_on_close_callback(guarded(
+            lambda _ch, reason: closed.called or closed.callback(reason), "a channel's close"))
+        if not conn.call(method, channel, answered.callback):
+            raise BrokerUnavailable(conn.lost_reason or "not connected")
+        result, index = yield conn.wait(defer.DeferredList(
+            [answered, closed], fireOnOneCallback=True, consumeErrors=True
+        ))
         if index == 1:
-            raise DeclareFailed(
-                f"the broker refused to declare exchange {name!r}: {result}"
+            raise refused(result)
+        conn.call(channel.close)
+        return result
+
+    @defer.inlineCallbacks
+    def exchange_exists(self, name: str):
+        """
+        Whether exchange C{name} exists (a passive declare on a channel of
+        its own, which the broker closes when it does not).
+
+        Publishing to a missing exchange closes the publishing channel, and
+        with it every charger's unconfirmed publishes: check first.
+
+        @return: a Deferred firing with C{True} or C{False}.
+        """
+        channels = self._channels
+        if channels is None or not self.connected:
+            raise BrokerUnavailable("not connected to the broker")
+        try:
+            yield self._on_own_channel(
+                channels.conn,
+                lambda channel, callback: channel.exchange_declare(
+                    name, passive=True, callback=callback),
+                lambda reason: DeclareFailed(str(reason)),
             )
-        channel.close()
+        except DeclareFailed:
+            return False
+        return True
+
+    @defer.inlineCallbacks
+    def _declare_sentinel(self, conn: BrokerConnection):
+        """
+        Declare this connection's sentinel exchange and bind it into the
+        OCPP exchange (see L{topology.sentinel_exchange}).
+        """
+        name = topology.sentinel_exchange(self.exchange, os.urandom(4).hex())
+        yield self._on_own_channel(
+            conn,
+            lambda channel, callback: channel.exchange_declare(
+                name, exchange_type="fanout", auto_delete=True, callback=callback),
+            lambda reason: DeclareFailed(f"the broker refused exchange {name!r}: {reason}"),
+        )
+        yield self._on_own_channel(
+            conn,
+            lambda channel, callback: channel.exchange_bind(
+                destination=self.exchange, source=name, routing_key="sentinel",
+                callback=callback),
+            lambda reason: DeclareFailed(f"the broker refused to bind {name!r}: {reason}"),
+        )
+        return name
+
+    # -- the exchange deleted under us -------------------------------------------
+
+    def _start_topology_check(self) -> None:
+        if self._check_interval <= 0 or self._checker is not None:
+            return
+        self._checker = task.LoopingCall(self._check_topology)
+        self._checker.clock = self._reactor
+        self._checker.start(self._check_interval, now=False).addErrback(
+            lambda f: _log.failure("Topology check failed", f)
+        )
+
+    def _stop_topology_check(self) -> None:
+        if self._checker is not None and self._checker.running:
+            self._checker.stop()
+        self._checker = None
+
+    @defer.inlineCallbacks
+    def _check_topology(self):
+        """
+        A passive declare of our sentinel and of the control exchange: if
+        either is gone, an exchange of ours was deleted.
+        """
+        channels = self._channels
+        if channels is None or self._restoring_topology:
+            return
+        for name, what in (
+            (channels.sentinel, f"the exchange {self.exchange!r} was deleted"),
+            (self.control_exchange(), f"the exchange {self.control_exchange()!r} was deleted"),
+        ):
+            try:
+                exists = yield self.exchange_exists(name)
+            except BrokerUnavailable:
+                return  # the link handles that
+            if not exists:
+                self.exchange_lost(what)
+                return
+
+    def exchange_lost(self, why: str) -> None:
+        """
+        An exchange of ours is gone: declare the exchanges again, bind our
+        control queue and a new sentinel, and tell the topology observers
+        (which bind their queues again). One at a time.
+        """
+        channels = self._channels
+        if channels is None or self._restoring_topology:
+            return
+        self._restoring_topology = True
+        self.topology_restores += 1
+        _log.error(
+            "{why}: declaring the exchanges again and restoring the bindings "
+            "(queues bound to the exchange lost their bindings with it)",
+            why=why, event="amqp_topology_lost",
+        )
+
+        @defer.inlineCallbacks
+        def restore():
+            conn = channels.conn
+            for name in (self.exchange, *self._extra_exchanges):
+                yield self._declare_exchange(conn, name)
+            yield self._declare_control_exchange(conn)
+            yield self._on_own_channel(
+                conn,
+                lambda channel, callback: channel.queue_bind(
+                    channels.control_queue, self.control_exchange(), callback=callback),
+                lambda reason: DeclareFailed(f"control queue not bound again: {reason}"),
+            )
+            channels.sentinel = yield self._declare_sentinel(conn)
+
+        def restored(_):
+            self._restoring_topology = False
+            if self._channels is not channels:
+                return
+            _log.info("Exchanges declared again; restoring bindings", event="amqp_topology_restored")
+            for observer in list(self._topology_observers):
+                guarded(observer, "a topology observer")()
+
+        def failed(failure):
+            self._restoring_topology = False
+            if failure.check(BrokerUnavailable):
+                return  # lost meanwhile: the reconnect declares everything
+            _log.failure("Could not declare the exchanges again", failure)
+
+        restore().addCallbacks(restored, failed)
 
     # -- control messages between gateway processes ---------------------------
 
     def control_exchange(self) -> str:
         """
         The fanout exchange gateway processes tell each other things on.
-
-        It is apart from the OCPP exchange so that no back end binding
-        (C{#}) ever sees these messages.
         """
-        return self.exchange + ".gateways"
+        return topology.control_exchange(self.exchange)
 
     def add_control_handler(self, handler: Callable[[dict], None]) -> None:
         """
@@ -381,37 +543,45 @@ class AmqpBridge:
         """
         self._control_handlers.append(handler)
 
+    def _declare_control_exchange(self, conn: BrokerConnection) -> defer.Deferred:
+        # auto-delete: it goes away with the last gateway's queue
+        return self._on_own_channel(
+            conn,
+            lambda channel, callback: channel.exchange_declare(
+                self.control_exchange(), exchange_type="fanout", auto_delete=True,
+                callback=callback),
+            lambda reason: DeclareFailed(f"control exchange refused: {reason}"),
+        )
+
     @defer.inlineCallbacks
-    def _start_control(self, connection):
+    def _start_control(self, conn: BrokerConnection):
         """
         Declare the control exchange and this process's exclusive queue on
         it, and consume it (no-ack: a control message lost with a dying
         connection concerns chargers that connection no longer serves).
+
+        @return: the queue's name.
         """
-        channel = yield _channel(connection)
+        yield self._declare_control_exchange(conn)
+        channel = yield conn.channel()
         done: defer.Deferred = defer.Deferred()
-        # auto-delete: it goes away with the last gateway's queue
-        channel.exchange_declare(
-            self.control_exchange(), exchange_type="fanout", auto_delete=True,
-            callback=done.callback,
-        )
-        yield done
-        done = defer.Deferred()
-        channel.queue_declare("", exclusive=True, auto_delete=True, callback=done.callback)
-        frame = yield done
+        conn.call(channel.queue_declare, "", exclusive=True, auto_delete=True,
+                  callback=done.callback)
+        frame = yield conn.wait(done)
         queue = frame.method.queue
         done = defer.Deferred()
-        channel.queue_bind(queue, self.control_exchange(), callback=done.callback)
-        yield done
+        conn.call(channel.queue_bind, queue, self.control_exchange(), callback=done.callback)
+        yield conn.wait(done)
         done = defer.Deferred()
-        channel.basic_consume(queue, self._control_message, auto_ack=True,
-                              callback=done.callback)
-        yield done
-        self._control_queue = queue
+        conn.call(channel.basic_consume, queue,
+                  guarded(self._control_message, "a control message"),
+                  auto_ack=True, callback=done.callback)
+        yield conn.wait(done)
+        return queue
 
     def _control_message(self, _channel, _method, properties, body) -> None:
         headers = properties.headers or {}
-        node = headers.get("x-ocppgw-node")
+        node = headers.get(topology.HEADER_NODE)
         if node == self.node:
             return
         try:
@@ -432,10 +602,7 @@ class AmqpBridge:
                 self.publish_control({"type": peers.HERE, "node": self.node})
             return
         for handler in list(self._control_handlers):
-            try:
-                handler(message)
-            except Exception:
-                _log.failure("Control message handler failed")
+            guarded(handler, "a control message handler")(message)
 
     def may_have_peers(self) -> bool:
         """
@@ -467,97 +634,75 @@ class AmqpBridge:
             self.control_exchange(),
             "",
             orjson.dumps(message),
-            headers={"x-ocppgw-node": self.node},
+            headers={topology.HEADER_NODE: self.node},
             persistent=False,
             on_outcome=on_outcome,
         )
 
-    @defer.inlineCallbacks
-    def exchange_exists(self, name: str):
-        """
-        Whether exchange C{name} exists (a passive declare on a channel of
-        its own, which the broker closes when it does not).
-
-        Publishing to a missing exchange closes the publishing channel, and
-        with it every charger's unconfirmed publishes: check first.
-
-        @return: a Deferred firing with C{True} or C{False}.
-        """
-        connection = self._connection
-        if connection is None or not self.connected:
-            raise BrokerUnavailable("not connected to the broker")
-        channel = yield _channel(connection)
-        closed: defer.Deferred = defer.Deferred()
-        declared: defer.Deferred = defer.Deferred()
-        channel.add_on_close_callback(lambda _ch, reason: closed.callback(reason))
-        channel.exchange_declare(name, passive=True, callback=declared.callback)
-        _result, index = yield defer.DeferredList(
-            [declared, closed], fireOnOneCallback=True, consumeErrors=True
-        )
-        if index == 0:
-            channel.close()
-        return index == 0
+    # -- channels ------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _open_publisher(self, connection):
-        channel = yield _channel(connection)
+    def _open_publisher(self, conn: BrokerConnection):
+        channel = yield conn.channel()
         key = object()
         publisher = _ConfirmChannel(
-            channel, self._window, self._publisher_closed,
+            conn, channel, self._window, self._publisher_closed,
             on_full=lambda full: self._set_pause(key, full),
         )
         publisher.observe_latency = self.observe_confirm
         yield publisher.start()
-        self._reader.confirm_channel(publisher)
+        conn.reader.confirm_channel(publisher)
         return publisher
 
     @defer.inlineCallbacks
-    def _open_declarer(self, connection):
-        channel = yield _channel(connection)
-        declarer = _DeclareChannel(channel, self._declarer_closed)
-        self._reader.declare_channel(declarer)
+    def _open_declarer(self, conn: BrokerConnection):
+        channel = yield conn.channel()
+        declarer = _DeclareChannel(conn, channel, self._declarer_closed)
+        conn.reader.declare_channel(declarer)
         return declarer
 
     @defer.inlineCallbacks
-    def _open_consumer_channel(self, connection):
-        channel = yield _channel(connection)
+    def _open_consumer_channel(self, conn: BrokerConnection):
+        channel = yield conn.channel()
         ready: defer.Deferred = defer.Deferred()
         # global_qos=False: RabbitMQ applies the limit to each consumer
         # that starts on the channel afterwards, i.e. per charger.
-        channel.basic_qos(prefetch_count=self._prefetch, callback=ready.callback)
-        yield ready
-        cc = _ConsumerChannel(channel, self._consumer_channel_closed)
-        self._reader.consumer_channel(cc)
+        conn.call(channel.basic_qos, prefetch_count=self._prefetch, callback=ready.callback)
+        yield conn.wait(ready)
+        cc = _ConsumerChannel(conn, channel, self._consumer_channel_closed)
+        conn.reader.consumer_channel(cc)
         return cc
 
-    def _replace_channel(self, channels: list, old, opener) -> None:
+    def _replace_channel(self, kind: str, old, opener) -> None:
         """
-        Reopen a channel that closed under us, while the connection lives.
+        Reopen a channel that closed under us, while its connection is the
+        current one.
         """
-        connection = self._connection
-        if (
-            connection is None
-            or not connection.is_open
-            or not self.connected
-            or self._stopping
-        ):
+        channels = self._channels
+        if channels is None or old.conn is not channels.conn or not channels.conn.alive:
             return
 
         def opened(new):
-            if self._connection is connection and old in channels:
-                channels[channels.index(old)] = new
-                if channels is self._declarers:
-                    self._declarer_opened()
+            roles = getattr(channels, kind)
+            if self._channels is channels and old in roles:
+                roles[roles.index(old)] = new
+                if kind == "declarers":
+                    self._declarer_opened(channels)
 
         def failed(failure):
-            _log.failure("Could not reopen an AMQP channel", failure)
+            if not failure.check(BrokerUnavailable):
+                _log.failure("Could not reopen an AMQP channel", failure)
 
-        opener(connection).addCallbacks(opened, failed)
+        opener(channels.conn).addCallbacks(opened, failed)
 
-    def _publisher_closed(self, publisher, reason) -> None:
-        if self.connected and not self._stopping:
-            _log.warn("Publish channel closed: {reason}", reason=reason)
-        self._replace_channel(self._publishers, publisher, self._open_publisher)
+    def _publisher_closed(self, publisher: _ConfirmChannel, reason) -> None:
+        _log.warn("Publish channel closed: {reason}", reason=reason)
+        self._replace_channel("publishers", publisher, self._open_publisher)
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and \
+                reason.reply_code == 404 and "exchange" in reason.reply_text:
+            names = (self.exchange, self.control_exchange(), *self._extra_exchanges)
+            if any(f"'{name}'" in reason.reply_text for name in names):
+                self.exchange_lost(f"publishing failed: {reason.reply_text}")
 
     def _declarer_closed(self, declarer: _DeclareChannel, reason) -> None:
         """
@@ -571,97 +716,16 @@ class AmqpBridge:
         """
         text = str(reason)
         in_flight, declarer.in_flight = declarer.in_flight, deque()
-        connection = self._connection
-        broker_gone = connection is None or not connection.is_open or self._stopping
         for position, (_queue, d) in enumerate(in_flight):
-            if broker_gone:
-                d.errback(BrokerUnavailable(text))
-            elif position == 0:
+            if position == 0:
                 d.errback(DeclareFailed(text))
             else:
                 d.errback(ChannelGone(text))
-        self._replace_channel(self._declarers, declarer, self._open_declarer)
+        self._replace_channel("declarers", declarer, self._open_declarer)
 
-    def _consumer_channel_closed(self, cc, reason) -> None:
-        if self.connected and not self._stopping:
-            _log.warn("Consumer channel closed: {reason}", reason=reason)
-        self._replace_channel(self._consumer_channels, cc, self._open_consumer_channel)
-
-    def _connection_closed(self, reason, connection) -> None:
-        if connection is not self._connection:
-            return
-        was_connected = self.connected
-        self.connected = False
-        self.blocked = False
-        self._connection = None
-        self._control_queue = None
-        # a new connection starts unblocked
-        self._set_pause("blocked", False)
-        why = f"broker connection closed: {reason}"
-        waiting, self._waiting_declares = self._waiting_declares, []
-        for *_args, d in waiting:
-            d.errback(BrokerUnavailable(why))
-        if not self._stopping:
-            _log.error("{why}", why=why)
-        if was_connected:
-            self._notify(False, why)
-        if not self._stopping:
-            self._schedule_reconnect()
-
-    def _schedule_reconnect(self) -> None:
-        self._attempt += 1
-        delay = min(self._reconnect_max_delay, 0.5 * 2 ** min(self._attempt, 10))
-        delay *= random.uniform(0.5, 1.0)
-        _log.info("Reconnecting to the broker in {delay:.1f} s", delay=delay)
-        self._reconnect_call = self._reactor.callLater(delay, self._reconnect)
-
-    def _reconnect(self) -> None:
-        self._reconnect_call = None
-        if self._stopping:
-            return
-        # The node we lost (or could not reach) is the likeliest to be
-        # down: try the next one.
-        self._url_index = (self._url_index + 1) % len(self._urls)
-        self._url = self._urls[self._url_index]
-
-        def failed(failure):
-            _log.warn("Broker reconnect failed: {error}", error=failure.getErrorMessage())
-            if not self._stopping and not self.connected:
-                self._schedule_reconnect()
-
-        self._connect().addErrback(failed)
-
-    @defer.inlineCallbacks
-    def stop(self, confirm_timeout: float = 5.0):
-        """
-        Wait (bounded) for outstanding confirms, then close the connection.
-        """
-        self._stopping = True
-        if self._reconnect_call is not None and self._reconnect_call.active():
-            self._reconnect_call.cancel()
-        self._reconnect_call = None
-        if self._announcer is not None and self._announcer.running:
-            self._announcer.stop()
-        self._announcer = None
-        connection = self._connection
-        if connection is None:
-            return
-        if self.connected:
-            self.publish_control({"type": peers.BYE, "node": self.node})
-        drained = defer.DeferredList([p.drained() for p in self._publishers])
-        timer = self._reactor.callLater(confirm_timeout, drained.cancel)
-        try:
-            yield drained
-        except defer.CancelledError:
-            _log.warn("Stopping with publishes the broker has not confirmed")
-        finally:
-            if timer.active():
-                timer.cancel()
-        self.connected = False
-        closed = connection.closed
-        connection.close()
-        if closed is not None:
-            yield closed
+    def _consumer_channel_closed(self, cc: _ConsumerChannel, reason) -> None:
+        _log.warn("Consumer channel closed: {reason}", reason=reason)
+        self._replace_channel("consumer_channels", cc, self._open_consumer_channel)
 
     # -- publishing ----------------------------------------------------------
 
@@ -681,19 +745,22 @@ class AmqpBridge:
         ordered: bool = False,
     ) -> None:
         """
-        Publish with confirms; C{on_outcome(PublishOutcome)} is called once.
+        Publish with confirms; C{on_outcome(PublishOutcome)} is called once
+        (at once with C{FAILED} when the link is not open).
 
         @param exchange: the exchange, C{None} for the OCPP exchange and
             C{""} for the default exchange (replies to C{reply_to}).
         @param ordered: always use the first publish channel, so that
             such publishes reach the broker in the order they were made
-            (the audit trail); others are spread over the channels.
+            (the audit trail, presence); others are spread over the
+            channels.
         """
-        publishers = self._publishers
-        if not self.connected or not publishers:
+        channels = self._channels
+        if channels is None or self.link.state is not LinkState.OPEN:
             if on_outcome is not None:
                 on_outcome(_FAILED)
             return
+        publishers = channels.publishers
         if len(publishers) == 1 or ordered:
             publisher = publishers[0]
         else:
@@ -709,7 +776,7 @@ class AmqpBridge:
             "type": type,
             "reply_to": reply_to,
             "timestamp": int(time.time()),
-            "app_id": "ocppgw",
+            "app_id": topology.APP_ID,
             "headers": headers,
         }
         publisher.publish(
@@ -747,19 +814,20 @@ class AmqpBridge:
         return d
 
     def _declare(self, queue, binding_key, arguments, d) -> None:
-        if not self.connected:
+        channels = self._channels
+        if channels is None or not self.connected:
             d.errback(BrokerUnavailable("not connected to the broker"))
             return
-        declarers = [c for c in self._declarers if c.open]
+        declarers = [c for c in channels.declarers if c.open]
         if not declarers:
             # every declare channel is being reopened; wait for one
-            self._waiting_declares.append((queue, binding_key, arguments, d))
+            channels.waiting_declares.append((queue, binding_key, arguments, d))
             return
         declarer = min(declarers, key=lambda c: len(c.in_flight))
         declarer.declare_and_bind(queue, arguments, self.exchange, binding_key, d)
 
-    def _declarer_opened(self) -> None:
-        waiting, self._waiting_declares = self._waiting_declares, []
+    def _declarer_opened(self, channels: _Channels) -> None:
+        waiting, channels.waiting_declares = channels.waiting_declares, []
         for queue, binding_key, arguments, d in waiting:
             self._declare(queue, binding_key, arguments, d)
 
@@ -769,13 +837,20 @@ class AmqpBridge:
 
         @param on_delivery: called with a L{Delivery} for every message.
         @param on_lost: called with a reason if the consumer ends without
-            being cancelled by us (queue deleted, channel or connection lost).
-        @return: a Deferred firing with the L{Consumer} once consume-ok.
+            being cancelled by us while the connection lives (queue
+            deleted, channel closed). A lost connection is reported once,
+            to the bridge's observers, not to each consumer.
+        @return: a Deferred firing with the L{Consumer} once consume-ok;
+            failing with L{BrokerUnavailable} when the connection is lost
+            first.
         """
-        channels = [c for c in self._consumer_channels if c.open]
-        if not self.connected or not channels:
+        channels = self._channels
+        if channels is None or not self.connected:
             return defer.fail(BrokerUnavailable("not connected to the broker"))
-        cc = min(channels, key=lambda c: len(c.consumers))
+        open_channels = [c for c in channels.consumer_channels if c.open]
+        if not open_channels:
+            return defer.fail(BrokerUnavailable("no consumer channel is open"))
+        cc = min(open_channels, key=lambda c: len(c.consumers))
         consumer = Consumer(cc, on_delivery, on_lost)
         cc.start(consumer, queue)
         return consumer._ready

@@ -14,6 +14,13 @@ The roles the bridge gives its AMQP channels, and a charger's consumer.
 Publishes, acks, declarations, binds and consumes are encoded by
 L{ocppgw.amqp.wire}; confirms, deliveries, bind-oks and consume-oks are
 read by L{ocppgw.amqp.reader}. pika keeps the channels' lifecycle.
+
+Every role belongs to one L{BrokerConnection} and sends only through it
+(L{BrokerConnection.write}, L{BrokerConnection.call}), so nothing goes out
+on a connection that is lost. When the connection is lost the bridge
+I{retires} every role at once: outcomes and Deferreds in flight are
+settled then, and the close callbacks pika calls later during its own
+teardown find the role retired and do nothing.
 """
 
 from __future__ import annotations
@@ -26,40 +33,62 @@ from typing import Callable, Optional
 
 import pika
 import pika.exceptions
-from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.internet import defer
+from twisted.logger import Logger
 
-from ocppgw.amqp.errors import ChannelGone
+from ocppgw.amqp.connection import BrokerConnection, guarded
+from ocppgw.amqp.errors import BrokerUnavailable, ChannelGone
 from ocppgw.amqp.wire import (
     encode_ack, encode_basic_consume, encode_publish, encode_queue_bind, encode_queue_declare,
 )
-from ocppgw.session import Delivery, PublishOutcome
+from ocppgw.outcome import Delivery, PublishOutcome
 
 _CONFIRMED = PublishOutcome.CONFIRMED
 _UNROUTABLE = PublishOutcome.UNROUTABLE
 _FAILED = PublishOutcome.FAILED
 
-
-def _channel(connection: TwistedProtocolConnection) -> defer.Deferred:
-    """
-    Open a plain pika channel (not the Twisted wrapper, see module doc).
-    """
-    d: defer.Deferred = defer.Deferred()
-    connection._impl.channel(on_open_callback=d.callback)
-    return d
+_log = Logger()
 
 
 class _Channel:
     """
-    Base of our channel roles: a pika channel and whether it is usable.
+    Base of our channel roles: a pika channel on a connection, and whether
+    it is usable.
     """
 
     channel = None
+    conn: BrokerConnection = None
+    #: set when the connection is lost (see the module docstring)
+    retired = False
 
     @property
     def open(self) -> bool:
-        # pika refuses methods on a closing channel, not only a closed one
-        return self.channel.is_open
+        # pika refuses methods on a closing channel, not only a closed one;
+        # and a channel pika reports open may be on a lost connection
+        return not self.retired and self.conn.alive and self.channel.is_open
+
+    def retire(self, why: str) -> None:
+        """
+        The connection is lost: settle what is in flight, once.
+        """
+        if not self.retired:
+            self.retired = True
+            self._settle_all(why)
+
+    def _settle_all(self, why: str) -> None:
+        raise NotImplementedError  # each role knows what it has in flight
+
+    def _channel_closed(self, _channel, reason) -> None:
+        # pika's close callback: during pika's teardown of a lost
+        # connection the role is retired already
+        if self.retired:
+            return
+        if not self.conn.alive:
+            self.retire(str(reason))
+            return
+        self.retired = True
+        self._settle_all(str(reason))
+        self._on_closed(self, reason)
 
 
 class _ConfirmChannel(_Channel):
@@ -67,8 +96,10 @@ class _ConfirmChannel(_Channel):
     A publish channel in confirm mode that tracks its own delivery tags.
     """
 
-    def __init__(self, channel, window: int, on_closed: Callable[["_ConfirmChannel"], None],
+    def __init__(self, conn: BrokerConnection, channel, window: int,
+                 on_closed: Callable[["_ConfirmChannel", object], None],
                  on_full: Optional[Callable[[bool], None]] = None):
+        self.conn = conn
         self.channel = channel
         self._window = window
         # Called with True when publishes start waiting for room in the
@@ -87,15 +118,16 @@ class _ConfirmChannel(_Channel):
         self._drained: list[defer.Deferred] = []
         #: called with the seconds from publish to confirm, or None
         self.observe_latency: Optional[Callable[[float], None]] = None
-        channel.add_on_return_callback(self._on_return)
-        channel.add_on_close_callback(self._closed)
+        channel.add_on_return_callback(guarded(self._on_return, "a publish return"))
+        channel.add_on_close_callback(guarded(self._channel_closed, "a publish channel's close"))
 
     def start(self) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self.channel.confirm_delivery(
-            ack_nack_callback=self._on_confirm, callback=lambda _frame: d.callback(self)
+            ack_nack_callback=guarded(self._on_confirm, "a publish confirm"),
+            callback=lambda _frame: d.callback(self),
         )
-        return d
+        return self.conn.wait(d)
 
     @property
     def in_flight(self) -> int:
@@ -114,17 +146,17 @@ class _ConfirmChannel(_Channel):
         self._send(exchange, routing_key, body, properties, mandatory, on_outcome)
 
     def _send(self, exchange, routing_key, body, properties, mandatory, on_outcome):
-        channel = self.channel
-        if not channel.is_open:
+        if not self.open:
             if on_outcome is not None:
                 on_outcome(_FAILED)
             return
+        channel = self.channel
         # the broker numbers the channel's publishes 1, 2, ...: so do we
         self._seq += 1
         seq = self._seq
         self._pending[seq] = [on_outcome, False, time.monotonic()]
         # encoded here rather than by pika: see ocppgw.amqp.wire
-        channel.connection._output_marshaled_frames((encode_publish(
+        self.conn.write((encode_publish(
             channel.channel_number, self._frame_max, exchange, routing_key, mandatory,
             body, message_id=self._prefix + str(seq), **properties),))
 
@@ -189,11 +221,16 @@ class _ConfirmChannel(_Channel):
         if on_outcome is None:
             return
         if nacked:
-            on_outcome(_FAILED)
+            outcome = _FAILED
         elif entry[1]:
-            on_outcome(_UNROUTABLE)
+            outcome = _UNROUTABLE
         else:
-            on_outcome(_CONFIRMED)
+            outcome = _CONFIRMED
+        try:
+            on_outcome(outcome)
+        except Exception:
+            # one publisher's bug must not keep the others' outcomes back
+            _log.failure("Error handling a publish outcome")
 
     def drained(self) -> defer.Deferred:
         """
@@ -205,7 +242,7 @@ class _ConfirmChannel(_Channel):
         self._drained.append(d)
         return d
 
-    def _closed(self, _channel, reason) -> None:
+    def _settle_all(self, why: str) -> None:
         entries = list(self._pending.values())
         entries.extend([item[5], False] for item in self._backlog)
         self._pending.clear()
@@ -215,12 +252,10 @@ class _ConfirmChannel(_Channel):
             if self._on_full is not None:
                 self._on_full(False)
         for entry in entries:
-            if entry[0] is not None:
-                entry[0](_FAILED)
+            self._settle(entry, True)
         waiting, self._drained = self._drained, []
         for d in waiting:
             d.callback(None)
-        self._on_closed(self, reason)
 
 
 class _DeclareChannel(_Channel):
@@ -233,28 +268,45 @@ class _DeclareChannel(_Channel):
     L{FrameReader} hands us each bind-ok.
     """
 
-    def __init__(self, channel, on_closed: Callable[["_DeclareChannel", object], None]):
+    def __init__(self, conn: BrokerConnection, channel,
+                 on_closed: Callable[["_DeclareChannel", object], None]):
+        self.conn = conn
         self.channel = channel
         # operations sent on this channel and not yet answered, oldest first
         self.in_flight: deque[tuple[str, defer.Deferred]] = deque()
         self._on_closed = on_closed
-        channel.add_on_close_callback(self._closed)
+        channel.add_on_close_callback(guarded(self._channel_closed, "a declare channel's close"))
 
     def declare_and_bind(self, queue, arguments, exchange, binding_key, d) -> None:
-        channel = self.channel
-        number = channel.channel_number
-        self.in_flight.append((queue, d))
-        channel.connection._output_marshaled_frames((
+        number = self.channel.channel_number
+        if not self.conn.write((
             encode_queue_declare(number, queue, durable=True, nowait=True, arguments=arguments),
             encode_queue_bind(number, queue, exchange, binding_key),
-        ))
+        )):
+            d.errback(BrokerUnavailable(self.conn.lost_reason or "not connected"))
+            return
+        self.in_flight.append((queue, d))
 
     def bound(self) -> None:
-        _queue, d = self.in_flight.popleft()
-        d.callback(None)
+        if self.in_flight:
+            _queue, d = self.in_flight.popleft()
+            d.callback(None)
 
-    def _closed(self, _channel, reason) -> None:
+    def _channel_closed(self, _channel, reason) -> None:
+        # the bridge fails the culprit and retries the others (it needs
+        # the in-flight list, so this role settles nothing itself)
+        if self.retired:
+            return
+        self.retired = True
+        if not self.conn.alive:
+            self._settle_all(str(reason))
+            return
         self._on_closed(self, reason)
+
+    def _settle_all(self, why: str) -> None:
+        in_flight, self.in_flight = self.in_flight, deque()
+        for _queue, d in in_flight:
+            d.errback(BrokerUnavailable(why))
 
 
 class _ConsumerChannel(_Channel):
@@ -262,7 +314,9 @@ class _ConsumerChannel(_Channel):
     A channel carrying many chargers' consumers.
     """
 
-    def __init__(self, channel, on_closed: Callable[["_ConsumerChannel", object], None]):
+    def __init__(self, conn: BrokerConnection, channel,
+                 on_closed: Callable[["_ConsumerChannel", object], None]):
+        self.conn = conn
         self.channel = channel
         self.consumers: dict[str, "Consumer"] = {}
         # consumer tags: unique on the channel, and telling in the broker's
@@ -270,8 +324,12 @@ class _ConsumerChannel(_Channel):
         self._tag_prefix = f"ocppgw.{channel.channel_number}.{os.urandom(3).hex()}."
         self._tags = itertools.count(1)
         self._on_closed = on_closed
-        channel.add_on_close_callback(self._closed)
-        channel.add_on_cancel_callback(self._cancelled_by_broker)
+        #: the one callback every cancel on this channel passes pika (see
+        #: L{_cancel_ok}), made once: pika counts a callback it already
+        #: has, where a new wrapper per cancel would be added again
+        self.cancel_ok_callback = guarded(self._cancel_ok, "a cancel-ok")
+        channel.add_on_close_callback(guarded(self._channel_closed, "a consumer channel's close"))
+        channel.add_on_cancel_callback(guarded(self._cancelled_by_broker, "a consumer's cancel"))
 
     def _cancel_ok(self, frame) -> None:
         """
@@ -302,10 +360,12 @@ class _ConsumerChannel(_Channel):
         channel = self.channel
         tag = f"{self._tag_prefix}{next(self._tags)}"
         consumer.tag = tag
+        if not self.open:
+            consumer._ready.errback(BrokerUnavailable(self.conn.lost_reason or "channel closed"))
+            return
         self.consumers[tag] = consumer
-        channel._consumers[tag] = consumer._message
-        channel.connection._output_marshaled_frames(
-            (encode_basic_consume(channel.channel_number, queue, tag),))
+        channel._consumers[tag] = guarded(consumer._message, "a delivery")
+        self.conn.write((encode_basic_consume(channel.channel_number, queue, tag),))
 
     def consume_ok(self, consumer_tag: str) -> None:
         consumer = self.consumers.get(consumer_tag)
@@ -331,16 +391,15 @@ class _ConsumerChannel(_Channel):
         if consumer is not None:
             consumer._lost("the charger's queue was deleted")
 
-    def _closed(self, channel, reason) -> None:
+    def _settle_all(self, why: str) -> None:
         consumers, self.consumers = self.consumers, {}
-        # When the connection is gone the broker requeues every delivery
-        # and the bridge reconnects: consumers are restored, not lost.
-        connection_gone = isinstance(reason, pika.exceptions.AMQPConnectionError) or not (
-            channel.connection is not None and channel.connection.is_open
-        )
+        # With the connection gone the broker requeues every delivery and
+        # the gateway restores the consumers once the bridge is back (it
+        # learns of the loss from the bridge, once); with the channel
+        # alone gone, each consumer is lost.
+        connection_gone = not self.conn.alive
         for consumer in consumers.values():
-            consumer._lost(f"consumer channel closed: {reason}", connection_gone)
-        self._on_closed(self, reason)
+            consumer._lost(f"consumer channel closed: {why}", connection_gone)
 
 
 class Consumer:
@@ -379,50 +438,60 @@ class Consumer:
                       properties.correlation_id, method.redelivered)
 
     def _deliver(self, delivery_tag, body, reply_to, correlation_id, redelivered) -> None:
-        self._on_delivery(
-            Delivery((self._cc, delivery_tag), body, reply_to, correlation_id, redelivered)
-        )
+        try:
+            self._on_delivery(
+                Delivery((self._cc, delivery_tag), body, reply_to, correlation_id, redelivered)
+            )
+        except Exception:
+            # left unacknowledged: it comes back when the consumer ends
+            _log.failure("Error handling a command from a charger's queue")
 
     def _lost(self, why: str, connection_gone: bool = False) -> None:
         if not self._ready.called:
-            # consume never got its consume-ok (e.g. the queue is gone)
+            # consume never got its consume-ok (the queue is gone, or the
+            # connection is)
             self._on_lost = None
-            self._ready.errback(ChannelGone(why))
+            self._ready.errback(
+                BrokerUnavailable(why) if connection_gone else ChannelGone(why)
+            )
             return
         if self._cancelling:
             self._finish_cancel()
             return
         on_lost, self._on_lost = self._on_lost, None
-        if on_lost is not None:
-            on_lost(why, connection_gone)
+        if on_lost is not None and not connection_gone:
+            on_lost(why)
 
     # A delivery tag is only valid on the channel it came on. After a
     # reconnect, a session may still hold deliveries of the old connection:
     # acting on them must not touch the new channels (an unknown tag is a
     # channel error that would take every consumer on it down).
 
+    @staticmethod
+    def current(delivery: Delivery) -> bool:
+        """
+        Whether C{delivery}'s tag still means something: its channel is
+        open on the connection in use.
+        """
+        return delivery.tag[0].open
+
     def ack(self, delivery: Delivery) -> None:
         cc, tag = delivery.tag
         if cc.open:
             # pika's basic_ack, encoded directly (see ocppgw.amqp.wire)
-            channel = cc.channel
-            channel.connection._output_marshaled_frames(
-                (encode_ack(channel.channel_number, tag),))
+            cc.conn.write((encode_ack(cc.channel.channel_number, tag),))
 
     def reject(self, delivery: Delivery) -> None:
         cc, tag = delivery.tag
         if cc.open:
-            cc.channel.basic_reject(tag, requeue=False)
+            cc.conn.call(cc.channel.basic_reject, tag, requeue=False)
 
     def requeue(self, delivery: Delivery) -> None:
         cc, tag = delivery.tag
-        if cc is not self._cc:
-            if cc.open:
-                cc.channel.basic_nack(tag, requeue=True)
-        elif self._cancelling:
+        if cc is self._cc and self._cancelling:
             self._requeue_later.append(tag)
         elif cc.open:
-            cc.channel.basic_nack(tag, requeue=True)
+            cc.conn.call(cc.channel.basic_nack, tag, requeue=True)
 
     def cancel(self) -> defer.Deferred:
         """
@@ -436,19 +505,23 @@ class Consumer:
         self._cancelling = True
         self._on_lost = None
         cc = self._cc
-        if not cc.open or self.tag is None or self.tag not in cc.consumers:
+        if (
+            not cc.open
+            or self.tag is None
+            or self.tag not in cc.consumers
+            or not cc.conn.call(cc.channel.basic_cancel, self.tag, callback=cc.cancel_ok_callback)
+        ):
             self._finish_cancel()
-        else:
-            cc.channel.basic_cancel(self.tag, callback=cc._cancel_ok)
         return self.cancelled
 
     def _finish_cancel(self) -> None:
         cc = self._cc
         cc.consumers.pop(self.tag, None)
         tags, self._requeue_later = self._requeue_later, []
+        # a lost connection's tags are moot: the broker requeued them
         if cc.open:
             for tag in tags:
-                cc.channel.basic_nack(tag, requeue=True)
+                cc.conn.call(cc.channel.basic_nack, tag, requeue=True)
         d = self.cancelled
         if d is not None and not d.called:
             d.callback(None)

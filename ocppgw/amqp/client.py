@@ -19,7 +19,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import deferLater
 from twisted.python import failure
 
-from ocppgw.amqp.bridge import _PERSISTENT, _endpoint
+from ocppgw.amqp.connection import endpoint_for
 from ocppgw.amqp.errors import BrokerUnavailable
 from ocppgw.config import mask_url
 
@@ -107,7 +107,7 @@ def check_login(reactor, url: str, username: bytes, password: bytes, timeout: fl
         lambda _connection, error: open_errors.append(error), remove_default=False
     )
     try:
-        yield connectProtocol(_endpoint(reactor, url, timeout), connection)
+        yield connectProtocol(endpoint_for(reactor, url, timeout), connection)
     except Exception as error:
         raise BrokerUnavailable(f"cannot reach {mask_url(url)}: {error}") from None
     timer = reactor.callLater(timeout, connection.transport.abortConnection)
@@ -136,6 +136,9 @@ def check_login(reactor, url: str, username: bytes, password: bytes, timeout: fl
 #: RabbitMQ's direct reply-to pseudo-queue.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
+#: AMQP delivery mode of a message the broker keeps across a restart.
+PERSISTENT = 2
+
 
 class BackEndClient:
     """
@@ -163,7 +166,7 @@ class BackEndClient:
         connection = TwistedProtocolConnection(
             pika.URLParameters(url), custom_reactor=reactor
         )
-        yield connectProtocol(_endpoint(reactor, url, 10.0), connection)
+        yield connectProtocol(endpoint_for(reactor, url, 10.0), connection)
         connection.transport.setTcpNoDelay(True)
         yield connection.ready
         channel = yield connection.channel()
@@ -223,7 +226,7 @@ class BackEndClient:
             frame,
             pika.BasicProperties(
                 content_type="application/json",
-                delivery_mode=_PERSISTENT,
+                delivery_mode=PERSISTENT,
                 reply_to=reply_to,
                 correlation_id=correlation_id,
             ),

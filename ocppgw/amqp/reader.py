@@ -44,6 +44,8 @@ _LONG = struct.Struct(">I")
 
 _FRAME_END_OCTET = _FRAME_END[0]
 
+_CONNECTION = 10
+_CONNECTION_CLOSE = 50
 _QUEUE = 50
 _BIND_OK = 21
 _BASIC = 60
@@ -142,6 +144,10 @@ class FrameReader:
         self._roles = (self._consumers, self._confirms, self._declares)
         # channel number -> _Content being assembled
         self._content: dict = {}
+        #: called with (reply code, reply text) when the broker closes the
+        #: connection, before pika handles it: from that frame on the
+        #: broker ignores anything but close-ok, so nothing else is sent
+        self.on_connection_close = None
 
     @classmethod
     def install(cls, impl) -> "FrameReader":
@@ -215,7 +221,10 @@ class FrameReader:
             impl.frames_received += 1
             if frame_type == _METHOD:
                 class_id, method_id = _CLASS_METHOD.unpack_from(buf, start)
-                if class_id == _QUEUE:
+                if class_id == _CONNECTION:
+                    if method_id == _CONNECTION_CLOSE and number == 0:
+                        self._connection_closing(buf, start + 4)
+                elif class_id == _QUEUE:
                     if method_id == _BIND_OK and self._bound(number):
                         continue
                 elif class_id == _BASIC:
@@ -238,6 +247,14 @@ class FrameReader:
                     continue
             self._to_pika(buf[start - 7:pos])
         self._buffer = buf[pos:] if pos < end else b""
+
+    def _connection_closing(self, buf, offset: int) -> None:
+        hook = self.on_connection_close
+        if hook is None:
+            return
+        reply_code = (buf[offset] << 8) | buf[offset + 1]
+        reply_text = _shortstr(buf, offset + 2)[0]
+        hook(reply_code, reply_text if isinstance(reply_text, str) else repr(reply_text))
 
     def _to_pika(self, raw: bytes) -> None:
         impl = self._impl

@@ -162,7 +162,7 @@ class OwnBrokerTests(unittest.TestCase):
         self.restart_on_cleanup()
         yield self.broker.stop_app()
         yield up
-        self.assertEqual(self.service.bridge._url, amqp_url())
+        self.assertEqual(self.service.bridge.url, amqp_url())
         shared = yield self.backend(url=amqp_url())
         # the charger's queue exists on the shared broker now: a command
         # published there reaches the charger, which stayed connected
