@@ -393,13 +393,13 @@ class ChargerLink:
         d.addCallbacks(declared, failed).addErrback(
             lambda f: _log.failure("Restoring {identity}", f, identity=self.identity))
 
-    def rebind(self) -> None:
+    def rebind(self) -> defer.Deferred:
         """
         The exchange was deleted and declared again: bind the queue again
         (declaring it too; both are idempotent).
         """
         if self.state is not ChargerState.CONSUMING:
-            return
+            return defer.succeed(None)
         gateway = self.gateway
 
         def failed(failure):
@@ -407,7 +407,7 @@ class ChargerLink:
                 _log.warn("Could not bind the queue of {identity} again: {error}",
                           identity=self.identity, error=failure.getErrorMessage())
 
-        gateway.bridge.declare_queue(
+        return gateway.bridge.declare_queue(
             topology.charger_queue(self.identity),
             topology.charger_binding_key(self.identity),
             gateway.queue_arguments,
@@ -502,6 +502,9 @@ class Gateway:
         #: the chargers waiting for their consumer to come back after a
         #: broker loss (BROKER_LOST or RESTORING): readiness waits for them
         self.awaiting_broker: set[ChargerLink] = set()
+        #: fires once the last re-binding after the exchange was declared
+        #: again (see _topology_restored) is done; None before any
+        self.rebinding: Optional[defer.Deferred] = None
         # identity -> the edge whose handshake most recently claimed it
         self._claims: dict[str, ChargerProtocol] = {}
         self._accepting = True
@@ -745,9 +748,12 @@ class Gateway:
         """
         links = list(self.chargers.values())
         _log.info("Binding {count} chargers' queues again", count=len(links))
-        for link in links:
-            link.rebind()
         self.presence.flush()
+        done = defer.DeferredList([link.rebind() for link in links], consumeErrors=True)
+        done.addCallback(lambda _: _log.info(
+            "Bindings of {count} chargers' queues restored", count=len(links),
+            event="amqp_bindings_restored"))
+        self.rebinding = done
 
     def _flow(self, paused: bool) -> None:
         """

@@ -60,6 +60,7 @@ import pika
 import pika.exceptions
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ocppgw import peers, topology
 from ocppgw.amqp.channels import (
@@ -171,6 +172,9 @@ class AmqpBridge:
         self._check_interval = topology_check_interval
         self._checker: Optional[task.LoopingCall] = None
         self._restoring_topology = False
+        # names this process's sentinel exchange: the same on every
+        # connection, so that reconnecting leaves no sentinel behind
+        self._sentinel_token = os.urandom(4).hex()
         #: whether RabbitMQ blocks our publishes (connection.blocked)
         self.blocked = False
         #: called with the seconds each publish took to be confirmed
@@ -335,6 +339,7 @@ class AmqpBridge:
         self._stop_topology_check()
         if self.connected:
             self.publish_control({"type": peers.BYE, "node": self.node})
+            yield self._delete_sentinel(confirm_timeout)
         yield self.link.stop(self._drained, confirm_timeout)
         self._channels = None
 
@@ -428,7 +433,7 @@ class AmqpBridge:
         Declare this connection's sentinel exchange and bind it into the
         OCPP exchange (see L{topology.sentinel_exchange}).
         """
-        name = topology.sentinel_exchange(self.exchange, os.urandom(4).hex())
+        name = topology.sentinel_exchange(self.exchange, self._sentinel_token)
         yield self._on_own_channel(
             conn,
             lambda channel, callback: channel.exchange_declare(
@@ -443,6 +448,31 @@ class AmqpBridge:
             lambda reason: DeclareFailed(f"the broker refused to bind {name!r}: {reason}"),
         )
         return name
+
+    def _delete_sentinel(self, timeout: float) -> defer.Deferred:
+        """
+        Delete our sentinel when stopping (it would outlive us otherwise);
+        bounded, and a failure only logged.
+        """
+        channels = self._channels
+        if channels is None:
+            return defer.succeed(None)
+        d = self._on_own_channel(
+            channels.conn,
+            lambda channel, callback: channel.exchange_delete(channels.sentinel, callback=callback),
+            lambda reason: DeclareFailed(f"sentinel not deleted: {reason}"),
+        )
+        timer = self._reactor.callLater(timeout, d.cancel)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                _log.warn("Could not delete the sentinel exchange {name}: {error}",
+                          name=channels.sentinel, error=result.getErrorMessage())
+            return None
+
+        return d.addBoth(done)
 
     # -- the exchange deleted under us -------------------------------------------
 

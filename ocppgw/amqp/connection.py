@@ -116,6 +116,8 @@ class _GuardedProtocol(TwistedProtocolConnection):
         except Exception:
             # our state is already right; pika's teardown is bookkeeping
             _log.failure("The AMQP client failed tearing down a lost connection")
+        if owner is not None and not owner.gone.called:
+            owner.gone.callback(None)
 
 
 class BrokerConnection:
@@ -126,7 +128,8 @@ class BrokerConnection:
     @ivar alive: whether frames may be sent: true once the AMQP handshake
         is done, false from the moment the loss is seen.
     @ivar lost_reason: why it was lost, once it is.
-    @ivar gone: fires once the TCP connection is closed.
+    @ivar gone: fires once the TCP connection is closed (and pika has
+        torn its side down).
     """
 
     def __init__(self, reactor, url: str, parameters: pika.ConnectionParameters,
@@ -291,26 +294,33 @@ class BrokerConnection:
         Close gracefully (connection.close, then TCP), aborting after
         C{timeout} seconds.
 
-        @return: a Deferred firing once the TCP connection is gone.
+        @return: a Deferred firing once the TCP connection is gone, or
+            aborted.
         """
-        if self.gone.called:
+        if self.gone.called or self.protocol.transport is None:
+            self._mark_lost("closed by ocppgw")
             return defer.succeed(None)
         self._mark_lost("closed by ocppgw")
         try:
             if not self.impl.is_closed and not self.impl.is_closing:
                 self.impl.close()
-        except _TOO_LATE:
-            self._abort_transport()
         except Exception:
-            _log.failure("Closing the AMQP connection failed")
+            # pika refuses to close what it considers closed already
             self._abort_transport()
-        timer = self._reactor.callLater(timeout, self._abort_transport)
         done: defer.Deferred = defer.Deferred()
+
+        def give_up():
+            self._abort_transport()
+            if not done.called:
+                done.callback(None)
+
+        timer = self._reactor.callLater(timeout, give_up)
 
         def finished(_):
             if timer.active():
                 timer.cancel()
-            done.callback(None)
+            if not done.called:
+                done.callback(None)
 
         self.gone.addBoth(finished)
         return done
@@ -331,8 +341,6 @@ class BrokerConnection:
     def _transport_lost(self, reason) -> None:
         why = reason.getErrorMessage() if reason is not None else "connection lost"
         self._mark_lost(f"connection to {self.shown_url} lost: {why}")
-        if not self.gone.called:
-            self.gone.callback(None)
 
     def _mark_lost(self, why: str) -> None:
         if self.lost_reason is not None:
