@@ -440,12 +440,30 @@ class ChargerProtocol(WebSocketServerProtocol):
             self._refuse(refusals.HANDSHAKE_TIMEOUT, f"{self.openHandshakeTimeout:g} s")
         super().onOpenHandshakeTimeout()
 
+    #: the abort that follows a graceful close if the charger does not let go
+    _abort_call = None
+
     def dropConnection(self, abort: bool = False) -> None:
-        # autobahn's, without its warning about every connection dropped
-        # without a clean close, with nothing but the peer: one line per
-        # client that never finishes its opening handshake, so whoever
-        # opens connections would decide how much of the log that fills.
-        # Those are refusals (counted, logged rate-limited, see _refuse); a
+        # autobahn's, with two changes.
+        #
+        # After a closing handshake the gateway started (1000 on takeover,
+        # 1012 on drain, 1001 on shutdown) autobahn, as a server, aborts
+        # the TCP connection (WebSocketProtocol.onCloseFrame calls
+        # dropConnection(abort=True) when the charger's close frame answers
+        # ours): the charger gets a RST, not a FIN, and a load
+        # balancer in front logs each of these closes as a session the
+        # server broke off (HAProxy: "SD"). RFC 6455 7.1.1 asks the server
+        # to close TCP first, and cleanly. So a completed closing handshake
+        # (wasClean) ends in a graceful close (FIN; with TLS a close_notify
+        # first), and every graceful close is aborted only if the charger
+        # has not let go of it within the close timeout (it does not read,
+        # or never answers the close_notify).
+        #
+        # autobahn also warns about every connection dropped without a
+        # clean close, with nothing but the peer: one line per client that
+        # never finishes its opening handshake, so whoever opens
+        # connections would decide how much of the log that fills. Those
+        # are refusals (counted, logged rate-limited, see _refuse); a
         # charger's unclean end is in the gateway's disconnect line, with
         # its reason (ping timeout, ...).
         if self.state == WebSocketProtocol.STATE_CLOSED:
@@ -454,7 +472,18 @@ class ChargerProtocol(WebSocketServerProtocol):
         self.droppedByMe = True
         self.state = WebSocketProtocol.STATE_CLOSED
         txaio.resolve(self.is_closed, self)
+        if abort and self.wasClean:
+            abort = False
+        if not abort and self.closeHandshakeTimeout:
+            self._abort_call = self.factory._batched_timer.call_later(
+                self.closeHandshakeTimeout, self._abort_close
+            )
         self._closeConnection(abort)
+
+    def _abort_close(self) -> None:
+        self._abort_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # autobahn's minus its logging: it logs a failed TLS handshake at
@@ -462,6 +491,9 @@ class ChargerProtocol(WebSocketServerProtocol):
         # peer, once per attempt, and everything else at debug. A failed
         # TLS handshake is a refusal: counted by OpenSSL's reason and
         # logged at info, rate-limited, with the peer and that reason.
+        call, self._abort_call = self._abort_call, None
+        if call is not None:
+            call.cancel()
         if isinstance(reason.value, SSL.Error):
             self._tls_failed(reason.value)
         self._connectionLost(reason)
