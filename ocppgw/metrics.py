@@ -53,9 +53,11 @@ OTHER_ACTION = "other"
 #: error answer).
 NO_ACTION = "-"
 #: How many distinct OpenSSL reasons get their own label value in
-#: C{ocppgw_tls_handshake_failures_total}; OpenSSL's reasons are a fixed
-#: table, so this is only a guard.
+#: C{ocppgw_tls_handshake_failures_total}; later ones are counted as
+#: L{OTHER_TLS_REASON}. OpenSSL's reasons come from a fixed table, so this
+#: is only a guard.
 MAX_TLS_REASONS = 64
+OTHER_TLS_REASON = "other"
 
 #: Message type number -> the C{kind} label.
 KINDS = {
@@ -188,7 +190,7 @@ class Metrics:
         reasons = self._tls_reasons
         if reason not in reasons:
             if len(reasons) >= MAX_TLS_REASONS:
-                reason = OTHER_ACTION
+                reason = OTHER_TLS_REASON
             else:
                 reasons.add(reason)
         self._tls_failures.labels(listener, reason).inc()
