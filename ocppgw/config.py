@@ -825,6 +825,10 @@ def _consistency(settings: Settings) -> list[str]:
         if listener.ssl_identity == "cn_and_o" and not listener.ssl_organization:
             problems.append("listener.ssl.organization: ssl.identity = cn_and_o needs the "
                             "organisation the certificates must name")
+    if listener.proxy_protocol and not listener.trusted_proxies:
+        problems.append("listener.trusted_proxies: empty, so with proxy_protocol = true "
+                        "every connection would be refused; list the load balancers' "
+                        "addresses or networks")
     if listener.tcp_enabled and listener.tcp_profile == 3 and not (
             listener.client_cert_header and listener.trusted_proxies):
         problems.append("listener.tcp.profile: 3 on the plain listener needs a TLS-ending "
@@ -1021,14 +1025,17 @@ SECTIONS: tuple[Section, ...] = (
                "ssl.identity = map."),
         Option("proxy_protocol", Boolean(), "false",
                "Expect a HAProxy PROXY protocol v1/v2 header on every connection of both "
-               "listeners; the address it gives is the charger's."),
+               "listeners; the address it gives is the charger's. Connections from "
+               "addresses not in trusted_proxies are refused before the header is read."),
         Option("client_cert_header", HeaderName(), "",
                "With TLS ended by a trusted proxy: the request header carrying the "
                "charger's verified client certificate (URL-encoded PEM, as nginx's "
                "$ssl_client_escaped_cert), for tcp.profile = 3."),
-        Option("trusted_proxies", Networks(), "",
-               "Addresses or networks (CIDR) of the proxies allowed to send "
-               "client_cert_header; from anyone else it is ignored."),
+        Option("trusted_proxies", Networks(), "127.0.0.0/8, ::1",
+               "Addresses or networks (CIDR) of the load balancers and proxies allowed to "
+               "send a PROXY header (proxy_protocol) or client_cert_header; default: "
+               "loopback only. Other addresses are refused when proxy_protocol is on, "
+               "and their client_cert_header is ignored."),
         Option("allow_anonymous", Boolean(), "false",
                "Allow a listener with profile 0 (no authentication) on a non-loopback "
                "address."),

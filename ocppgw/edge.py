@@ -47,12 +47,18 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
+from OpenSSL import SSL
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.logger import Logger
+import txaio
 
+from ocppgw import refusals
 from ocppgw.framing import SOAP_ONLY_SUBPROTOCOLS, VERSIONS, OcppVersion
 from ocppgw.identity import BadIdentity, identity_from_path
+from ocppgw.refusals import Refusals, peer_string as _peer_string
+from ocppgw.tls import failure_reason as _tls_failure_reason
 
 _log = Logger()
 
@@ -92,15 +98,6 @@ class ChargerHub(TypingProtocol):
 
     def charger_closed(self, edge: "ChargerProtocol", code: Optional[int], reason: str) -> None:
         """The connection is gone, however it ended."""
-
-
-def _peer_string(address, fallback: str) -> str:
-    """autobahn's peer notation (C{tcp4:1.2.3.4:5678}) for an address."""
-    if isinstance(address, IPv6Address):
-        return f"tcp6:{address.host}:{address.port}"
-    if isinstance(address, IPv4Address):
-        return f"tcp4:{address.host}:{address.port}"
-    return fallback
 
 
 def choose_subprotocol(offered: Iterable[str], enabled: Iterable[str]) -> Optional[str]:
@@ -232,15 +229,18 @@ class ChargerProtocol(WebSocketServerProtocol):
             self.state == WebSocketProtocol.STATE_CONNECTING
             and len(self.data) + len(data) > self.factory.max_request_size
         ):
-            _log.info(
-                "Refused {peer}: handshake request too large", peer=self.peer,
-                event="refused", status=431,
-            )
+            self._refuse(refusals.REQUEST_TOO_LARGE, status=431)
             self._count_handshake(431)
             self.sendHttpErrorResponse(431, "Request Header Fields Too Large")
             self.dropConnection(abort=True)
             return
         super()._dataReceived(data)
+
+    def _refuse(self, reason: str, detail: Optional[str] = None, **fields) -> None:
+        """Count and log (rate-limited) a refusal before the upgrade."""
+        factory = self.factory
+        peer = _peer_string(self.transport.getPeer(), self.peer)
+        factory.refusals.refused(factory.listener, reason, peer, detail, **fields)
 
     def _count_handshake(self, status: int) -> None:
         metrics = self.factory.metrics
@@ -261,6 +261,13 @@ class ChargerProtocol(WebSocketServerProtocol):
         if code == 503:
             wait = self._retry_after or self.factory.retry_after()
             headers.append(("Retry-After", str(wait)))
+        if code == 431:
+            # autobahn's, without its info line for every refusal: a
+            # header limit is logged, rate-limited, where it is found.
+            self.wasNotCleanReason = reason
+            self.sendHttpErrorResponse(code, reason, headers or None)
+            self.dropConnection(abort=False)
+            return None
         return super().failHandshake(reason, code, headers or None)
 
     def _peer_certificate(self, request):
@@ -285,10 +292,7 @@ class ChargerProtocol(WebSocketServerProtocol):
         # now (autobahn read it at connectionMade, before the header).
         self.peer = _peer_string(self.transport.getPeer(), self.peer)
         if self.http_request_data.count(b"\n") > factory.max_request_headers:
-            _log.info(
-                "Refused {peer}: too many request headers", peer=self.peer,
-                event="refused", status=431,
-            )
+            self._refuse(refusals.TOO_MANY_HEADERS, status=431)
             raise ConnectionDeny(431, "Request Header Fields Too Large")
         try:
             identity = identity_from_path(
@@ -427,6 +431,86 @@ class ChargerProtocol(WebSocketServerProtocol):
         transport = self.transport
         if transport is not None and hasattr(transport, "__dict__"):
             transport.__dict__ = dict(transport.__dict__)
+
+    def onOpenHandshakeTimeout(self) -> None:
+        if self.state in (
+            WebSocketProtocol.STATE_CONNECTING,
+            WebSocketProtocol.STATE_PROXY_CONNECTING,
+        ):
+            self._refuse(refusals.HANDSHAKE_TIMEOUT, f"{self.openHandshakeTimeout:g} s")
+        super().onOpenHandshakeTimeout()
+
+    #: the abort that follows a graceful close if the charger does not let go
+    _abort_call = None
+
+    def dropConnection(self, abort: bool = False) -> None:
+        # autobahn's, with two changes.
+        #
+        # After a closing handshake the gateway started (1000 on takeover,
+        # 1012 on drain, 1001 on shutdown) autobahn, as a server, aborts
+        # the TCP connection (WebSocketProtocol.onCloseFrame calls
+        # dropConnection(abort=True) when the charger's close frame answers
+        # ours): the charger gets a RST, not a FIN, and a load
+        # balancer in front logs each of these closes as a session the
+        # server broke off (HAProxy: "SD"). RFC 6455 7.1.1 asks the server
+        # to close TCP first, and cleanly. So a completed closing handshake
+        # (wasClean) ends in a graceful close (FIN; with TLS a close_notify
+        # first), and every graceful close is aborted only if the charger
+        # has not let go of it within the close timeout (it does not read,
+        # or never answers the close_notify).
+        #
+        # autobahn also warns about every connection dropped without a
+        # clean close, with nothing but the peer: one line per client that
+        # never finishes its opening handshake, so whoever opens
+        # connections would decide how much of the log that fills. Those
+        # are refusals (counted, logged rate-limited, see _refuse); a
+        # charger's unclean end is in the gateway's disconnect line, with
+        # its reason (ping timeout, ...).
+        if self.state == WebSocketProtocol.STATE_CLOSED:
+            return
+        self.unregisterProducer()
+        self.droppedByMe = True
+        self.state = WebSocketProtocol.STATE_CLOSED
+        txaio.resolve(self.is_closed, self)
+        if abort and self.wasClean:
+            abort = False
+        if not abort and self.closeHandshakeTimeout:
+            self._abort_call = self.factory._batched_timer.call_later(
+                self.closeHandshakeTimeout, self._abort_close
+            )
+        self._closeConnection(abort)
+
+    def _abort_close(self) -> None:
+        self._abort_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # autobahn's minus its logging: it logs a failed TLS handshake at
+        # error level ("SSL error: no shared cipher (in )") without the
+        # peer, once per attempt, and everything else at debug. A failed
+        # TLS handshake is a refusal: counted by OpenSSL's reason and
+        # logged at info, rate-limited, with the peer and that reason.
+        call, self._abort_call = self._abort_call, None
+        if call is not None:
+            call.cancel()
+        if isinstance(reason.value, SSL.Error):
+            self._tls_failed(reason.value)
+        self._connectionLost(reason)
+
+    def _tls_failed(self, error: SSL.Error) -> None:
+        why = _tls_failure_reason(error)
+        peer = _peer_string(self.transport.getPeer(), self.peer)
+        if self.state in (
+            WebSocketProtocol.STATE_CONNECTING,
+            WebSocketProtocol.STATE_PROXY_CONNECTING,
+        ):
+            self.factory.refusals.tls_failed(self.factory.listener, peer, why)
+        else:
+            _log.info(
+                "TLS error on the connection of {identity} from {peer}: {why}",
+                identity=self.identity, peer=peer, why=why, listener=self.factory.listener,
+            )
 
     def onMessage(self, payload: bytes, isBinary: bool):
         if isBinary:
@@ -609,11 +693,15 @@ class ChargerFactory(WebSocketServerFactory):
         max_request_headers: int = 100,
         listener: str = "ws",
         metrics=None,
+        refusals: Optional[Refusals] = None,
     ) -> None:
         """
         @param listener: this listener's name in metrics and C{/chargers}.
         @param metrics: an L{ocppgw.metrics.Metrics} told of every
             handshake answered, or C{None}.
+        @param refusals: where refusals before the upgrade are counted and
+            logged (shared by a gateway's listeners); by default one of
+            this listener's own.
         """
         super().__init__(reactor=reactor)
         self.hub = hub
@@ -626,6 +714,7 @@ class ChargerFactory(WebSocketServerFactory):
         self.max_request_headers = max_request_headers
         self.listener = listener
         self.metrics = metrics
+        self.refusals = refusals if refusals is not None else Refusals(reactor, metrics)
         self.ws_path = ws_path
         self.vhost = vhost or None
         self.subprotocols = tuple(subprotocols)

@@ -546,7 +546,8 @@ class Gateway:
                     version=version.subprotocol,
                     event="replacing",
                 )
-                yield self._detach(previous, replaced=True)
+                yield self._detach(previous, replaced=True, code=CLOSE_REPLACED[0],
+                                   reason=CLOSE_REPLACED[1])
                 previous.close(*CLOSE_REPLACED)
                 # answers to CALLs sent on the old connection still come
                 edge.inherited_calls = previous.session.handover()
@@ -779,11 +780,15 @@ class Gateway:
         if link is None:
             return
         _log.info(
-            "{identity} reconnected to gateway {node}: closing it here",
+            "{identity} reconnected to gateway {node}: replacing the connection here",
             identity=identity,
             node=str(message.get("node"))[:255],
+            peer=link.peer,
+            version=link.version.subprotocol,
+            listener=link.listener,
+            event="replacing",
         )
-        self._detach(link, replaced=True)
+        self._detach(link, replaced=True, code=CLOSE_REPLACED[0], reason=CLOSE_REPLACED[1])
         link.close(*CLOSE_REPLACED)
 
     # -- shutdown ---------------------------------------------------------------

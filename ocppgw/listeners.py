@@ -14,6 +14,9 @@ per listener, and reloads the material they read from files.
 
 The PROXY header is read I{before} TLS: a TCP load balancer in front
 (HAProxy C{send-proxy}/C{send-proxy-v2}) prepends it to the TLS stream.
+It is believed only from C{trusted_proxies} (L{ocppgw.proxyprotocol}),
+and so is a client certificate passed on by a TLS-ending proxy
+(L{ForwardedCertificate}).
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from typing import Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from ocppgw import auth
+from ocppgw.proxyprotocol import ProxyHeaderFactory, TrustedProxies
 from ocppgw.tls import CertificateIdentity, ServerTLS, TLSFiles
 
 _log = Logger()
@@ -45,6 +48,8 @@ class Security:
         self._settings = settings
         self._reactor = reactor
         listener, options = settings.listener, settings.auth
+        #: who may send PROXY headers and forwarded client certificates
+        self.trusted_proxies = TrustedProxies(listener.trusted_proxies)
         self.tls: Optional[ServerTLS] = None
         self.certificate_identity: Optional[CertificateIdentity] = None
         if listener.ssl_enabled:
@@ -111,19 +116,24 @@ class Security:
         listener = self._settings.listener
         if kind != "tcp" or listener.tcp_profile != 3:
             return None
-        return ForwardedCertificate(listener.client_cert_header, listener.trusted_proxies)
+        return ForwardedCertificate(listener.client_cert_header, self.trusted_proxies)
 
     def wrap(self, kind: str, factory):
-        """The protocol factory to listen with for the listener C{kind}."""
+        """
+        The protocol factory to listen with for the listener C{kind}:
+        C{factory} (a L{ocppgw.edge.ChargerFactory}, whose C{refusals} and
+        C{listener} name the PROXY layer reports to) under TLS and the
+        PROXY header, as configured.
+        """
+        charger_factory = factory
         if kind == "ssl":
             factory = TLSMemoryBIOFactory(self.tls, False, factory)
-        return factory
-
-    def endpoint(self, endpoint):
-        """The server endpoint, reading a PROXY header first if configured."""
         if self._settings.listener.proxy_protocol:
-            return proxyEndpoint(endpoint)
-        return endpoint
+            factory = ProxyHeaderFactory(
+                factory, self.trusted_proxies, charger_factory.refusals,
+                charger_factory.listener,
+            )
+        return factory
 
     def start(self) -> None:
         if self._own_pool and not self.threadpool.started:
@@ -163,22 +173,9 @@ class ForwardedCertificate:
     C{ssl_verify_client on}); ocppgw binds it to the identity.
     """
 
-    def __init__(self, header: str, trusted) -> None:
-        import ipaddress
-
+    def __init__(self, header: str, trusted: TrustedProxies) -> None:
         self.header = header.lower()
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in trusted]
-
-    def trusts(self, host: str) -> bool:
-        import ipaddress
-
-        try:
-            address = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
+        self.trusted = trusted
 
     def certificate(self, headers: dict, socket_host: str):
         """
@@ -192,7 +189,7 @@ class ForwardedCertificate:
         value = headers.get(self.header)
         if not value:
             return None
-        if not self.trusts(socket_host):
+        if not self.trusted.trusts(socket_host):
             _log.warn("Ignored {header} from {host}, which is not a trusted proxy",
                       header=self.header, host=socket_host)
             return None

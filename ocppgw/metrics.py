@@ -52,6 +52,12 @@ OTHER_ACTION = "other"
 #: Label value for frames whose action is not known (a malformed frame's
 #: error answer).
 NO_ACTION = "-"
+#: How many distinct OpenSSL reasons get their own label value in
+#: C{ocppgw_tls_handshake_failures_total}; later ones are counted as
+#: L{OTHER_TLS_REASON}. OpenSSL's reasons come from a fixed table, so this
+#: is only a guard.
+MAX_TLS_REASONS = 64
+OTHER_TLS_REASON = "other"
 
 #: Message type number -> the C{kind} label.
 KINDS = {
@@ -94,6 +100,20 @@ class Metrics:
             ["listener", "result", "status"],
             registry=registry,
         )
+        self._refused = Counter(
+            "ocppgw_connections_refused",
+            "Connections refused before the WebSocket handshake completed, by listener "
+            "and reason (PROXY header, TLS handshake, handshake timeout, request limits).",
+            ["listener", "reason"],
+            registry=registry,
+        )
+        self._tls_failures = Counter(
+            "ocppgw_tls_handshake_failures",
+            "TLS handshakes that failed, by listener and OpenSSL's reason.",
+            ["listener", "reason"],
+            registry=registry,
+        )
+        self._tls_reasons: set[str] = set()
         self._bad_frames = Counter(
             "ocppgw_bad_frames",
             "Malformed frames from chargers, by the OCPP error code they were answered with.",
@@ -160,6 +180,20 @@ class Metrics:
         """An opening handshake was answered with C{status} (101 = accepted)."""
         result = "accepted" if status == 101 else "refused"
         self._handshakes.labels(listener, result, str(status)).inc()
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        """A connection was refused before the handshake (L{ocppgw.refusals})."""
+        self._refused.labels(listener, reason).inc()
+
+    def tls_handshake_failure(self, listener: str, reason: str) -> None:
+        """A TLS handshake failed for OpenSSL's C{reason}."""
+        reasons = self._tls_reasons
+        if reason not in reasons:
+            if len(reasons) >= MAX_TLS_REASONS:
+                reason = OTHER_TLS_REASON
+            else:
+                reasons.add(reason)
+        self._tls_failures.labels(listener, reason).inc()
 
     def bad_frame(self, prefix: str, code: str) -> None:
         self._bad_frames.labels(prefix, code).inc()

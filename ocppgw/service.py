@@ -47,6 +47,7 @@ from ocppgw.framing import VERSIONS
 from ocppgw.gateway import Gateway
 from ocppgw.limits import Admission
 from ocppgw.listeners import Security
+from ocppgw.refusals import Refusals
 from ocppgw.validation import Validation
 from ocppgw.metrics import GatewayState, Metrics
 
@@ -150,6 +151,8 @@ class GatewayService(service.MultiService, GatewayState):
             )
         #: TLS material, checkers and one authenticator per listener
         self.security = Security(settings, reactor, threadpool=threadpool)
+        #: connections refused before the handshake, counted and logged
+        self.refusals = Refusals(reactor, self.metrics)
         #: "tcp" and/or "ssl" -> ChargerFactory
         self.factories = {}
         for kind in self.security.listener_kinds():
@@ -172,6 +175,7 @@ class GatewayService(service.MultiService, GatewayState):
                 retry_after_max=listener.retry_after_max,
                 listener="ws" if kind == "tcp" else "wss",
                 metrics=self.metrics,
+                refusals=self.refusals,
             )
         self.factory = next(iter(self.factories.values()))
         self.metrics.watch(self)
@@ -265,10 +269,7 @@ class GatewayService(service.MultiService, GatewayState):
                 base = ReusePortEndpoint(self._reactor, host, port)
             else:
                 base = _server_endpoint(self._reactor, host, port)
-            endpoint = self.security.endpoint(base)
-            self.listening_ports[kind] = yield endpoint.listen(
-                self.security.wrap(kind, factory)
-            )
+            self.listening_ports[kind] = yield base.listen(self.security.wrap(kind, factory))
         self.listening_port = next(iter(self.listening_ports.values()))
         if self._reload_signal:
             self._install_sighup()
@@ -376,6 +377,7 @@ class GatewayService(service.MultiService, GatewayState):
             self._reactor, self.gateway.drain(window), window + DRAIN_GRACE,
             "draining the chargers",
         )
+        self.refusals.stop()
         yield self.bridge.stop()
         yield self.security.stop()
         # last: /readyz says "not ready" while the gateway drains

@@ -238,6 +238,23 @@ class ServerTLS:
         return True
 
 
+def failure_reason(error: SSL.Error) -> str:
+    """
+    OpenSSL's reason for a failed TLS connection, in its own words
+    (C{no shared cipher}, C{certificate verify failed}, C{tlsv1 alert
+    unknown ca}, ...): the reason strings of the errors it queued.
+    """
+    queued = error.args[0] if error.args else None
+    if isinstance(queued, list):
+        reasons = [
+            entry[2] for entry in queued
+            if isinstance(entry, tuple) and len(entry) == 3 and entry[2]
+        ]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))[:200]
+    return (str(error) or type(error).__name__)[:200]
+
+
 def fingerprint(certificate: x509.Certificate) -> str:
     """SHA-256 fingerprint as lower-case hex without separators."""
     from cryptography.hazmat.primitives import hashes

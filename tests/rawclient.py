@@ -34,15 +34,52 @@ class Response:
 
     def ping(self, payload: bytes = b"hi") -> bytes:
         """Send a masked WebSocket ping; return the pong's payload."""
+        self.send_frame(0x9, payload)
+        opcode, body = self.read_frame()
+        if opcode != 0xA:
+            raise AssertionError(f"expected a pong, got opcode {opcode}")
+        return body
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """Send one masked, final frame (payload under 126 bytes)."""
         mask = os.urandom(4)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(bytes([0x89, 0x80 | len(payload)]) + mask + masked)
+        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    def read_frame(self) -> tuple[int, bytes]:
+        """The next frame the server sends: (opcode, payload)."""
         head = _read_exact(self.sock, 2)
         length = head[1] & 0x7F
-        body = _read_exact(self.sock, length)
-        if head[0] & 0x0F != 0xA:
-            raise AssertionError(f"expected a pong, got opcode {head[0] & 0x0F}")
-        return body
+        if length == 126:
+            (length,) = struct.unpack("!H", _read_exact(self.sock, 2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", _read_exact(self.sock, 8))
+        return head[0] & 0x0F, _read_exact(self.sock, length)
+
+    def close_handshake(self) -> tuple[int, str]:
+        """
+        Wait for the server's close frame and answer it, as a charger
+        does; return the server's close code and reason.
+        """
+        while True:
+            opcode, body = self.read_frame()
+            if opcode == 0x8:
+                break
+        code = struct.unpack("!H", body[:2])[0] if len(body) >= 2 else None
+        self.send_frame(0x8, body[:2])
+        return code, body[2:].decode("utf-8", "replace")
+
+    def how_closed(self) -> str:
+        """
+        Read until the server closes TCP: C{"fin"} for a graceful close,
+        C{"reset"} for a RST.
+        """
+        try:
+            while self.sock.recv(4096):
+                pass
+        except ConnectionResetError:
+            return "reset"
+        return "fin"
 
 
 def _read_exact(sock, n: int) -> bytes:
@@ -55,6 +92,10 @@ def _read_exact(sock, n: int) -> bytes:
     return data
 
 
+#: how every PROXY protocol v2 header starts
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
 def proxy_v1(source: str, source_port: int, destination: str = "192.0.2.1",
              destination_port: int = 443) -> bytes:
     return f"PROXY TCP4 {source} {destination} {source_port} {destination_port}\r\n".encode()
@@ -64,12 +105,19 @@ def proxy_v2(source: str, source_port: int, destination: str = "192.0.2.1",
              destination_port: int = 443) -> bytes:
     addresses = (socket.inet_aton(source) + socket.inet_aton(destination)
                  + struct.pack("!HH", source_port, destination_port))
-    return (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11])
+    return (V2_SIGNATURE + bytes([0x21, 0x11])
             + struct.pack("!H", len(addresses)) + addresses)
 
 
-def _handshake(port, path, subprotocol, headers, context, proxy, keep_open, server_hostname):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+def proxy_v2_local() -> bytes:
+    """A version 2 LOCAL header (a balancer's own health check): no address."""
+    return V2_SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", 0)
+
+
+def _handshake(port, path, subprotocol, headers, context, proxy, keep_open, server_hostname,
+               source):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                    source_address=(source, 0) if source else None)
     try:
         if proxy:
             sock.sendall(proxy)
@@ -122,14 +170,19 @@ def handshake(
     proxy: bytes = b"",
     keep_open: bool = False,
     server_hostname: str = "localhost",
+    source: Optional[str] = None,
 ):
     """
     Deferred firing with a L{Response} (or failing with the socket or TLS
     error) for one opening handshake, run in a thread.
+
+    @param source: the local address to connect from (Linux routes all of
+        127.0.0.0/8 to the loopback interface, so C{127.0.0.2} is another
+        host as far as the gateway can tell).
     """
     return threads.deferToThread(
         _handshake, port, path, subprotocol, headers or {}, context, proxy, keep_open,
-        server_hostname,
+        server_hostname, source,
     )
 
 

@@ -8,6 +8,7 @@ import socket
 from urllib.parse import quote
 
 from twisted.internet import defer, reactor
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from ocppgw.amqp import BackEndClient
@@ -48,6 +49,41 @@ def start_gateway(testcase: unittest.TestCase, values: dict):
     testcase.addCleanup(lambda: service.running and service.stopService())
     yield service.started
     return service
+
+
+class LogEvents:
+    """
+    Every log event published while a test runs, and a way to wait for
+    one (instead of sleeping until it has probably been logged).
+    """
+
+    def __init__(self, testcase: unittest.TestCase) -> None:
+        self.events: list[dict] = []
+        self._waiting: list = []
+        globalLogPublisher.addObserver(self)
+        testcase.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+        for entry in list(self._waiting):
+            predicate, d = entry
+            if predicate(event):
+                self._waiting.remove(entry)
+                d.callback(event)
+
+    def matching(self, **fields) -> list[dict]:
+        return [e for e in self.events if all(e.get(k) == v for k, v in fields.items())]
+
+    def wait_for(self, **fields) -> defer.Deferred:
+        """The first event (already seen or still to come) with C{fields}."""
+        seen = self.matching(**fields)
+        if seen:
+            return defer.succeed(seen[0])
+        d = defer.Deferred()
+        self._waiting.append(
+            (lambda event: all(event.get(k) == v for k, v in fields.items()), d)
+        )
+        return d
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

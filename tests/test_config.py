@@ -197,7 +197,7 @@ class DefaultsTests(SynchronousTestCase):
                 ssl_identity_map="",
                 proxy_protocol=False,
                 client_cert_header="",
-                trusted_proxies=(),
+                trusted_proxies=("127.0.0.0/8", "::1"),
                 allow_anonymous=False,
             ),
         )

@@ -20,7 +20,7 @@ from ocppgw import logs
 from ocppgw.config import LogSettings
 from ocppgw.testing import FakeCharger, amqp_url, unique_name
 from ocppgw.amqp import BackEndClient
-from tests.support import GatewayTestCase, free_port
+from tests.support import GatewayTestCase, LogEvents, free_port, start_gateway
 from tests import test_service
 
 
@@ -133,6 +133,54 @@ class GatewayJsonLogTests(GatewayTestCase):
         self.assertEqual(disconnected["code"], 1000)
         self.assertIsInstance(disconnected["duration"], float)
         self.assertEqual(disconnected["frames_in"], 0)
+
+
+class TakeoverLogTests(GatewayTestCase):
+    """
+    What the logs say when a charger's newer connection replaces the old
+    one: C{event = replacing} on the gateway that closes the old
+    connection, and the old connection's C{disconnected} line with the
+    close code it was sent (1000).
+    """
+
+    @defer.inlineCallbacks
+    def check_replaced(self, log, identity, old):
+        code, _ = yield old.closed
+        self.assertEqual(code, 1000)
+        gone = yield log.wait_for(event="disconnected", identity=identity)
+        self.assertEqual((gone["code"], gone["why"]), (1000, "replaced"))
+        self.assertEqual(gone["reason"], "Replaced by a new connection")
+        [replacing] = log.matching(event="replacing", identity=identity)
+        self.assertEqual(replacing["version"], "ocpp1.6")
+        return replacing
+
+    @defer.inlineCallbacks
+    def test_same_gateway(self):
+        log = LogEvents(self)
+        identity = self.identity()
+        old = yield self.connect(identity)
+        yield self.connect(identity)
+        yield self.check_replaced(log, identity, old)
+
+    @defer.inlineCallbacks
+    def test_other_gateway(self):
+        """The charger moved to another gateway: this one closes it."""
+        other = yield start_gateway(self, {
+            "listener": {"tcp.ip": "127.0.0.1", "tcp.port": "0"},
+            "admin": {"tcp.port": "0"},
+            "amqp": {"url": amqp_url(), "exchange": self.exchange, "node": unique_name("node")},
+            "queue": {"x-expires": "600000"},
+        })
+        log = LogEvents(self)
+        identity = self.identity()
+        old = yield self.connect(identity)
+        peer = self.gateway_service.gateway.chargers[identity].peer
+        port = other.listening_port.getHost().port
+        new = yield FakeCharger.connect(reactor, f"ws://127.0.0.1:{port}/ocpp/{identity}")
+        self.addCleanup(self._close_charger, new)
+        replacing = yield self.check_replaced(log, identity, old)
+        self.assertEqual(replacing["node"], other.node)
+        self.assertEqual((replacing["peer"], replacing["listener"]), (peer, "ws"))
 
 
 class TwistdJsonLogTests(unittest.TestCase):

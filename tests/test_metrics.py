@@ -79,3 +79,22 @@ class MetricsTests(unittest.SynchronousTestCase):
                   listener="ws", result="accepted", status="101"),
             0,
         )
+
+    def test_refusals_and_tls_failures(self):
+        self.metrics.connection_refused("ws", "proxy_header_missing")
+        self.metrics.connection_refused("ws", "proxy_header_missing")
+        for n in range(metrics.MAX_TLS_REASONS + 3):
+            self.metrics.tls_handshake_failure("wss", f"reason {n}")
+        scraped = self.scrape()
+        self.assertEqual(
+            value(scraped, "ocppgw_connections_refused_total", listener="ws",
+                  reason="proxy_header_missing"),
+            2,
+        )
+        series = [key for key in scraped if key[0] == "ocppgw_tls_handshake_failures_total"]
+        self.assertEqual(len(series), metrics.MAX_TLS_REASONS + 1)
+        self.assertEqual(
+            value(scraped, "ocppgw_tls_handshake_failures_total", listener="wss",
+                  reason="other"),
+            3,
+        )

@@ -99,6 +99,18 @@ class SafeDefaultsTests(SynchronousTestCase):
                                   {"listener": {"tcp.enabled": "false"}})
         self.assertIn("no listener is enabled", error.problems[0])
 
+    def test_trustedProxiesDefaultLoopback(self):
+        settings = config.settings_from_dict({"listener": {"proxy_protocol": "true"}})
+        self.assertEqual(settings.listener.trusted_proxies, ("127.0.0.0/8", "::1"))
+
+    def test_proxyProtocolNeedsTrustedProxies(self):
+        error = self.assertRaises(ConfigError, config.settings_from_dict, {
+            "listener": {"proxy_protocol": "true", "trusted_proxies": ""}})
+        self.assertEqual(len(error.problems), 1)
+        self.assertTrue(error.problems[0].startswith(
+            "listener.trusted_proxies: empty, so with proxy_protocol = true every "
+            "connection would be refused"), error.problems[0])
+
     def test_profiles(self):
         self.assertRaises(ConfigError, config.settings_from_dict,
                           {"listener": {"tcp.profile": "2"}})
