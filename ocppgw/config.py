@@ -187,6 +187,7 @@ class OcppSettings:
     """How the gateway behaves on the OCPP level."""
 
     call_timeout: float
+    max_message_id_length: int
     offline_status: bool
     presence_events: bool
 
@@ -1136,6 +1137,10 @@ SECTIONS: tuple[Section, ...] = (
         Option("call_timeout", Seconds(), "30",
                "Seconds a charger has to answer a CSMS CALL before a timeout CALLERROR "
                "is published."),
+        Option("max_message_id_length", Integer(36, 255), "36",
+               "Longest OCPP message id accepted, in characters (the specs say 36; some "
+               "chargers send longer ones). Ids must also fit an AMQP correlation_id "
+               "(255 bytes of UTF-8)."),
         Option("offline_status", Boolean(), "true",
                "Publish the offline StatusNotification when a charger goes away."),
         Option("presence_events", Boolean(), "true",

@@ -53,7 +53,7 @@ from ocppgw import framing, limits, topology
 from ocppgw.amqp import AmqpBridge, BrokerUnavailable, ChannelGone, DeclareFailed, FixedHeaders
 from ocppgw.edge import ChargerProtocol, Refused
 from ocppgw.audit import IN as AUDIT_IN, OUT as AUDIT_OUT
-from ocppgw.framing import OcppVersion
+from ocppgw.framing import MAX_MESSAGE_ID_LENGTH, OcppVersion
 from ocppgw.metrics import ChargerStats
 from ocppgw.session import ChargerSession, Delivery
 
@@ -127,6 +127,7 @@ class ChargerLink:
             clock,
             call_timeout=gateway.call_timeout,
             max_bad_frames=gateway.max_bad_frames,
+            max_message_id_length=gateway.max_message_id_length,
             stats=self.stats,
             checker=(
                 gateway.validation.checker_for(self.identity, self.version)
@@ -359,8 +360,11 @@ class Gateway:
         validation=None,
         metrics=None,
         audit=None,
+        max_message_id_length: int = MAX_MESSAGE_ID_LENGTH,
     ) -> None:
         """
+        @param max_message_id_length: the longest OCPP message id accepted
+            from chargers and back end (C{[ocpp] max_message_id_length}).
         @param validation: an L{ocppgw.validation.Validation} that gives
             each charger's session its payload checker, or C{None}.
         @param metrics: an L{ocppgw.metrics.Metrics}, or C{None}.
@@ -375,6 +379,7 @@ class Gateway:
         self.queue_arguments = dict(queue_arguments)
         self.call_timeout = call_timeout
         self.max_bad_frames = max_bad_frames
+        self.max_message_id_length = max_message_id_length
         self.offline_status = offline_status
         self.presence_events = presence_events
         self.validation = validation

@@ -125,6 +125,7 @@ class GatewayService(service.MultiService, GatewayState):
             queue_arguments=settings.queue_arguments(),
             call_timeout=ocpp.call_timeout,
             max_bad_frames=settings.websocket.max_bad_frames,
+            max_message_id_length=ocpp.max_message_id_length,
             offline_status=ocpp.offline_status,
             presence_events=ocpp.presence_events,
             outage_grace=amqp.outage_grace,

@@ -313,6 +313,7 @@ class ChargerSession:
         "_checker",
         "_invalid_logged",
         "_stats",
+        "_max_id",
     )
 
     def __init__(
@@ -325,6 +326,7 @@ class ChargerSession:
         max_bad_frames: int = 10,
         checker: Optional[PayloadChecker] = None,
         stats=None,
+        max_message_id_length: int = framing.MAX_MESSAGE_ID_LENGTH,
     ) -> None:
         """
         @param clock: an L{IReactorTime} for the call timeout.
@@ -335,6 +337,8 @@ class ChargerSession:
             C{None} checks nothing (and costs nothing).
         @param stats: told of every frame in and out, bad frame and CSMS
             call round trip (an L{ocppgw.metrics.ChargerStats}), or C{None}.
+        @param max_message_id_length: the longest message id accepted in
+            either direction (C{[ocpp] max_message_id_length}).
         """
         self.identity = identity
         self.version = version
@@ -364,6 +368,7 @@ class ChargerSession:
         # counters keep counting. None until the first one (memory).
         self._invalid_logged: Optional[set] = None
         self._stats = stats
+        self._max_id = max_message_id_length
 
     # -- introspection (admin, tests) -------------------------------------
 
@@ -473,7 +478,7 @@ class ChargerSession:
         if self._ended:
             return None
         try:
-            return framing.parse_frame(data, self.version)
+            return framing.parse_frame(data, self.version, self._max_id)
         except BadFrame as bad:
             self._bad_frame(bad)
             return None
@@ -715,7 +720,7 @@ class ChargerSession:
             self._effects.requeue(delivery)
             return
         try:
-            frame = framing.parse_frame(delivery.body, self.version)
+            frame = framing.parse_frame(delivery.body, self.version, self._max_id)
         except BadFrame as bad:
             self._effects.reject(
                 delivery, f"not an OCPP-J frame for {self.version.subprotocol}: "

@@ -100,6 +100,7 @@ x-single-active-consumer = true
 
 [ocpp]
 call_timeout = 12.5
+max_message_id_length = 255
 offline_status = no
 presence_events = off
 
@@ -245,7 +246,10 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(
             settings.ocpp,
             config.OcppSettings(
-                call_timeout=30.0, offline_status=True, presence_events=True
+                call_timeout=30.0,
+                max_message_id_length=36,
+                offline_status=True,
+                presence_events=True,
             ),
         )
         self.assertEqual(
@@ -400,7 +404,10 @@ class EveryKeyTests(SynchronousTestCase):
         self.assertEqual(
             settings.ocpp,
             config.OcppSettings(
-                call_timeout=12.5, offline_status=False, presence_events=False
+                call_timeout=12.5,
+                max_message_id_length=255,
+                offline_status=False,
+                presence_events=False,
             ),
         )
         self.assertEqual(
@@ -657,6 +664,14 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
             "[listener]\nsubprotocols = ocpp2.1 ocpp2.1\n",
             "listener.subprotocols: ocpp2.1 is listed twice",
         )
+
+    def test_messageIdLength(self) -> None:
+        """From the specs' 36 up to the 255 of an AMQP short string."""
+        for value in ("35", "256"):
+            self.assertParseRefused(
+                f"[ocpp]\nmax_message_id_length = {value}\n",
+                f"ocpp.max_message_id_length: {value} is not an integer from 36 to 255",
+            )
 
     def test_badHost(self) -> None:
         for host in ["10.0.0.300", "[::1]", "-gw", "a b", "gw_1"]:

@@ -312,3 +312,28 @@ class Ocpp21Tests(SessionTestsMixin, SynchronousTestCase):
         self.session.delivery(Delivery(1, frame(6, "s1", "Foo", {})))
         self.assertEqual(self.effects.sent, [[6, "s1", "Foo", {}]])
         self.assertEqual(self.effects.acked, [1])
+
+
+class LongMessageIdTests(SessionTestsMixin, SynchronousTestCase):
+    """max_message_id_length applies to the charger's frames and the back end's."""
+
+    def setUp(self):
+        super().setUp()
+        self.session = ChargerSession(
+            "CP 1", self.version, self.effects, self.clock, max_message_id_length=100)
+
+    def test_both_directions(self):
+        charger_id, csms_id = "m" * 100, "c" * 100
+        self.session.charger_frame(frame(2, charger_id, "Heartbeat", {}))
+        self.assertEqual(self.effects.published[0]["correlation_id"], charger_id)
+        self.session.delivery(Delivery(1, frame(3, charger_id, {"currentTime": "x"})))
+        self.session.delivery(Delivery(2, frame(2, csms_id, "Reset", {"type": "Soft"})))
+        self.assertEqual([f[1] for f in self.effects.sent], [charger_id, csms_id])
+        self.assertEqual(self.effects.acked, [1])
+
+    def test_longer_refused(self):
+        self.session.charger_frame(frame(2, "m" * 101, "Heartbeat", {}))
+        self.assertEqual(self.effects.published, [])
+        self.assertEqual(self.effects.sent[0][:2], [4, "-1"])
+        self.session.delivery(Delivery(1, frame(2, "c" * 101, "Reset", {"type": "Soft"})))
+        self.assertEqual([tag for tag, _ in self.effects.rejected], [1])
