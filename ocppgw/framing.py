@@ -258,6 +258,15 @@ def error_code(version: OcppVersion, kind: ErrorKind) -> str:
     return version.error_codes[kind]
 
 
+def is_error_code(version: OcppVersion, code: str) -> bool:
+    """
+    Whether C{code} is one of the error codes C{version} defines (1.6
+    Table 7, 2.0.1 Table 8, 2.1 Table 9), spelled as that version spells
+    it: C{FormatViolation} is not a 1.6 code, C{FormationViolation} is.
+    """
+    return code in version.error_codes.values()
+
+
 class Frame:
     """
     A valid OCPP-J message, parsed once, holding what routing needs.

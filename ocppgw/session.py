@@ -38,6 +38,13 @@ The rules it keeps (DESIGN §3):
   CALLRESULTERROR), and an invalid command from the back end is not sent:
   its sender is told (L{SessionEffects.dead_letter}, C{reply_to}). Such
   frames are well-formed OCPP-J, so they do not count as bad frames.
+- A malformed CALLRESULT or CALLERROR whose message id is the outstanding
+  CSMS CALL's is that CALL's answer all the same (chargers and simulators
+  in the field send error details as a string, or extra elements): it is
+  published at once, as the charger sent it, marked with the
+  C{x-ocppgw-malformed} header, and does not count as a bad frame, so
+  neither the back end nor the charger's next command waits for the call
+  timeout. So is a CALLERROR whose error code its version does not define.
 """
 
 from __future__ import annotations
@@ -480,8 +487,52 @@ class ChargerSession:
         try:
             return framing.parse_frame(data, self.version, self._max_id)
         except BadFrame as bad:
-            self._bad_frame(bad)
+            outstanding = self._outstanding
+            if (
+                outstanding is not None
+                and bad.message_id == outstanding.message_id
+                and bad.message_id != framing.UNKNOWN_MESSAGE_ID
+                and bad.message_type in (framing.CALLRESULT, framing.CALLERROR)
+            ):
+                self._malformed_answer(outstanding, bad, data)
+            else:
+                self._bad_frame(bad)
             return None
+
+    def _malformed_answer(self, outstanding: _OutstandingCall, bad: BadFrame,
+                          data: bytes) -> None:
+        """
+        A malformed CALLRESULT or CALLERROR that answers the outstanding
+        CALL: it is that CALL's answer (see the module docstring). Whatever
+        the version asks to send back for it (a 2.1 CALLRESULTERROR) is
+        still sent.
+        """
+        _log.info(
+            "Malformed answer from {identity} to {action} ({code}: {description}); "
+            "published as its answer, marked malformed",
+            identity=self.identity,
+            action=outstanding.action,
+            code=bad.code,
+            description=bad.description,
+        )
+        stats = self._stats
+        if stats is not None:
+            stats.frame_in(bad.message_type, outstanding.action)
+            stats.csms_call(
+                self._clock.seconds() - outstanding.sent_at, False, outstanding.action
+            )
+        if bad.reply is not None:
+            if stats is not None:
+                stats.frame_out(framing.CALLRESULTERROR, outstanding.action)
+            self._effects.send_to_charger(bad.reply)
+        kind = (
+            topology.KIND_ERROR
+            if bad.message_type == framing.CALLERROR
+            else topology.KIND_CONFIRMATION
+        )
+        self._finish_outstanding(
+            outstanding, kind, data, {topology.HEADER_MALFORMED: bad.description}
+        )
 
     def _bad_frame(self, bad: BadFrame) -> None:
         self._bad_frames += 1
@@ -649,7 +700,13 @@ class ChargerSession:
                 self._clock.seconds() - outstanding.sent_at, False, outstanding.action
             )
         if frame.message_type == framing.CALLERROR:
-            self._finish_outstanding(outstanding, topology.KIND_ERROR, data, None)
+            headers = None
+            if not framing.is_error_code(self.version, frame.error_code):
+                headers = {
+                    topology.HEADER_MALFORMED:
+                        f"the error code is not one {self.version.subprotocol} defines"
+                }
+            self._finish_outstanding(outstanding, topology.KIND_ERROR, data, headers)
             return
         headers = None
         if self._checker is not None:

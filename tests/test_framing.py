@@ -163,6 +163,21 @@ class ErrorCodeTests(SynchronousTestCase):
         """
         self.assertEqual({error_code(OCPP16, k) for k in K}, self.OCPP16_TABLE)
 
+    def test_is_error_code(self) -> None:
+        """
+        L{framing.is_error_code} knows each version's table, spelled as
+        that version spells it.
+        """
+        for code in self.OCPP16_TABLE:
+            self.assertTrue(framing.is_error_code(OCPP16, code), code)
+        for version in (OCPP20, OCPP201, OCPP21):
+            for code in self.OCPP2.values():
+                self.assertTrue(framing.is_error_code(version, code), code)
+            self.assertFalse(framing.is_error_code(version, "FormationViolation"))
+        for code in ("FormatViolation", "RpcFrameworkError", "Rejected", "", "genericerror"):
+            self.assertFalse(framing.is_error_code(OCPP16, code), code)
+
+
 class ParseValidTests(SynchronousTestCase):
     """
     Valid frames of every type, in every version that has them.
