@@ -99,6 +99,7 @@ class ListenerSettings:
     ws_path: str
     vhost: str
     subprotocols: tuple[str, ...]
+    default_subprotocol: str
     max_connections: int
     max_identity_length: int
     tcp_enabled: bool
@@ -107,6 +108,7 @@ class ListenerSettings:
     ssl_ip: str
     ssl_port: int
     ssl_profile: int
+    ssl_default_subprotocol: str
     ssl_certfile: str
     ssl_keyfile: str
     ssl_password_file: str
@@ -137,6 +139,7 @@ class WebSocketSettings:
 
     ws_opts_max_frame_size: int
     ws_opts_idle_timeout: float
+    ws_opts_compress: bool
     ping_timeout: float
     handshake_timeout: float
     close_timeout: float
@@ -662,6 +665,19 @@ class Subprotocols:
 
 
 @dataclass(frozen=True, slots=True)
+class OptionalSubprotocol:
+    """One OCPP-J subprotocol, or empty for none."""
+
+    allowed: ClassVar[str] = f"empty or one of {', '.join(OCPP_J_SUBPROTOCOLS)}"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if text and text not in OCPP_J_SUBPROTOCOLS:
+            raise _refuse(value, self)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
 class FileName:
     """
     The path of a file ocppgw reads (a certificate, a key, a password
@@ -803,6 +819,10 @@ def _consistency(settings: Settings) -> list[str]:
                 f"{'1' if prefix == 'tcp' else '2 or 3'}, bind to 127.0.0.1, or set "
                 "allow_anonymous = true if you really mean it"
             )
+    for key, default in (("default_subprotocol", listener.default_subprotocol),
+                         ("ssl.default_subprotocol", listener.ssl_default_subprotocol)):
+        if default and default not in listener.subprotocols:
+            problems.append(f"listener.{key}: {default} is not one of listener.subprotocols")
     if listener.ssl_enabled:
         if not listener.ssl_certfile or not listener.ssl_keyfile:
             problems.append("listener.ssl.certfile: the TLS listener needs ssl.certfile "
@@ -968,6 +988,11 @@ SECTIONS: tuple[Section, ...] = (
         Option("subprotocols", Subprotocols(), ", ".join(OCPP_J_SUBPROTOCOLS),
                "OCPP versions offered, separated by commas or spaces; the charger's "
                "preference decides among them."),
+        Option("default_subprotocol", OptionalSubprotocol(), "",
+               "On the plain ws:// listener, the OCPP version a charger that offers no "
+               "subprotocol at all is served as (some firmware sends none); the 101 then "
+               "names none. Empty = refuse such a charger with HTTP 400. One of "
+               "subprotocols."),
         Option("max_connections", Integer(1), "100000",
                "Open charger connections; more are refused with HTTP 503 before the upgrade."),
         Option("max_identity_length", Integer(1, 255), "48",
@@ -987,6 +1012,8 @@ SECTIONS: tuple[Section, ...] = (
         Option("ssl.profile", Profile((0, 2, 3)), "2",
                "OCPP security profile of the wss:// listener: 2 = TLS + Basic auth, "
                "3 = TLS + client certificate, 0 = TLS without authentication."),
+        Option("ssl.default_subprotocol", OptionalSubprotocol(), "",
+               "default_subprotocol for the wss:// listener."),
         Option("ssl.certfile", FileName(), "",
                "Server certificate (PEM), followed by its intermediate CA certificates."),
         Option("ssl.keyfile", FileName(), "",
@@ -1054,7 +1081,12 @@ SECTIONS: tuple[Section, ...] = (
         Option("ws_opts.max_frame_size", Integer(1024), "1048576",
                "Largest message in bytes; a larger one closes the connection with 1009."),
         Option("ws_opts.idle_timeout", Seconds(zero_allowed=True), "60",
-               "Seconds between server pings to a charger (0 = no pings)."),
+               "Seconds between server pings to a charger (0 = no pings, for chargers "
+               "that never answer them); any frame from the charger counts as its pong."),
+        Option("ws_opts.compress", Boolean(), "false",
+               "Negotiate permessage-deflate with chargers that offer it, with small "
+               "windows and no context kept between the gateway's messages: ~8-12 KiB "
+               "more per idle charger, where zlib's defaults cost ~100 KiB."),
         Option("ping_timeout", Seconds(), "30",
                "Seconds to wait for the pong before the connection is dropped."),
         Option("handshake_timeout", Seconds(), "30",

@@ -171,6 +171,15 @@ class GatewayService(service.MultiService, GatewayState):
                 retry_after_max=listener.retry_after_max,
                 listener="ws" if kind == "tcp" else "wss",
                 metrics=self.metrics,
+                default_subprotocol=(
+                    listener.default_subprotocol if kind == "tcp"
+                    else listener.ssl_default_subprotocol
+                ) or None,
+                default_subprotocol_key=(
+                    "listener.default_subprotocol" if kind == "tcp"
+                    else "listener.ssl.default_subprotocol"
+                ),
+                compress=ws.ws_opts_compress,
             )
         self.factory = next(iter(self.factories.values()))
         self.metrics.watch(self)

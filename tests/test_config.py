@@ -33,6 +33,7 @@ tcp.port = 29520
 ws_path = /csms/ocpp
 vhost = /
 subprotocols = ocpp2.1,ocpp2.0.1 ocpp1.6
+default_subprotocol = ocpp1.6
 max_connections = 5000
 max_identity_length = 20
 accept_rate = 250.5
@@ -47,6 +48,7 @@ ssl.enabled = true
 ssl.ip = ::
 ssl.port = 29521
 ssl.profile = 3
+ssl.default_subprotocol = ocpp2.0.1
 ssl.certfile = {A_FILE}
 ssl.keyfile = {A_FILE}
 ssl.password_file = {A_FILE}
@@ -67,6 +69,7 @@ allow_anonymous = yes
 [websocket]
 ws_opts.max_frame_size = 65536
 ws_opts.idle_timeout = 0
+ws_opts.compress = true
 ping_timeout = 2.5
 handshake_timeout = 4
 close_timeout = 0.5
@@ -168,6 +171,7 @@ class DefaultsTests(SynchronousTestCase):
                 ws_path="/ocpp",
                 vhost="",
                 subprotocols=("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1"),
+                default_subprotocol="",
                 max_connections=100000,
                 max_identity_length=48,
                 accept_rate=0.0,
@@ -182,6 +186,7 @@ class DefaultsTests(SynchronousTestCase):
                 ssl_ip="127.0.0.1",
                 ssl_port=19521,
                 ssl_profile=2,
+                ssl_default_subprotocol="",
                 ssl_certfile="",
                 ssl_keyfile="",
                 ssl_password_file="",
@@ -205,6 +210,7 @@ class DefaultsTests(SynchronousTestCase):
             config.WebSocketSettings(
                 ws_opts_max_frame_size=1048576,
                 ws_opts_idle_timeout=60.0,
+                ws_opts_compress=False,
                 ping_timeout=30.0,
                 handshake_timeout=30.0,
                 close_timeout=5.0,
@@ -313,6 +319,7 @@ class EveryKeyTests(SynchronousTestCase):
                 ws_path="/csms/ocpp",
                 vhost="/",
                 subprotocols=("ocpp2.1", "ocpp2.0.1", "ocpp1.6"),
+                default_subprotocol="ocpp1.6",
                 max_connections=5000,
                 max_identity_length=20,
                 accept_rate=250.5,
@@ -327,6 +334,7 @@ class EveryKeyTests(SynchronousTestCase):
                 ssl_ip="::",
                 ssl_port=29521,
                 ssl_profile=3,
+                ssl_default_subprotocol="ocpp2.0.1",
                 ssl_certfile=A_FILE,
                 ssl_keyfile=A_FILE,
                 ssl_password_file=A_FILE,
@@ -363,6 +371,7 @@ class EveryKeyTests(SynchronousTestCase):
             config.WebSocketSettings(
                 ws_opts_max_frame_size=65536,
                 ws_opts_idle_timeout=0.0,
+                ws_opts_compress=True,
                 ping_timeout=2.5,
                 handshake_timeout=4.0,
                 close_timeout=0.5,
@@ -663,6 +672,23 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
         self.assertParseRefused(
             "[listener]\nsubprotocols = ocpp2.1 ocpp2.1\n",
             "listener.subprotocols: ocpp2.1 is listed twice",
+        )
+
+    def test_defaultSubprotocolMustBeEnabled(self) -> None:
+        """
+        The version a charger without a subprotocol is served as must be
+        one the listener offers, on either listener.
+        """
+        self.assertParseRefused(
+            "[listener]\nsubprotocols = ocpp2.0.1\ndefault_subprotocol = ocpp1.6\n"
+            "ssl.default_subprotocol = ocpp2.1\n",
+            "listener.default_subprotocol: ocpp1.6 is not one of listener.subprotocols",
+            "listener.ssl.default_subprotocol: ocpp2.1 is not one of listener.subprotocols",
+        )
+        self.assertParseRefused(
+            "[listener]\ndefault_subprotocol = OCPP1.6\n",
+            "listener.default_subprotocol: OCPP1.6 is not empty or one of ocpp1.6, ocpp2.0, "
+            "ocpp2.0.1, ocpp2.1",
         )
 
     def test_messageIdLength(self) -> None:
