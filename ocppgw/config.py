@@ -109,6 +109,8 @@ class ListenerSettings:
     ssl_port: int
     ssl_profile: int
     ssl_default_subprotocol: str
+    ssl_min_version: str
+    ssl_ciphers: str
     ssl_certfile: str
     ssl_keyfile: str
     ssl_password_file: str
@@ -612,6 +614,23 @@ class AmqpUrl:
 
 #: Every OCPP-J version ocppgw speaks, as WebSocket subprotocol names.
 OCPP_J_SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1")
+
+#: OpenSSL names of the TLS 1.2 suites the TLS listener offers by default,
+#: strongest first: the four OCPP 2.0.1 requires of a CSMS (part 2,
+#: A00.FR.318), ECDHE-ECDSA and plain RSA with AES-GCM, plus the ECDHE-RSA
+#: variants of the RSA ones (forward secrecy for chargers with an RSA
+#: certificate that can do ECDHE). TLS 1.3 suites are OpenSSL's own.
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-GCM-SHA256",
+)
+#: The TLS versions ssl.min_version accepts, oldest first (OpenSSL's and
+#: Python's spelling).
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 #: Versions that exist only as OCPP-S (SOAP): named so the error can say so.
 SOAP_ONLY_SUBPROTOCOLS = ("ocpp1.2", "ocpp1.5")
 
@@ -673,6 +692,24 @@ class OptionalSubprotocol:
     def __call__(self, value: object) -> str:
         text = _text(value, self)
         if text and text not in OCPP_J_SUBPROTOCOLS:
+            raise _refuse(value, self)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class CipherString:
+    """
+    An OpenSSL cipher list (``ciphers(1)``: names, ``:``-separated, with
+    ``!``, ``+``, ``-`` and ``@SECLEVEL=n``).  Only its shape is checked
+    here; OpenSSL decides at start whether it names any suite, and the
+    error names this key.
+    """
+
+    allowed: ClassVar[str] = "an OpenSSL cipher list such as ECDHE-RSA-AES128-GCM-SHA256:DEFAULT"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if not text or len(text) > 2000 or not text.isascii() or not text.isprintable():
             raise _refuse(value, self)
         return text
 
@@ -823,6 +860,12 @@ def _consistency(settings: Settings) -> list[str]:
                          ("ssl.default_subprotocol", listener.ssl_default_subprotocol)):
         if default and default not in listener.subprotocols:
             problems.append(f"listener.{key}: {default} is not one of listener.subprotocols")
+    if (TLS_VERSIONS.index(listener.ssl_min_version) < TLS_VERSIONS.index("TLSv1.2")
+            and listener.ssl_ciphers == ":".join(TLS12_CIPHERS)):
+        problems.append(
+            f"listener.ssl.ciphers: the default suites need TLS 1.2, so ssl.min_version = "
+            f"{listener.ssl_min_version} would change nothing; name suites that old chargers "
+            "have (for example DEFAULT, or ECDHE-RSA-AES128-SHA:AES128-SHA)")
     if listener.ssl_enabled:
         if not listener.ssl_certfile or not listener.ssl_keyfile:
             problems.append("listener.ssl.certfile: the TLS listener needs ssl.certfile "
@@ -1014,8 +1057,17 @@ SECTIONS: tuple[Section, ...] = (
                "3 = TLS + client certificate, 0 = TLS without authentication."),
         Option("ssl.default_subprotocol", OptionalSubprotocol(), "",
                "default_subprotocol for the wss:// listener."),
+        Option("ssl.min_version", Choice(TLS_VERSIONS), "TLSv1.2",
+               "Oldest TLS version accepted. TLSv1 and TLSv1.1 are broken (BEAST, "
+               "SHA-1/MD5 handshakes, no AEAD suites) and only for chargers that can do "
+               "nothing newer; with them ocppgw lowers OpenSSL's security level to 0 and "
+               "warns at start, and ssl.ciphers must name suites they have."),
+        Option("ssl.ciphers", CipherString(), ":".join(TLS12_CIPHERS),
+               "OpenSSL cipher list for TLS 1.2 and older (TLS 1.3 suites are OpenSSL's "
+               "own); the default is the suites OCPP 2.0.1 requires plus ECDHE-RSA."),
         Option("ssl.certfile", FileName(), "",
-               "Server certificate (PEM), followed by its intermediate CA certificates."),
+               "Server certificate (PEM), followed by every intermediate CA certificate up "
+               "to the root (all are sent: chargers often trust only the root)."),
         Option("ssl.keyfile", FileName(), "",
                "Private key of ssl.certfile (PEM, may be encrypted: see ssl.password_file)."),
         Option("ssl.password_file", FileName(), "",

@@ -49,6 +49,8 @@ ssl.ip = ::
 ssl.port = 29521
 ssl.profile = 3
 ssl.default_subprotocol = ocpp2.0.1
+ssl.min_version = TLSv1
+ssl.ciphers = DEFAULT:@SECLEVEL=0
 ssl.certfile = {A_FILE}
 ssl.keyfile = {A_FILE}
 ssl.password_file = {A_FILE}
@@ -187,6 +189,10 @@ class DefaultsTests(SynchronousTestCase):
                 ssl_port=19521,
                 ssl_profile=2,
                 ssl_default_subprotocol="",
+                ssl_min_version="TLSv1.2",
+                ssl_ciphers="ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:"
+                "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:"
+                "AES256-GCM-SHA384:AES128-GCM-SHA256",
                 ssl_certfile="",
                 ssl_keyfile="",
                 ssl_password_file="",
@@ -335,6 +341,8 @@ class EveryKeyTests(SynchronousTestCase):
                 ssl_port=29521,
                 ssl_profile=3,
                 ssl_default_subprotocol="ocpp2.0.1",
+                ssl_min_version="TLSv1",
+                ssl_ciphers="DEFAULT:@SECLEVEL=0",
                 ssl_certfile=A_FILE,
                 ssl_keyfile=A_FILE,
                 ssl_password_file=A_FILE,
@@ -690,6 +698,32 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
             "listener.default_subprotocol: OCPP1.6 is not empty or one of ocpp1.6, ocpp2.0, "
             "ocpp2.0.1, ocpp2.1",
         )
+
+    def test_legacyTlsNeedsOldSuites(self) -> None:
+        """
+        TLS 1.0/1.1 with the default (TLS 1.2-only) suites would change
+        nothing: refused, naming what to set.
+        """
+        self.assertParseRefused(
+            "[listener]\nssl.min_version = TLSv1\n",
+            "listener.ssl.ciphers: the default suites need TLS 1.2, so ssl.min_version = "
+            "TLSv1 would change nothing; name suites that old chargers have (for example "
+            "DEFAULT, or ECDHE-RSA-AES128-SHA:AES128-SHA)",
+        )
+        settings = config.parse("[listener]\nssl.min_version = TLSv1.1\nssl.ciphers = DEFAULT\n")
+        self.assertEqual(settings.listener.ssl_min_version, "TLSv1.1")
+        self.assertParseRefused(
+            "[listener]\nssl.min_version = SSLv3\n",
+            "listener.ssl.min_version: SSLv3 is not one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3",
+        )
+
+    def test_badCiphers(self) -> None:
+        for text in ["", "AES128-SHA\tRC4", "AES\u00e9"]:
+            self.assertRefused(
+                {"listener": {"ssl.ciphers": text}},
+                f"listener.ssl.ciphers: {config._show(text.strip())} is not an OpenSSL cipher "
+                "list such as ECDHE-RSA-AES128-GCM-SHA256:DEFAULT",
+            )
 
     def test_messageIdLength(self) -> None:
         """From the specs' 36 up to the 255 of an AMQP short string."""
