@@ -99,6 +99,7 @@ class ListenerSettings:
     ws_path: str
     vhost: str
     subprotocols: tuple[str, ...]
+    default_subprotocol: str
     max_connections: int
     max_identity_length: int
     tcp_enabled: bool
@@ -107,6 +108,9 @@ class ListenerSettings:
     ssl_ip: str
     ssl_port: int
     ssl_profile: int
+    ssl_default_subprotocol: str
+    ssl_min_version: str
+    ssl_ciphers: str
     ssl_certfile: str
     ssl_keyfile: str
     ssl_password_file: str
@@ -137,6 +141,7 @@ class WebSocketSettings:
 
     ws_opts_max_frame_size: int
     ws_opts_idle_timeout: float
+    ws_opts_compress: bool
     ping_timeout: float
     handshake_timeout: float
     close_timeout: float
@@ -189,6 +194,7 @@ class OcppSettings:
     """How the gateway behaves on the OCPP level."""
 
     call_timeout: float
+    max_message_id_length: int
     offline_status: bool
     presence_events: bool
 
@@ -610,6 +616,23 @@ class AmqpUrl:
 
 #: Every OCPP-J version ocppgw speaks, as WebSocket subprotocol names.
 OCPP_J_SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1")
+
+#: OpenSSL names of the TLS 1.2 suites the TLS listener offers by default,
+#: strongest first: the four OCPP 2.0.1 requires of a CSMS (part 2,
+#: A00.FR.318), ECDHE-ECDSA and plain RSA with AES-GCM, plus the ECDHE-RSA
+#: variants of the RSA ones (forward secrecy for chargers with an RSA
+#: certificate that can do ECDHE). TLS 1.3 suites are OpenSSL's own.
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-GCM-SHA256",
+)
+#: The TLS versions ssl.min_version accepts, oldest first (OpenSSL's and
+#: Python's spelling).
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 #: Versions that exist only as OCPP-S (SOAP): named so the error can say so.
 SOAP_ONLY_SUBPROTOCOLS = ("ocpp1.2", "ocpp1.5")
 
@@ -660,6 +683,37 @@ class Subprotocols:
             if name in names[:index]:
                 raise _Invalid(f"{name} is listed twice")
         return tuple(names)
+
+
+@dataclass(frozen=True, slots=True)
+class OptionalSubprotocol:
+    """One OCPP-J subprotocol, or empty for none."""
+
+    allowed: ClassVar[str] = f"empty or one of {', '.join(OCPP_J_SUBPROTOCOLS)}"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if text and text not in OCPP_J_SUBPROTOCOLS:
+            raise _refuse(value, self)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class CipherString:
+    """
+    An OpenSSL cipher list (``ciphers(1)``: names, ``:``-separated, with
+    ``!``, ``+``, ``-`` and ``@SECLEVEL=n``).  Only its shape is checked
+    here; OpenSSL decides at start whether it names any suite, and the
+    error names this key.
+    """
+
+    allowed: ClassVar[str] = "an OpenSSL cipher list such as ECDHE-RSA-AES128-GCM-SHA256:DEFAULT"
+
+    def __call__(self, value: object) -> str:
+        text = _text(value, self)
+        if not text or len(text) > 2000 or not text.isascii() or not text.isprintable():
+            raise _refuse(value, self)
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -804,6 +858,16 @@ def _consistency(settings: Settings) -> list[str]:
                 f"{'1' if prefix == 'tcp' else '2 or 3'}, bind to 127.0.0.1, or set "
                 "allow_anonymous = true if you really mean it"
             )
+    for key, default in (("default_subprotocol", listener.default_subprotocol),
+                         ("ssl.default_subprotocol", listener.ssl_default_subprotocol)):
+        if default and default not in listener.subprotocols:
+            problems.append(f"listener.{key}: {default} is not one of listener.subprotocols")
+    if (TLS_VERSIONS.index(listener.ssl_min_version) < TLS_VERSIONS.index("TLSv1.2")
+            and listener.ssl_ciphers == ":".join(TLS12_CIPHERS)):
+        problems.append(
+            f"listener.ssl.ciphers: the default suites need TLS 1.2, so ssl.min_version = "
+            f"{listener.ssl_min_version} would change nothing; name suites that old chargers "
+            "have (for example DEFAULT, or ECDHE-RSA-AES128-SHA:AES128-SHA)")
     if listener.ssl_enabled:
         if not listener.ssl_certfile or not listener.ssl_keyfile:
             problems.append("listener.ssl.certfile: the TLS listener needs ssl.certfile "
@@ -973,6 +1037,11 @@ SECTIONS: tuple[Section, ...] = (
         Option("subprotocols", Subprotocols(), ", ".join(OCPP_J_SUBPROTOCOLS),
                "OCPP versions offered, separated by commas or spaces; the charger's "
                "preference decides among them."),
+        Option("default_subprotocol", OptionalSubprotocol(), "",
+               "On the plain ws:// listener, the OCPP version a charger that offers no "
+               "subprotocol at all is served as (some firmware sends none); the 101 then "
+               "names none. Empty = refuse such a charger with HTTP 400. One of "
+               "subprotocols."),
         Option("max_connections", Integer(1), "100000",
                "Open charger connections; more are refused with HTTP 503 before the upgrade."),
         Option("max_identity_length", Integer(1, 255), "48",
@@ -992,8 +1061,19 @@ SECTIONS: tuple[Section, ...] = (
         Option("ssl.profile", Profile((0, 2, 3)), "2",
                "OCPP security profile of the wss:// listener: 2 = TLS + Basic auth, "
                "3 = TLS + client certificate, 0 = TLS without authentication."),
+        Option("ssl.default_subprotocol", OptionalSubprotocol(), "",
+               "default_subprotocol for the wss:// listener."),
+        Option("ssl.min_version", Choice(TLS_VERSIONS), "TLSv1.2",
+               "Oldest TLS version accepted. TLSv1 and TLSv1.1 are broken (BEAST, "
+               "SHA-1/MD5 handshakes, no AEAD suites) and only for chargers that can do "
+               "nothing newer; with them ocppgw lowers OpenSSL's security level to 0 and "
+               "warns at start, and ssl.ciphers must name suites they have."),
+        Option("ssl.ciphers", CipherString(), ":".join(TLS12_CIPHERS),
+               "OpenSSL cipher list for TLS 1.2 and older (TLS 1.3 suites are OpenSSL's "
+               "own); the default is the suites OCPP 2.0.1 requires plus ECDHE-RSA."),
         Option("ssl.certfile", FileName(), "",
-               "Server certificate (PEM), followed by its intermediate CA certificates."),
+               "Server certificate (PEM), followed by every intermediate CA certificate up "
+               "to the root (all are sent: chargers often trust only the root)."),
         Option("ssl.keyfile", FileName(), "",
                "Private key of ssl.certfile (PEM, may be encrypted: see ssl.password_file)."),
         Option("ssl.password_file", FileName(), "",
@@ -1062,7 +1142,12 @@ SECTIONS: tuple[Section, ...] = (
         Option("ws_opts.max_frame_size", Integer(1024), "1048576",
                "Largest message in bytes; a larger one closes the connection with 1009."),
         Option("ws_opts.idle_timeout", Seconds(zero_allowed=True), "60",
-               "Seconds between server pings to a charger (0 = no pings)."),
+               "Seconds between server pings to a charger (0 = no pings, for chargers "
+               "that never answer them); any frame from the charger counts as its pong."),
+        Option("ws_opts.compress", Boolean(), "false",
+               "Negotiate permessage-deflate with chargers that offer it, with small "
+               "windows and no context kept between the gateway's messages: ~8-12 KiB "
+               "more per idle charger, where zlib's defaults cost ~100 KiB."),
         Option("ping_timeout", Seconds(), "30",
                "Seconds to wait for the pong before the connection is dropped."),
         Option("handshake_timeout", Seconds(), "30",
@@ -1155,6 +1240,10 @@ SECTIONS: tuple[Section, ...] = (
         Option("call_timeout", Seconds(), "30",
                "Seconds a charger has to answer a CSMS CALL before a timeout CALLERROR "
                "is published."),
+        Option("max_message_id_length", Integer(36, 255), "36",
+               "Longest OCPP message id accepted, in characters (the specs say 36; some "
+               "chargers send longer ones). Ids must also fit an AMQP correlation_id "
+               "(255 bytes of UTF-8)."),
         Option("offline_status", Boolean(), "true",
                "Publish the offline StatusNotification when a charger goes away."),
         Option("presence_events", Boolean(), "true",

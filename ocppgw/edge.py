@@ -21,11 +21,26 @@ subprotocols. Before the upgrade ocppgw answers
 and otherwise 101 with the first subprotocol I{in the charger's order of
 preference} that is enabled. No C{Server} banner is sent.
 
+What real chargers send is accepted where it is harmless (the README's
+"Field compatibility" lists each quirk and who sends it): subprotocol names
+in another case (C{OCPP1.6}; matched case-insensitively, and the 101 echoes
+the charger's own spelling, as RFC 6455 §4.2.2 asks), empty entries in the
+offer (C{,ocpp2.0.1}), no C{Sec-WebSocket-Protocol} at all when the
+listener has a C{default_subprotocol} (the 101 then names none: RFC 6455
+forbids echoing what was not offered), a missing C{Connection: Upgrade}
+in an otherwise complete upgrade request, and one trailing C{/} after the
+identity. None of them changes who the charger is or how it
+authenticates.
+
 After the upgrade every text message is one OCPP-J frame, handed to the
 charger's session. A binary message is closed with 1003, a message over
 the size limit with 1009 (autobahn's default would drop TCP instead: its
-C{failByDrop} is switched off). The server pings every C{idle_timeout}
-seconds and drops a charger whose pong does not come in C{ping_timeout}.
+C{failByDrop} is switched off; with compression the limit applies to the
+inflated message). The server pings every C{idle_timeout} seconds and
+drops a charger from which nothing -- no pong, no frame -- comes in
+C{ping_timeout}: chargers that never answer pings but talk stay.
+permessage-deflate is off unless the listener's C{compress} is set (see
+L{accept_deflate}).
 
 This module only translates between autobahn and the L{ChargerHub} (the
 gateway); it holds no OCPP or AMQP logic. autobahn turns exceptions raised
@@ -38,6 +53,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import deque
 from typing import Iterable, Optional, Protocol as TypingProtocol
 
@@ -46,8 +62,13 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from OpenSSL import SSL
+from autobahn.websocket.compress import (
+    PerMessageDeflate,
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+)
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol, parseHttpHeader
 from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -55,7 +76,7 @@ from twisted.logger import Logger
 import txaio
 
 from ocppgw import refusals
-from ocppgw.framing import SOAP_ONLY_SUBPROTOCOLS, VERSIONS, OcppVersion
+from ocppgw.framing import SOAP_ONLY_SUBPROTOCOLS, VERSIONS, OcppVersion, truncate_for_log
 from ocppgw.identity import BadIdentity, identity_from_path
 from ocppgw.refusals import Refusals, peer_string as _peer_string
 from ocppgw.tls import failure_reason as _tls_failure_reason
@@ -102,17 +123,120 @@ class ChargerHub(TypingProtocol):
 
 def choose_subprotocol(offered: Iterable[str], enabled: Iterable[str]) -> Optional[str]:
     """
-    The first subprotocol the charger offers that is enabled here.
+    The first subprotocol the charger offers that is enabled here, spelled
+    as the charger spelled it; C{VERSIONS[chosen.lower()]} is its version.
 
     The charger's order wins, as RFC 6455 leaves the choice to the server
-    and a charger lists what it prefers first. SOAP-only OCPP versions can
-    never be chosen, even if misconfigured.
+    and a charger lists what it prefers first. Names are compared without
+    regard to case (chargers in the field send C{OCPP1.6}), but the 101
+    must echo a value the charger offered (RFC 6455 §4.2.2), hence its own
+    spelling. SOAP-only OCPP versions can never be chosen, even if
+    misconfigured.
     """
-    enabled = set(enabled) - SOAP_ONLY_SUBPROTOCOLS
+    enabled = {name.lower() for name in enabled} - SOAP_ONLY_SUBPROTOCOLS
     for candidate in offered:
         candidate = candidate.strip()
-        if candidate in enabled:
+        if candidate.lower() in enabled:
             return candidate
+    return None
+
+
+# A Connection header that names the "upgrade" token (RFC 7230 §6.1: a
+# comma-separated list, case-insensitive), as a request line starts it.
+_CONNECTION_UPGRADE = re.compile(
+    rb"\r\nconnection:[ \t]*(?:[^\r]*,[ \t]*)?upgrade[ \t]*[,\r]", re.IGNORECASE
+)
+_CONNECTION_LINE = b"Connection: Upgrade\r\n"
+
+
+def add_connection_upgrade(data: bytes) -> Optional[bytes]:
+    """
+    The buffered request C{data} with a C{Connection: Upgrade} line added,
+    or C{None} to leave it alone.
+
+    RFC 6455 §4.1 makes C{Connection: Upgrade} part of a WebSocket
+    upgrade and autobahn refuses a request without it, but chargers in the
+    field omit it (Autel MaxiCharger firmware 1.38). A request that has
+    C{Upgrade: websocket}, a C{Sec-WebSocket-Key} and
+    C{Sec-WebSocket-Version: 13} can only be a WebSocket upgrade, so the
+    missing token is added; anything else (a plain GET, another upgrade,
+    an older WebSocket draft, a malformed header block) is left for
+    autobahn to answer as it always does.
+    """
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = data[: end + 4]
+    if _CONNECTION_UPGRADE.search(head):
+        return None
+    try:
+        _status, headers, _counts = parseHttpHeader(head)
+    except ValueError:
+        return None
+    upgrade = headers.get("upgrade", "")
+    if not any(token.strip().lower() == "websocket" for token in upgrade.split(",")):
+        return None
+    if "sec-websocket-key" not in headers:
+        return None
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        return None
+    # A second Connection line, if there was one without the token, is
+    # joined to the first by autobahn's parser ("keep-alive, Upgrade").
+    return data[: end + 2] + _CONNECTION_LINE + data[end + 2 :]
+
+
+#: permessage-deflate (RFC 7692) when a listener has C{compress} on. zlib's
+#: defaults keep a 32 KiB window and up to ~256 KiB of compressor state per
+#: connection for as long as it is open (~100 KiB more RSS per idle
+#: charger, bench/compress.py); OCPP messages are a few hundred bytes, so
+#: the gateway's compressor uses the smallest window RFC 7692 lets zlib use
+#: (2^9 bytes) and memory level, and starts every message afresh (no
+#: context takeover), so that it is freed between messages
+#: (L{LeanDeflate}). The charger's window is bounded the same way when its
+#: offer allows it (C{client_max_window_bits}); otherwise its own choice
+#: stands, which costs up to 32 KiB for the decompressor's window. The
+#: charger's context is never refused: it keeps its decompressor.
+DEFLATE_WINDOW_BITS = 9
+DEFLATE_MEM_LEVEL = 1
+
+
+def accept_deflate(offers) -> Optional[PerMessageDeflateOfferAccept]:
+    """
+    autobahn's C{perMessageCompressionAccept} for a listener with
+    compression: accept the first permessage-deflate offer, tuned as
+    described at L{DEFLATE_WINDOW_BITS}.
+    """
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(
+                offer,
+                request_max_window_bits=(
+                    DEFLATE_WINDOW_BITS if offer.accept_max_window_bits else 0
+                ),
+                no_context_takeover=True,
+                window_bits=DEFLATE_WINDOW_BITS,
+                mem_level=DEFLATE_MEM_LEVEL,
+            )
+    return None
+
+
+class LeanDeflate(PerMessageDeflate):
+    """
+    autobahn's permessage-deflate, minus the compressor it keeps between
+    messages: without context takeover it makes a new one for every
+    message anyway, and an idle charger would hold its zlib state
+    (~9 KiB even with L{accept_deflate}'s small window) for nothing.
+    """
+
+    def end_compress_message(self):
+        data = super().end_compress_message()
+        if self.server_no_context_takeover:
+            self._compressor = None
+        return data
+
+
+def refuse_compression(offers) -> None:
+    """autobahn's C{perMessageCompressionAccept} for a listener without compression."""
     return None
 
 
@@ -197,6 +321,9 @@ class ChargerProtocol(WebSocketServerProtocol):
 
     #: response headers for the refusal being sent (see failHandshake)
     _deny_headers = ()
+    #: the request lacked "Connection: Upgrade" and was completed (logged
+    #: with the charger's identity once it is known)
+    _connection_added = False
 
     # autobahn's own logger lives at self.log; ours is _log.
 
@@ -242,6 +369,19 @@ class ChargerProtocol(WebSocketServerProtocol):
         peer = _peer_string(self.transport.getPeer(), self.peer)
         factory.refusals.refused(factory.listener, reason, peer, detail, **fields)
 
+    def processHandshake(self) -> None:
+        # autobahn checks for "Connection: Upgrade" while it parses the
+        # request, with no hook in between; a charger that omits it (see
+        # add_connection_upgrade) gets the missing line added to the
+        # buffered request before autobahn parses it, so that the rest of
+        # autobahn's handshake and every other check run unchanged.
+        if self.http_headers is None:
+            completed = add_connection_upgrade(self.data)
+            if completed is not None:
+                self.data = completed
+                self._connection_added = True
+        super().processHandshake()
+
     def _count_handshake(self, status: int) -> None:
         metrics = self.factory.metrics
         if metrics is not None:
@@ -286,6 +426,51 @@ class ChargerProtocol(WebSocketServerProtocol):
         socket_transport = getattr(self.transport, "transport", None) or self.transport
         return forwarded.certificate(request.headers, socket_transport.getPeer().host)
 
+    def _negotiate(self, identity: str, protocols, quirks: list):
+        """
+        The subprotocol to echo in the 101 (C{None} for none) and the
+        version to serve, for the charger's offer C{protocols}; what it
+        needed beyond the rules is added to C{quirks}.
+
+        @raise ConnectionDeny: 400, nothing to serve it as.
+        """
+        factory = self.factory
+        # autobahn reads an empty header, or an empty entry (",ocpp2.0.1"),
+        # as an offer of ""
+        offered = [p for p in protocols if p]
+        if offered:
+            subprotocol = choose_subprotocol(offered, factory.subprotocols)
+            if subprotocol is None:
+                _log.info(
+                    "Refused {identity} from {peer}: no supported subprotocol in {offered}",
+                    identity=identity,
+                    peer=self.peer,
+                    offered=[truncate_for_log(p, 40) for p in offered[:8]],
+                    event="refused",
+                    status=400,
+                )
+                raise ConnectionDeny(400, "No supported OCPP subprotocol")
+            version = VERSIONS[subprotocol.lower()]
+            if subprotocol != version.subprotocol:
+                quirks.append(f"subprotocol spelled {truncate_for_log(subprotocol, 40)}")
+            return subprotocol, version
+        if factory.default_subprotocol is not None:
+            # The 101 names no subprotocol: RFC 6455 §4.2.2 forbids
+            # echoing one the charger did not offer.
+            version = VERSIONS[factory.default_subprotocol]
+            quirks.append(f"no subprotocol offered, served as {version.subprotocol}")
+            return None, version
+        _log.info(
+            "Refused {identity} from {peer}: it offers no subprotocol (set "
+            "{key} to serve such chargers as one OCPP version)",
+            identity=identity,
+            peer=self.peer,
+            key=factory.default_subprotocol_key,
+            event="refused",
+            status=400,
+        )
+        raise ConnectionDeny(400, "No OCPP subprotocol offered")
+
     def onConnect(self, request):
         factory = self.factory
         # Behind a PROXY protocol header the real address is known only
@@ -307,18 +492,12 @@ class ChargerProtocol(WebSocketServerProtocol):
                 event="refused", status=400,
             )
             raise ConnectionDeny(400, "Bad charger identity")
-        offered = [p for p in request.protocols if p]
-        subprotocol = choose_subprotocol(offered, factory.subprotocols)
-        if subprotocol is None:
-            _log.info(
-                "Refused {identity} from {peer}: no supported subprotocol in {offered}",
-                identity=identity,
-                peer=self.peer,
-                offered=offered[:8],
-                event="refused",
-                status=400,
-            )
-            raise ConnectionDeny(400, "No supported OCPP subprotocol")
+        quirks = []
+        if self._connection_added:
+            quirks.append("no 'Connection: Upgrade'")
+        if self.http_request_uri.partition("?")[0].endswith("/"):
+            quirks.append("'/' after the identity")
+        subprotocol, version = self._negotiate(identity, request.protocols, quirks)
         admission = factory.admission
         if admission is not None:
             # Before any broker work: a storm must not queue up declares.
@@ -327,7 +506,7 @@ class ChargerProtocol(WebSocketServerProtocol):
                 self._retry_after = wait
                 raise ConnectionDeny(503, "Service Unavailable")
         self.identity = identity
-        self.version = VERSIONS[subprotocol]
+        self.version = version
         authenticator = factory.authenticator
         if authenticator is None:
             d = defer.maybeDeferred(
@@ -336,7 +515,9 @@ class ChargerProtocol(WebSocketServerProtocol):
         else:
             d = authenticator.authenticate(
                 identity,
-                subprotocol,
+                # the version's own name: how a password is compared
+                # depends on it, never on the charger's spelling
+                version.subprotocol,
                 request.headers.get("authorization"),
                 self._peer_certificate(request),
                 self.peer,
@@ -357,6 +538,15 @@ class ChargerProtocol(WebSocketServerProtocol):
             # ~1.5 KB per idle charger.
             self.http_headers = {}
             self.http_request_data = None
+            self.__dict__.pop("_connection_added", None)
+            if quirks:
+                _log.info(
+                    "Charger {identity} from {peer} needed field compatibility: {quirks}",
+                    identity=identity,
+                    peer=self.peer,
+                    quirks="; ".join(quirks),
+                    event="quirks",
+                )
             return subprotocol
 
         def refused(failure):
@@ -406,6 +596,11 @@ class ChargerProtocol(WebSocketServerProtocol):
 
     def onOpen(self):
         self._count_handshake(101)
+        deflate = self._perMessageCompress
+        if type(deflate) is PerMessageDeflate:
+            # autobahn builds it from its own registry; the subclass only
+            # changes what is kept between messages
+            deflate.__class__ = LeanDeflate
         self._compact()
         self.factory.hub.charger_opened(self)
 
@@ -694,6 +889,9 @@ class ChargerFactory(WebSocketServerFactory):
         listener: str = "ws",
         metrics=None,
         refusals: Optional[Refusals] = None,
+        default_subprotocol: Optional[str] = None,
+        default_subprotocol_key: str = "listener.default_subprotocol",
+        compress: bool = False,
     ) -> None:
         """
         @param listener: this listener's name in metrics and C{/chargers}.
@@ -702,6 +900,13 @@ class ChargerFactory(WebSocketServerFactory):
         @param refusals: where refusals before the upgrade are counted and
             logged (shared by a gateway's listeners); by default one of
             this listener's own.
+        @param default_subprotocol: the version a charger that offers no
+            subprotocol at all is served as (one of C{subprotocols}), or
+            C{None} to refuse it with 400.
+        @param default_subprotocol_key: the configuration key that sets
+            C{default_subprotocol}, named when such a charger is refused.
+        @param compress: negotiate permessage-deflate (see
+            L{accept_deflate}) when a charger offers it.
         """
         super().__init__(reactor=reactor)
         self.hub = hub
@@ -718,6 +923,12 @@ class ChargerFactory(WebSocketServerFactory):
         self.ws_path = ws_path
         self.vhost = vhost or None
         self.subprotocols = tuple(subprotocols)
+        if default_subprotocol is not None and default_subprotocol not in self.subprotocols:
+            raise ValueError(
+                f"default_subprotocol {default_subprotocol} is not one of {self.subprotocols}"
+            )
+        self.default_subprotocol = default_subprotocol
+        self.default_subprotocol_key = default_subprotocol_key
         self.max_identity_length = max_identity_length
         #: an L{ocppgw.limits.Admission}, or None for no accept limits
         self.admission = admission
@@ -734,7 +945,11 @@ class ChargerFactory(WebSocketServerFactory):
             openHandshakeTimeout=handshake_timeout,
             closeHandshakeTimeout=close_timeout,
             maxConnections=max_connections,
-            perMessageCompressionAccept=lambda offers: None,
+            perMessageCompressionAccept=accept_deflate if compress else refuse_compression,
+            # Any frame from the charger proves it is alive, as a pong
+            # would: some chargers never answer pings but talk often
+            # enough (autobahn's default; the gateway relies on it).
+            autoPingRestartOnAnyTraffic=True,
         )
         self._batched_timer = BucketTimer(reactor)
         options = {}

@@ -25,7 +25,11 @@ to a SEND message with a CALLRESULT or CALLERROR").
 
 The message id is a string of at most 36 characters (1.6 §4.1.4 Table 3, 2.x
 §4.1.4 Table 4). The spec sets no minimum; we require one character, because
-an empty id cannot be matched to anything. The payload and the error details
+an empty id cannot be matched to anything. Chargers in the field send
+longer ids, so the limit can be raised (C{max_id_length}) up to 255
+characters; an id also becomes the AMQP C{correlation_id}, a short string
+of at most 255 bytes, so a longer id whose UTF-8 is over 255 bytes is
+refused whatever the limit. The payload and the error details
 are JSON objects. 1.6 §4.2.1 and 2.x §4.1.5 mention C{null} as a possible "no
 payload" notation while calling C{{}} the good practice; the gateway's
 contract (DESIGN §2) requires an object so that no worker downstream ever
@@ -43,7 +47,7 @@ How a broken frame is answered
   CALLERROR SHALL contain "-1" as MessageId"). 1.6 has no such rule; we use
   C{"-1"} there too, so that the charger's log shows why its frame vanished
   (a receiver with no CALL of that id can only log and drop it, so this is
-  harmless). An id of the wrong type, empty or longer than 36 characters
+  harmless). An id of the wrong type, empty or longer than the limit
   counts as unreadable: echoing it would itself break the id rules.
 - Text that is not JSON, not an array, an empty array, or an array whose
   first element is not an integer cannot be shown not to be a CALL, so it
@@ -123,6 +127,11 @@ _TYPE_NAMES: Final = {
 
 # "string[36]": 1.6 §4.1.4 Table 3, 2.0.1/2.1 Part 4 §4.1.4 Table 4.
 MAX_MESSAGE_ID_LENGTH: Final = 36
+# The id is the AMQP correlation_id, a short string: at most 255 bytes.
+_MAX_ID_BYTES: Final = 255
+# Up to this many characters the UTF-8 of any id fits in _MAX_ID_BYTES
+# (4 bytes a character at most), so shorter limits need no byte count.
+_ALWAYS_FITS: Final = _MAX_ID_BYTES // 4
 # errorDescription is "string[255]": 2.0.1/2.1 Part 4 §4.2.3 Table 7.
 MAX_ERROR_DESCRIPTION_LENGTH: Final = 255
 # Ours, not the spec's: OCPP action names are at most ~32 characters; the
@@ -249,6 +258,15 @@ def error_code(version: OcppVersion, kind: ErrorKind) -> str:
     return version.error_codes[kind]
 
 
+def is_error_code(version: OcppVersion, code: str) -> bool:
+    """
+    Whether C{code} is one of the error codes C{version} defines (1.6
+    Table 7, 2.0.1 Table 8, 2.1 Table 9), spelled as that version spells
+    it: C{FormatViolation} is not a 1.6 code, C{FormationViolation} is.
+    """
+    return code in version.error_codes.values()
+
+
 class Frame:
     """
     A valid OCPP-J message, parsed once, holding what routing needs.
@@ -358,15 +376,27 @@ class BadFrame(Exception):
 # -- parsing --------------------------------------------------------------
 
 _loads = orjson.loads  # one global lookup instead of two per frame
-_MAX_ID = MAX_MESSAGE_ID_LENGTH  # short name for the three hot-path checks
 
 
-def _readable_id(message: list[Any]) -> str:
+def _valid_id(message_id: Any, max_id: int) -> bool:
+    """
+    Whether C{message_id} is a usable message id: a string of 1 to
+    C{max_id} characters whose UTF-8 fits an AMQP short string.
+    """
+    return (
+        type(message_id) is str
+        and 0 < len(message_id) <= max_id
+        and (
+            len(message_id) <= _ALWAYS_FITS
+            or len(message_id.encode("utf-8")) <= _MAX_ID_BYTES
+        )
+    )
+
+
+def _readable_id(message: list[Any], max_id: int) -> str:
     """The id to answer a broken frame with: its own when valid, else C{"-1"}."""
-    if len(message) > 1:
-        message_id = message[1]
-        if type(message_id) is str and 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH:
-            return message_id
+    if len(message) > 1 and _valid_id(message[1], max_id):
+        return message[1]
     return UNKNOWN_MESSAGE_ID
 
 
@@ -391,12 +421,14 @@ def _refuse(
     return BadFrame(kind, code, message_id, description, reply, message_type)
 
 
-def _bad_id(version: OcppVersion, answer: Optional[int], message_type: int) -> BadFrame:
+def _bad_id(
+    version: OcppVersion, answer: Optional[int], message_type: int, max_id: int
+) -> BadFrame:
     return _refuse(
         version,
         ErrorKind.RPC_FRAMEWORK_ERROR,
         UNKNOWN_MESSAGE_ID,
-        f"the message id must be a string of 1 to {MAX_MESSAGE_ID_LENGTH} characters",
+        f"the message id must be a string of 1 to {max_id} characters",
         answer,
         message_type,
     )
@@ -408,18 +440,23 @@ def _wrong_length(
     version: OcppVersion,
     answer: Optional[int],
     message_type: int,
+    max_id: int,
 ) -> BadFrame:
     return _refuse(
         version,
         ErrorKind.RPC_FRAMEWORK_ERROR,
-        _readable_id(message),
+        _readable_id(message, max_id),
         f"a {_TYPE_NAMES[message_type]} has {expected} elements, not {len(message)}",
         answer,
         message_type,
     )
 
 
-def parse_frame(data: Union[bytes, str], version: OcppVersion) -> Frame:
+def parse_frame(
+    data: Union[bytes, str],
+    version: OcppVersion,
+    max_id_length: int = MAX_MESSAGE_ID_LENGTH,
+) -> Frame:
     """
     Parse one text frame received over a connection that speaks C{version}.
 
@@ -427,6 +464,8 @@ def parse_frame(data: Union[bytes, str], version: OcppVersion) -> Frame:
     rules need and builds one L{Frame}; diagnosing a bad frame may cost more.
 
     @param data: the frame as received: UTF-8 bytes (the hot path) or text.
+    @param max_id_length: the longest message id accepted, in characters
+        (36 by the specs; up to 255, see the module docstring).
     @raise BadFrame: the frame breaks OCPP-J for C{version}; nothing else is
         raised, whatever C{data} holds.
     """
@@ -460,7 +499,7 @@ def parse_frame(data: Union[bytes, str], version: OcppVersion) -> Frame:
         raise _refuse(
             version,
             ErrorKind.RPC_FRAMEWORK_ERROR,
-            _readable_id(message),
+            _readable_id(message, max_id_length),
             "the message type must be an integer",
             CALLERROR,
         )
@@ -468,10 +507,10 @@ def parse_frame(data: Union[bytes, str], version: OcppVersion) -> Frame:
     if message_type == CALL or (message_type == SEND and version.has_send):
         answer = CALLERROR if message_type == CALL else None
         if len(message) != 4:
-            raise _wrong_length(message, 4, version, answer, message_type)
+            raise _wrong_length(message, 4, version, answer, message_type, max_id_length)
         message_id = message[1]
-        if type(message_id) is not str or not 0 < len(message_id) <= _MAX_ID:
-            raise _bad_id(version, answer, message_type)
+        if not _valid_id(message_id, max_id_length):
+            raise _bad_id(version, answer, message_type, max_id_length)
         action = message[2]
         if type(action) is not str:
             raise _refuse(
@@ -511,10 +550,10 @@ def parse_frame(data: Union[bytes, str], version: OcppVersion) -> Frame:
     if message_type == CALLRESULT:
         answer = CALLRESULTERROR if version.has_send else None
         if len(message) != 3:
-            raise _wrong_length(message, 3, version, answer, message_type)
+            raise _wrong_length(message, 3, version, answer, message_type, max_id_length)
         message_id = message[1]
-        if type(message_id) is not str or not 0 < len(message_id) <= _MAX_ID:
-            raise _bad_id(version, answer, message_type)
+        if not _valid_id(message_id, max_id_length):
+            raise _bad_id(version, answer, message_type, max_id_length)
         payload = message[2]
         if type(payload) is not dict:
             raise _refuse(
@@ -532,10 +571,10 @@ def parse_frame(data: Union[bytes, str], version: OcppVersion) -> Frame:
     ):
         # Never answer an error with an error.
         if len(message) != 5:
-            raise _wrong_length(message, 5, version, None, message_type)
+            raise _wrong_length(message, 5, version, None, message_type, max_id_length)
         message_id = message[1]
-        if type(message_id) is not str or not 0 < len(message_id) <= _MAX_ID:
-            raise _bad_id(version, None, message_type)
+        if not _valid_id(message_id, max_id_length):
+            raise _bad_id(version, None, message_type, max_id_length)
         code, description, details = message[2], message[3], message[4]
         if type(code) is not str or type(description) is not str:
             raise _refuse(
@@ -562,7 +601,7 @@ def parse_frame(data: Union[bytes, str], version: OcppVersion) -> Frame:
     raise _refuse(
         version,
         ErrorKind.MESSAGE_TYPE_NOT_SUPPORTED,
-        _readable_id(message),
+        _readable_id(message, max_id_length),
         f"message type {message_type} does not exist in {version.subprotocol}",
         CALLERROR if version.answers_unknown_message_type else None,
         message_type,

@@ -51,7 +51,7 @@ from ocppgw import framing, limits, topology
 from ocppgw.amqp import AmqpBridge, BrokerUnavailable, ChannelGone, DeclareFailed, FixedHeaders
 from ocppgw.edge import ChargerProtocol, Refused
 from ocppgw.audit import IN as AUDIT_IN, OUT as AUDIT_OUT
-from ocppgw.framing import OcppVersion
+from ocppgw.framing import MAX_MESSAGE_ID_LENGTH, OcppVersion
 from ocppgw.metrics import ChargerStats
 from ocppgw.presence import Presence
 from ocppgw.session import ChargerSession, Delivery
@@ -157,6 +157,7 @@ class ChargerLink:
             clock,
             call_timeout=gateway.call_timeout,
             max_bad_frames=gateway.max_bad_frames,
+            max_message_id_length=gateway.max_message_id_length,
             stats=self.stats,
             checker=(
                 gateway.validation.checker_for(self.identity, self.version)
@@ -470,10 +471,13 @@ class Gateway:
         validation=None,
         metrics=None,
         audit=None,
+        max_message_id_length: int = MAX_MESSAGE_ID_LENGTH,
     ) -> None:
         """
         @param max_owed_presence: presence messages kept while the broker
             cannot take them (see L{ocppgw.presence}).
+        @param max_message_id_length: the longest OCPP message id accepted
+            from chargers and back end (C{[ocpp] max_message_id_length}).
         @param validation: an L{ocppgw.validation.Validation} that gives
             each charger's session its payload checker, or C{None}.
         @param metrics: an L{ocppgw.metrics.Metrics}, or C{None}.
@@ -488,6 +492,7 @@ class Gateway:
         self.queue_arguments = dict(queue_arguments)
         self.call_timeout = call_timeout
         self.max_bad_frames = max_bad_frames
+        self.max_message_id_length = max_message_id_length
         self.presence = Presence(
             bridge, reactor, node, offline_status=offline_status, events=presence_events,
             max_owed=max_owed_presence,

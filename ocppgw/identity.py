@@ -4,7 +4,10 @@ The charge point identity, taken from the WebSocket URL path.
 A charger connects to C{ws[s]://host:port/<ws_path>/<identity>} (OCPP-J 1.6
 §3.1.1; 2.0.1/2.1 Part 4 §3.1.1); for compatibility with C{rabbitmq_web_ocpp}
 the form C{/<ws_path>/<vhost>/<identity>} is accepted too. The identity is the
-last path segment, percent-decoded: real chargers send C{RDAM%20123}.
+last path segment, percent-decoded: real chargers send C{RDAM%20123}. One
+trailing C{/} is ignored (C{/ocpp/CP1/} is the charger C{CP1}): chargers
+whose firmware joins the configured base URL and the identity with a C{/}
+of their own send it, and it cannot name anything else.
 
 The identity becomes the binding key of the charger's queue and part of its
 name, so it must be exactly one topic word that is not a wildcard:
@@ -125,9 +128,14 @@ def identity_from_path(
     prefix = ws_path.rstrip("/") + "/"
     if not path.startswith(prefix):
         raise BadIdentity(f"the path does not start with {prefix}")
-    segments = path[len(prefix) :].split("/")
+    rest = path[len(prefix) :]
+    if rest.endswith("/"):
+        # One trailing "/" after the identity is a firmware quirk, not
+        # another resource; "//" is not.
+        rest = rest[:-1]
+    segments = rest.split("/")
     if segments[-1] == "" and len(segments) > 1:
-        raise BadIdentity("the path ends with '/'")
+        raise BadIdentity("the path ends with '//'")
     if len(segments) == 2 and vhost is not None:
         if _percent_decode(segments[0]) != vhost:
             raise BadIdentity("the path names another virtual host")

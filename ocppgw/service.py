@@ -127,6 +127,7 @@ class GatewayService(service.MultiService, GatewayState):
             queue_arguments=settings.queue_arguments(),
             call_timeout=ocpp.call_timeout,
             max_bad_frames=settings.websocket.max_bad_frames,
+            max_message_id_length=ocpp.max_message_id_length,
             offline_status=ocpp.offline_status,
             presence_events=ocpp.presence_events,
             outage_grace=amqp.outage_grace,
@@ -176,6 +177,15 @@ class GatewayService(service.MultiService, GatewayState):
                 listener="ws" if kind == "tcp" else "wss",
                 metrics=self.metrics,
                 refusals=self.refusals,
+                default_subprotocol=(
+                    listener.default_subprotocol if kind == "tcp"
+                    else listener.ssl_default_subprotocol
+                ) or None,
+                default_subprotocol_key=(
+                    "listener.default_subprotocol" if kind == "tcp"
+                    else "listener.ssl.default_subprotocol"
+                ),
+                compress=ws.ws_opts_compress,
             )
         self.factory = next(iter(self.factories.values()))
         self.metrics.watch(self)

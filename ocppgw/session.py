@@ -38,6 +38,13 @@ The rules it keeps (DESIGN §3):
   CALLRESULTERROR), and an invalid command from the back end is not sent:
   its sender is told (L{SessionEffects.dead_letter}, C{reply_to}). Such
   frames are well-formed OCPP-J, so they do not count as bad frames.
+- A malformed CALLRESULT or CALLERROR whose message id is the outstanding
+  CSMS CALL's is that CALL's answer all the same (chargers and simulators
+  in the field send error details as a string, or extra elements): it is
+  published at once, as the charger sent it, marked with the
+  C{x-ocppgw-malformed} header, and does not count as a bad frame, so
+  neither the back end nor the charger's next command waits for the call
+  timeout. So is a CALLERROR whose error code its version does not define.
 """
 
 from __future__ import annotations
@@ -225,6 +232,7 @@ class ChargerSession:
         "_checker",
         "_invalid_logged",
         "_stats",
+        "_max_id",
     )
 
     def __init__(
@@ -237,6 +245,7 @@ class ChargerSession:
         max_bad_frames: int = 10,
         checker: Optional[PayloadChecker] = None,
         stats=None,
+        max_message_id_length: int = framing.MAX_MESSAGE_ID_LENGTH,
     ) -> None:
         """
         @param clock: an L{IReactorTime} for the call timeout.
@@ -247,6 +256,8 @@ class ChargerSession:
             C{None} checks nothing (and costs nothing).
         @param stats: told of every frame in and out, bad frame and CSMS
             call round trip (an L{ocppgw.metrics.ChargerStats}), or C{None}.
+        @param max_message_id_length: the longest message id accepted in
+            either direction (C{[ocpp] max_message_id_length}).
         """
         self.identity = identity
         self.version = version
@@ -272,6 +283,7 @@ class ChargerSession:
         # counters keep counting. None until the first one (memory).
         self._invalid_logged: Optional[set] = None
         self._stats = stats
+        self._max_id = max_message_id_length
 
     # -- introspection (admin, tests) -------------------------------------
 
@@ -381,10 +393,54 @@ class ChargerSession:
         if self._ended:
             return None
         try:
-            return framing.parse_frame(data, self.version)
+            return framing.parse_frame(data, self.version, self._max_id)
         except BadFrame as bad:
-            self._bad_frame(bad)
+            outstanding = self._outstanding
+            if (
+                outstanding is not None
+                and bad.message_id == outstanding.message_id
+                and bad.message_id != framing.UNKNOWN_MESSAGE_ID
+                and bad.message_type in (framing.CALLRESULT, framing.CALLERROR)
+            ):
+                self._malformed_answer(outstanding, bad, data)
+            else:
+                self._bad_frame(bad)
             return None
+
+    def _malformed_answer(self, outstanding: _OutstandingCall, bad: BadFrame,
+                          data: bytes) -> None:
+        """
+        A malformed CALLRESULT or CALLERROR that answers the outstanding
+        CALL: it is that CALL's answer (see the module docstring). Whatever
+        the version asks to send back for it (a 2.1 CALLRESULTERROR) is
+        still sent.
+        """
+        _log.info(
+            "Malformed answer from {identity} to {action} ({code}: {description}); "
+            "published as its answer, marked malformed",
+            identity=self.identity,
+            action=outstanding.action,
+            code=bad.code,
+            description=bad.description,
+        )
+        stats = self._stats
+        if stats is not None:
+            stats.frame_in(bad.message_type, outstanding.action)
+            stats.csms_call(
+                self._clock.seconds() - outstanding.sent_at, False, outstanding.action
+            )
+        if bad.reply is not None:
+            if stats is not None:
+                stats.frame_out(framing.CALLRESULTERROR, outstanding.action)
+            self._effects.send_to_charger(bad.reply)
+        kind = (
+            topology.KIND_ERROR
+            if bad.message_type == framing.CALLERROR
+            else topology.KIND_CONFIRMATION
+        )
+        self._finish_outstanding(
+            outstanding, kind, data, {topology.HEADER_MALFORMED: bad.description}
+        )
 
     def _bad_frame(self, bad: BadFrame) -> None:
         self._bad_frames += 1
@@ -552,7 +608,13 @@ class ChargerSession:
                 self._clock.seconds() - outstanding.sent_at, False, outstanding.action
             )
         if frame.message_type == framing.CALLERROR:
-            self._finish_outstanding(outstanding, topology.KIND_ERROR, data, None)
+            headers = None
+            if not framing.is_error_code(self.version, frame.error_code):
+                headers = {
+                    topology.HEADER_MALFORMED:
+                        f"the error code is not one {self.version.subprotocol} defines"
+                }
+            self._finish_outstanding(outstanding, topology.KIND_ERROR, data, headers)
             return
         headers = None
         if self._checker is not None:
@@ -623,7 +685,7 @@ class ChargerSession:
             self._effects.requeue(delivery)
             return
         try:
-            frame = framing.parse_frame(delivery.body, self.version)
+            frame = framing.parse_frame(delivery.body, self.version, self._max_id)
         except BadFrame as bad:
             self._effects.reject(
                 delivery, f"not an OCPP-J frame for {self.version.subprotocol}: "

@@ -3,15 +3,25 @@ TLS for the wss:// listener (OCPP security profiles 2 and 3).
 
 What a charger meets:
 
-- TLS 1.2 or 1.3; anything older ends in a handshake failure. OCPP 2.0.1
-  (part 2, A00.FR.318/319) requires the CSMS to offer
-  TLS_ECDHE_ECDSA_WITH_AES_128/256_GCM and TLS_RSA_WITH_AES_128/256_GCM;
-  those four are enabled, plus the ECDHE-RSA variants of the RSA ones
-  (forward secrecy for chargers with an RSA certificate that can do
-  ECDHE). The ECDSA suites need an ECDSA server certificate and the RSA
-  ones an RSA certificate, so two certificates can be configured side by
-  side (C{ssl.certfile} and C{ssl.alt_certfile}); OpenSSL picks the one that
+- TLS 1.2 or 1.3 by default (C{ssl.min_version}); anything older ends in a
+  handshake failure. OCPP 2.0.1 (part 2, A00.FR.318/319) requires the CSMS
+  to offer TLS_ECDHE_ECDSA_WITH_AES_128/256_GCM and
+  TLS_RSA_WITH_AES_128/256_GCM; those four are enabled by default
+  (C{ssl.ciphers}), plus the ECDHE-RSA variants of the RSA ones (forward
+  secrecy for chargers with an RSA certificate that can do ECDHE). The
+  ECDSA suites need an ECDSA server certificate and the RSA ones an RSA
+  certificate, so two certificates can be configured side by side
+  (C{ssl.certfile} and C{ssl.alt_certfile}); OpenSSL picks the one that
   fits the suite the charger chose.
+- Chargers whose TLS stack stops at TLS 1.0 or 1.1 (EVBox EV7) are served
+  only when C{ssl.min_version} says so, with suites C{ssl.ciphers} names:
+  OpenSSL 3 refuses those versions at its default security level (their
+  handshakes sign with SHA-1/MD5), so the level is lowered to 0 for such a
+  listener unless the cipher list sets one itself, and a warning at start
+  names the risk.
+- The whole chain in C{ssl.certfile} (server certificate, then the
+  intermediates) is sent: chargers usually trust only a root and cannot
+  fetch a missing intermediate.
 - Profile 3: the charger's certificate must chain to the configured CA
   bundle, be within its validity period and, when a CRL file is given, not
   be revoked. OpenSSL checks all of that during the handshake; which
@@ -41,18 +51,23 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ocppgw.config import TLS12_CIPHERS
+
 _log = Logger()
 
-#: OpenSSL names of the TLS 1.2 suites offered, strongest first. The four
-#: OCPP 2.0.1 requires, plus ECDHE-RSA (see the module docstring).
-CIPHERS_TLS12 = (
-    "ECDHE-ECDSA-AES256-GCM-SHA384",
-    "ECDHE-ECDSA-AES128-GCM-SHA256",
-    "ECDHE-RSA-AES256-GCM-SHA384",
-    "ECDHE-RSA-AES128-GCM-SHA256",
-    "AES256-GCM-SHA384",
-    "AES128-GCM-SHA256",
-)
+#: OpenSSL names of the TLS 1.2 suites offered by default, strongest first.
+#: The four OCPP 2.0.1 requires, plus ECDHE-RSA (see the module docstring).
+CIPHERS_TLS12 = TLS12_CIPHERS
+
+#: ssl.min_version -> OpenSSL's protocol version constant.
+_MIN_VERSIONS = {
+    "TLSv1": SSL.TLS1_VERSION,
+    "TLSv1.1": SSL.TLS1_1_VERSION,
+    "TLSv1.2": SSL.TLS1_2_VERSION,
+    "TLSv1.3": SSL.TLS1_3_VERSION,
+}
+#: Versions OpenSSL 3 refuses at security level 1 and above.
+_LEGACY_VERSIONS = frozenset({"TLSv1", "TLSv1.1"})
 
 
 class TLSConfigError(Exception):
@@ -91,6 +106,15 @@ class TLSFiles:
     crlfile: str = ""
     verify_peer: bool = False
     fail_if_no_peer_cert: bool = True
+    #: C{ssl.min_version}: the oldest TLS version accepted
+    min_version: str = "TLSv1.2"
+    #: C{ssl.ciphers}: the OpenSSL cipher list for TLS 1.2 and older
+    ciphers: str = ":".join(TLS12_CIPHERS)
+
+    @property
+    def legacy(self) -> bool:
+        """Whether TLS 1.0 or 1.1 is accepted."""
+        return self.min_version in _LEGACY_VERSIONS
 
     @classmethod
     def from_listener(cls, listener) -> "TLSFiles":
@@ -107,6 +131,8 @@ class TLSFiles:
             crlfile=listener.ssl_crlfile,
             verify_peer=verify == "verify_peer",
             fail_if_no_peer_cert=listener.ssl_fail_if_no_peer_cert,
+            min_version=listener.ssl_min_version,
+            ciphers=listener.ssl_ciphers,
         )
 
 
@@ -124,13 +150,21 @@ def build_context(files: TLSFiles) -> SSL.Context:
     """
     password = _password(files.password_file)
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_min_proto_version(_MIN_VERSIONS[files.min_version])
     context.set_options(
         SSL.OP_NO_COMPRESSION
         | SSL.OP_CIPHER_SERVER_PREFERENCE
         | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
     )
-    context.set_cipher_list(":".join(CIPHERS_TLS12).encode("ascii"))
+    ciphers = files.ciphers
+    if files.legacy and "@SECLEVEL" not in ciphers.upper():
+        # OpenSSL 3 accepts TLS 1.0/1.1 and SHA-1 handshake signatures
+        # only at security level 0.
+        ciphers += ":@SECLEVEL=0"
+    try:
+        context.set_cipher_list(ciphers.encode("ascii"))
+    except SSL.Error:
+        raise TLSConfigError(f"ssl.ciphers: OpenSSL knows no suite in {ciphers}") from None
     # OpenSSL keeps a read and a write buffer (~34 KB) per connection for
     # its whole life; an idle charger needs neither between its messages.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
@@ -217,6 +251,17 @@ class ServerTLS:
     def __init__(self, files: TLSFiles) -> None:
         self.files = files
         self._context = build_context(files)
+        if files.legacy:
+            _log.warn(
+                "ssl.min_version = {version}: chargers may connect with TLS 1.0/1.1 and the "
+                "suites of ssl.ciphers ({ciphers}). These versions are broken (BEAST, "
+                "SHA-1/MD5 handshake signatures, no AEAD suites): an attacker on the "
+                "charger's network may read or alter its traffic, Basic auth passwords "
+                "included. Keep such chargers on a network of their own, and raise "
+                "ssl.min_version once their firmware can do TLS 1.2.",
+                version=files.min_version,
+                ciphers=files.ciphers,
+            )
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         return SSL.Connection(self._context, None)

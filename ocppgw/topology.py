@@ -41,6 +41,12 @@ HEADER_NODE = "x-ocppgw-node"
 HEADER_TIMEOUT = "x-ocppgw-timeout"
 #: Set on the offline StatusNotification, which the gateway makes up.
 HEADER_SYNTHETIC = "x-ocppgw-synthetic"
+#: Set on a charger's answer to a CSMS CALL that breaks OCPP-J (error
+#: details that are not an object, extra elements, an error code its
+#: version does not define): the body is the charger's text as it came,
+#: published as that CALL's answer all the same; the value says what is
+#: wrong with it.
+HEADER_MALFORMED = "x-ocppgw-malformed"
 
 #: Set on a frame whose payload breaks its OCPP JSON schema (validation
 #: mode ``warn``), on the CALLERROR the gateway publishes in place of an

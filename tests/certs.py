@@ -1,7 +1,8 @@
 """
-A throw-away PKI for the TLS tests: a CA, server certificates (RSA and
-ECDSA), charger certificates (valid, expired, revoked, from another CA),
-a CRL, all written as PEM files into a directory.
+A throw-away PKI for the TLS tests: a CA (and intermediate CAs under it),
+server certificates (RSA and ECDSA), charger certificates (valid, expired,
+revoked, from another CA), a CRL, all written as PEM files into a
+directory.
 """
 
 from __future__ import annotations
@@ -43,15 +44,20 @@ class ThrowAwayPKI:
     Certificates made on demand under C{directory}.
     """
 
-    def __init__(self, directory: str, name: str = "Test CA") -> None:
+    def __init__(self, directory: str, name: str = "Test CA",
+                 parent: "ThrowAwayPKI | None" = None) -> None:
+        """
+        @param parent: the CA that signs this one (an intermediate CA), or
+            C{None} for a self-signed root.
+        """
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.ca_key = _key("ec")
         subject = _name(name, "ocppgw tests")
-        self.ca = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
-            .issuer_name(subject)
+            .issuer_name(parent.ca.subject if parent else subject)
             .public_key(self.ca_key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(_NOW - datetime.timedelta(days=1))
@@ -65,10 +71,19 @@ class ThrowAwayPKI:
                 x509.SubjectKeyIdentifier.from_public_key(self.ca_key.public_key()),
                 critical=False,
             )
-            .sign(self.ca_key, hashes.SHA256())
         )
+        if parent is not None:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.ca_key.public_key()),
+                critical=False,
+            )
+        self.ca = builder.sign(parent.ca_key if parent else self.ca_key, hashes.SHA256())
         self.cafile = self._write(f"ca-{id(self)}.pem", self._pem(self.ca))
         self.revoked: list[x509.Certificate] = []
+
+    def intermediate(self, name: str = "Test Intermediate CA") -> "ThrowAwayPKI":
+        """A CA this one signs, issuing certificates of its own."""
+        return ThrowAwayPKI(self.directory, name, parent=self)
 
     @staticmethod
     def _pem(certificate) -> bytes:

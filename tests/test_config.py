@@ -33,6 +33,7 @@ tcp.port = 29520
 ws_path = /csms/ocpp
 vhost = /
 subprotocols = ocpp2.1,ocpp2.0.1 ocpp1.6
+default_subprotocol = ocpp1.6
 max_connections = 5000
 max_identity_length = 20
 accept_rate = 250.5
@@ -47,6 +48,9 @@ ssl.enabled = true
 ssl.ip = ::
 ssl.port = 29521
 ssl.profile = 3
+ssl.default_subprotocol = ocpp2.0.1
+ssl.min_version = TLSv1
+ssl.ciphers = DEFAULT:@SECLEVEL=0
 ssl.certfile = {A_FILE}
 ssl.keyfile = {A_FILE}
 ssl.password_file = {A_FILE}
@@ -67,6 +71,7 @@ allow_anonymous = yes
 [websocket]
 ws_opts.max_frame_size = 65536
 ws_opts.idle_timeout = 0
+ws_opts.compress = true
 ping_timeout = 2.5
 handshake_timeout = 4
 close_timeout = 0.5
@@ -102,6 +107,7 @@ x-single-active-consumer = true
 
 [ocpp]
 call_timeout = 12.5
+max_message_id_length = 255
 offline_status = no
 presence_events = off
 
@@ -169,6 +175,7 @@ class DefaultsTests(SynchronousTestCase):
                 ws_path="/ocpp",
                 vhost="",
                 subprotocols=("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1"),
+                default_subprotocol="",
                 max_connections=100000,
                 max_identity_length=48,
                 accept_rate=0.0,
@@ -183,6 +190,11 @@ class DefaultsTests(SynchronousTestCase):
                 ssl_ip="127.0.0.1",
                 ssl_port=19521,
                 ssl_profile=2,
+                ssl_default_subprotocol="",
+                ssl_min_version="TLSv1.2",
+                ssl_ciphers="ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:"
+                "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:"
+                "AES256-GCM-SHA384:AES128-GCM-SHA256",
                 ssl_certfile="",
                 ssl_keyfile="",
                 ssl_password_file="",
@@ -206,6 +218,7 @@ class DefaultsTests(SynchronousTestCase):
             config.WebSocketSettings(
                 ws_opts_max_frame_size=1048576,
                 ws_opts_idle_timeout=60.0,
+                ws_opts_compress=False,
                 ping_timeout=30.0,
                 handshake_timeout=30.0,
                 close_timeout=5.0,
@@ -249,7 +262,10 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(
             settings.ocpp,
             config.OcppSettings(
-                call_timeout=30.0, offline_status=True, presence_events=True
+                call_timeout=30.0,
+                max_message_id_length=36,
+                offline_status=True,
+                presence_events=True,
             ),
         )
         self.assertEqual(
@@ -313,6 +329,7 @@ class EveryKeyTests(SynchronousTestCase):
                 ws_path="/csms/ocpp",
                 vhost="/",
                 subprotocols=("ocpp2.1", "ocpp2.0.1", "ocpp1.6"),
+                default_subprotocol="ocpp1.6",
                 max_connections=5000,
                 max_identity_length=20,
                 accept_rate=250.5,
@@ -327,6 +344,9 @@ class EveryKeyTests(SynchronousTestCase):
                 ssl_ip="::",
                 ssl_port=29521,
                 ssl_profile=3,
+                ssl_default_subprotocol="ocpp2.0.1",
+                ssl_min_version="TLSv1",
+                ssl_ciphers="DEFAULT:@SECLEVEL=0",
                 ssl_certfile=A_FILE,
                 ssl_keyfile=A_FILE,
                 ssl_password_file=A_FILE,
@@ -363,6 +383,7 @@ class EveryKeyTests(SynchronousTestCase):
             config.WebSocketSettings(
                 ws_opts_max_frame_size=65536,
                 ws_opts_idle_timeout=0.0,
+                ws_opts_compress=True,
                 ping_timeout=2.5,
                 handshake_timeout=4.0,
                 close_timeout=0.5,
@@ -406,7 +427,10 @@ class EveryKeyTests(SynchronousTestCase):
         self.assertEqual(
             settings.ocpp,
             config.OcppSettings(
-                call_timeout=12.5, offline_status=False, presence_events=False
+                call_timeout=12.5,
+                max_message_id_length=255,
+                offline_status=False,
+                presence_events=False,
             ),
         )
         self.assertEqual(
@@ -663,6 +687,57 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
             "[listener]\nsubprotocols = ocpp2.1 ocpp2.1\n",
             "listener.subprotocols: ocpp2.1 is listed twice",
         )
+
+    def test_defaultSubprotocolMustBeEnabled(self) -> None:
+        """
+        The version a charger without a subprotocol is served as must be
+        one the listener offers, on either listener.
+        """
+        self.assertParseRefused(
+            "[listener]\nsubprotocols = ocpp2.0.1\ndefault_subprotocol = ocpp1.6\n"
+            "ssl.default_subprotocol = ocpp2.1\n",
+            "listener.default_subprotocol: ocpp1.6 is not one of listener.subprotocols",
+            "listener.ssl.default_subprotocol: ocpp2.1 is not one of listener.subprotocols",
+        )
+        self.assertParseRefused(
+            "[listener]\ndefault_subprotocol = OCPP1.6\n",
+            "listener.default_subprotocol: OCPP1.6 is not empty or one of ocpp1.6, ocpp2.0, "
+            "ocpp2.0.1, ocpp2.1",
+        )
+
+    def test_legacyTlsNeedsOldSuites(self) -> None:
+        """
+        TLS 1.0/1.1 with the default (TLS 1.2-only) suites would change
+        nothing: refused, naming what to set.
+        """
+        self.assertParseRefused(
+            "[listener]\nssl.min_version = TLSv1\n",
+            "listener.ssl.ciphers: the default suites need TLS 1.2, so ssl.min_version = "
+            "TLSv1 would change nothing; name suites that old chargers have (for example "
+            "DEFAULT, or ECDHE-RSA-AES128-SHA:AES128-SHA)",
+        )
+        settings = config.parse("[listener]\nssl.min_version = TLSv1.1\nssl.ciphers = DEFAULT\n")
+        self.assertEqual(settings.listener.ssl_min_version, "TLSv1.1")
+        self.assertParseRefused(
+            "[listener]\nssl.min_version = SSLv3\n",
+            "listener.ssl.min_version: SSLv3 is not one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3",
+        )
+
+    def test_badCiphers(self) -> None:
+        for text in ["", "AES128-SHA\tRC4", "AES\u00e9"]:
+            self.assertRefused(
+                {"listener": {"ssl.ciphers": text}},
+                f"listener.ssl.ciphers: {config._show(text.strip())} is not an OpenSSL cipher "
+                "list such as ECDHE-RSA-AES128-GCM-SHA256:DEFAULT",
+            )
+
+    def test_messageIdLength(self) -> None:
+        """From the specs' 36 up to the 255 of an AMQP short string."""
+        for value in ("35", "256"):
+            self.assertParseRefused(
+                f"[ocpp]\nmax_message_id_length = {value}\n",
+                f"ocpp.max_message_id_length: {value} is not an integer from 36 to 255",
+            )
 
     def test_badHost(self) -> None:
         for host in ["10.0.0.300", "[::1]", "-gw", "a b", "gw_1"]:

@@ -163,6 +163,20 @@ class ErrorCodeTests(SynchronousTestCase):
         """
         self.assertEqual({error_code(OCPP16, k) for k in K}, self.OCPP16_TABLE)
 
+    def test_is_error_code(self) -> None:
+        """
+        L{framing.is_error_code} knows each version's table, spelled as
+        that version spells it.
+        """
+        for code in self.OCPP16_TABLE:
+            self.assertTrue(framing.is_error_code(OCPP16, code), code)
+        for version in (OCPP20, OCPP201, OCPP21):
+            for code in self.OCPP2.values():
+                self.assertTrue(framing.is_error_code(version, code), code)
+            self.assertFalse(framing.is_error_code(version, "FormationViolation"))
+        for code in ("FormatViolation", "RpcFrameworkError", "Rejected", "", "genericerror"):
+            self.assertFalse(framing.is_error_code(OCPP16, code), code)
+
 
 class ParseValidTests(SynchronousTestCase):
     """
@@ -469,6 +483,47 @@ class MalformedIdTests(RefusalTestCase):
     def test_id_missing(self) -> None:
         for version in ALL_VERSIONS:
             self.assertRefused(b"[2]", version, K.RPC_FRAMEWORK_ERROR, "-1", CALLERROR)
+
+
+class LongIdTests(RefusalTestCase):
+    """
+    C{max_id_length} raises the 36-character limit, up to what fits an
+    AMQP correlation_id (255 bytes of UTF-8).
+    """
+
+    def test_accepted_up_to_the_limit(self) -> None:
+        for message_id in ("a" * 37, "a" * 255, "\u00e9" * 127, "\U0001f600" * 63):
+            frame = parse_frame(dumps([2, message_id, "Heartbeat", {}]), OCPP16, 255)
+            self.assertEqual(frame.message_id, message_id)
+            frame = parse_frame(dumps([3, message_id, {}]), OCPP201, 255)
+            self.assertEqual(frame.message_id, message_id)
+            frame = parse_frame(dumps([4, message_id, "GenericError", "", {}]), OCPP21, 255)
+            self.assertEqual(frame.message_id, message_id)
+        frame = parse_frame(dumps([2, "a" * 100, "Heartbeat", {}]), OCPP16, 100)
+        self.assertEqual(len(frame.message_id), 100)
+
+    def test_refused_over_the_limit(self) -> None:
+        """
+        Over the limit in characters, or in the bytes of a correlation_id:
+        unreadable, like any bad id; the description names the limit.
+        """
+        for message_id, limit in (("a" * 101, 100), ("a" * 256, 255),
+                                  ("\u00e9" * 128, 255), ("\U0001f600" * 64, 255)):
+            bad = self.assertRaises(
+                BadFrame, parse_frame, dumps([2, message_id, "Heartbeat", {}]), OCPP16, limit)
+            self.assertEqual(bad.message_id, "-1")
+            self.assertIn(f"1 to {limit} characters", bad.description)
+            bad = self.assertRaises(
+                BadFrame, parse_frame, dumps([3, message_id, {}, 1]), OCPP16, limit)
+            self.assertEqual(bad.message_id, "-1")
+
+    def test_readable_id_uses_the_limit(self) -> None:
+        """A broken frame with a long id is answered with that id."""
+        message_id = "a" * 100
+        bad = self.assertRaises(
+            BadFrame, parse_frame, dumps([2, message_id, "Heartbeat", []]), OCPP16, 255)
+        self.assertEqual(bad.message_id, message_id)
+        self.assertEqual(orjson.loads(bad.reply)[1], message_id)
 
 
 class MalformedCallTests(RefusalTestCase):

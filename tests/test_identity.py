@@ -153,8 +153,26 @@ class RefuseTests(SynchronousTestCase):
             self.assertBad(path, "does not start with /ocpp/")
 
     def test_trailing_slash(self) -> None:
-        self.assertBad("/ocpp/CP1/", "ends with '/'")
-        self.assertBad("/ocpp/%2F/CP1/", "ends with '/'", vhost="/")
+        """
+        One trailing C{/} is a firmware quirk: the identity before it.
+        """
+        self.assertEqual(identity_from_path("/ocpp/CP1/"), "CP1")
+        self.assertEqual(identity_from_path("/ocpp/CP1/?x=y"), "CP1")
+        self.assertEqual(identity_from_path("/ocpp/RDAM%20123/"), "RDAM 123")
+        self.assertEqual(identity_from_path("/ocpp/%2F/CP1/", vhost="/"), "CP1")
+
+    def test_trailing_slash_keeps_the_rules(self) -> None:
+        """
+        The segment before a trailing C{/} is checked like any identity,
+        and two slashes are not one.
+        """
+        self.assertBad("/ocpp/CP1//", "ends with '//'")
+        self.assertBad("/ocpp/*/", "wildcard")
+        self.assertBad("/ocpp/%23/", "'#'")
+        self.assertBad("/ocpp/a.b/", "'.'")
+        self.assertBad("/ocpp/a/CP1/", "only segment")
+        self.assertBad("/ocpp//", "empty")
+        self.assertBad("/ocpp/CP1%2F", "'/'")
 
     def test_extra_segments(self) -> None:
         self.assertBad("/ocpp/a/CP1", "only segment")

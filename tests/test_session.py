@@ -369,3 +369,123 @@ class Ocpp21Tests(SessionTestsMixin, SynchronousTestCase):
         self.session.delivery(Delivery(1, frame(6, "s1", "Foo", {})))
         self.assertEqual(self.effects.sent, [[6, "s1", "Foo", {}]])
         self.assertEqual(self.effects.acked, [1])
+
+
+class MalformedAnswerTests(SessionTestsMixin, SynchronousTestCase):
+    """
+    A malformed CALLRESULT/CALLERROR whose id is the outstanding CSMS
+    CALL's is that CALL's answer: published at once as sent, marked, the
+    command acked once confirmed and the next one sent, no bad frame
+    counted (max_bad_frames is 3 here).
+    """
+
+    def deliver(self, tag, *elements):
+        self.session.delivery(Delivery(tag, frame(*elements), "reply-here", f"corr-{tag}"))
+
+    def test_details_not_an_object(self):
+        self.deliver(1, 2, "c1", "GetCompositeSchedule", {"connectorId": 1, "duration": 60})
+        self.deliver(2, 2, "c2", "Reset", {"type": "Soft"})
+        data = b'[4,"c1","NotImplemented","not implemented","GetCompositeSchedule"]'
+        self.session.charger_frame(data)
+        [p] = self.effects.published
+        self.assertEqual(p["routing_key"], "ocpp16.GetCompositeSchedule.error")
+        self.assertIs(p["body"], data)
+        self.assertEqual(p["correlation_id"], "c1")
+        self.assertEqual(p["extra_headers"],
+                         {"x-ocppgw-malformed": "the error details must be a JSON object"})
+        [reply] = self.effects.replies
+        self.assertEqual((reply["reply_to"], reply["body"]), ("reply-here", data))
+        # nothing goes back to the charger for an error, the next CALL does
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1", "c2"])
+        self.assertEqual(self.session.outstanding_call, ("c2", "Reset"))
+        p["on_outcome"](PublishOutcome.CONFIRMED)
+        reply["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(self.effects.acked, [1])
+
+    def test_not_counted_as_bad_frames(self):
+        for n, data in enumerate((
+            b'[3,"c%d",{"status":"Accepted"},"extra"]',
+            b'[4,"c%d","GenericError","x",{},{}]',
+            b'[4,"c%d",7,"x",{}]',
+            b'[3,"c%d",[]]',
+        )):
+            self.deliver(n, 2, f"c{n}", "Reset", {"type": "Soft"})
+            self.session.charger_frame(data % n)
+        self.assertEqual(self.effects.closed, [])
+        self.assertEqual(
+            [p["routing_key"] for p in self.effects.published],
+            ["ocpp16.Reset.conf", "ocpp16.Reset.error", "ocpp16.Reset.error",
+             "ocpp16.Reset.conf"],
+        )
+        for p in self.effects.published:
+            self.assertIn("x-ocppgw-malformed", p["extra_headers"])
+
+    def test_other_id_is_a_bad_frame(self):
+        """A malformed frame that answers nothing keeps today's rules."""
+        self.deliver(1, 2, "c1", "Reset", {"type": "Soft"})
+        for _ in range(3):
+            self.session.charger_frame(b'[4,"other","NotImplemented","no","Reset"]')
+        self.assertEqual(self.effects.published, [])
+        self.assertEqual(self.effects.closed, [1002])
+        # still unanswered: handed back to be requeued when the session ends
+        self.assertEqual([d.tag for d in self.session.end()], [1])
+
+    def test_unreadable_id_never_matches(self):
+        """
+        An id that cannot be read is reported as "-1": that is no answer,
+        even to a CSMS CALL whose id is "-1".
+        """
+        self.deliver(1, 2, "-1", "Reset", {"type": "Soft"})
+        self.session.charger_frame(b'[4,42,"NotImplemented","no",{}]')
+        self.assertEqual(self.effects.published, [])
+        self.assertEqual(self.session.outstanding_call, ("-1", "Reset"))
+
+    def test_unknown_error_code_marked(self):
+        self.deliver(1, 2, "c1", "UnlockConnector", {"connectorId": 1})
+        self.session.charger_frame(frame(4, "c1", "FormatViolation", "", {}))
+        [p] = self.effects.published
+        self.assertEqual(p["routing_key"], "ocpp16.UnlockConnector.error")
+        self.assertEqual(p["extra_headers"],
+                         {"x-ocppgw-malformed": "the error code is not one ocpp1.6 defines"})
+
+    def test_known_error_code_not_marked(self):
+        self.deliver(1, 2, "c1", "UnlockConnector", {"connectorId": 1})
+        self.session.charger_frame(frame(4, "c1", "FormationViolation", "", {}))
+        self.assertIsNone(self.effects.published[0]["extra_headers"])
+
+    def test_ocpp21_call_result_refused_and_passed_on(self):
+        """2.1 answers a broken CALLRESULT with a CALLRESULTERROR; it is passed on too."""
+        self.session = ChargerSession("CP 1", OCPP21, self.effects, self.clock, max_bad_frames=1)
+        self.deliver(1, 2, "c1", "Reset", {"type": "Immediate"})
+        self.session.charger_frame(b'[3,"c1","Accepted"]')
+        self.assertEqual(self.effects.sent[-1][:3], [5, "c1", "FormatViolation"])
+        [p] = self.effects.published
+        self.assertEqual(p["routing_key"], "ocpp21.Reset.conf")
+        self.assertEqual(p["extra_headers"],
+                         {"x-ocppgw-malformed": "the payload must be a JSON object"})
+        self.assertEqual(self.effects.closed, [])
+
+
+class LongMessageIdTests(SessionTestsMixin, SynchronousTestCase):
+    """max_message_id_length applies to the charger's frames and the back end's."""
+
+    def setUp(self):
+        super().setUp()
+        self.session = ChargerSession(
+            "CP 1", self.version, self.effects, self.clock, max_message_id_length=100)
+
+    def test_both_directions(self):
+        charger_id, csms_id = "m" * 100, "c" * 100
+        self.session.charger_frame(frame(2, charger_id, "Heartbeat", {}))
+        self.assertEqual(self.effects.published[0]["correlation_id"], charger_id)
+        self.session.delivery(Delivery(1, frame(3, charger_id, {"currentTime": "x"})))
+        self.session.delivery(Delivery(2, frame(2, csms_id, "Reset", {"type": "Soft"})))
+        self.assertEqual([f[1] for f in self.effects.sent], [charger_id, csms_id])
+        self.assertEqual(self.effects.acked, [1])
+
+    def test_longer_refused(self):
+        self.session.charger_frame(frame(2, "m" * 101, "Heartbeat", {}))
+        self.assertEqual(self.effects.published, [])
+        self.assertEqual(self.effects.sent[0][:2], [4, "-1"])
+        self.session.delivery(Delivery(1, frame(2, "c" * 101, "Reset", {"type": "Soft"})))
+        self.assertEqual([tag for tag, _ in self.effects.rejected], [1])
