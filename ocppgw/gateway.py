@@ -186,11 +186,10 @@ class ChargerLink:
     def _goto(self, new: ChargerState) -> None:
         check_transition(CHARGER_TRANSITIONS, self.state, new, f"charger {self.identity!r}")
         self.state = new
-        awaiting = self.gateway.awaiting_broker
         if new in _AWAITING_BROKER:
-            awaiting.add(self)
+            self.gateway.awaiting_broker.add(self)
         else:
-            awaiting.discard(self)
+            self.gateway._no_longer_awaiting(self)
 
     # -- SessionEffects ------------------------------------------------------
 
@@ -510,6 +509,7 @@ class Gateway:
         #: fires once the last re-binding after the exchange was declared
         #: again (see _topology_restored) is done; None before any
         self.rebinding: Optional[defer.Deferred] = None
+        self._restored_waiters: list[defer.Deferred] = []
         # identity -> the edge whose handshake most recently claimed it
         self._claims: dict[str, ChargerProtocol] = {}
         self._accepting = True
@@ -525,6 +525,28 @@ class Gateway:
         bridge.add_flow_observer(self._flow)
         bridge.add_control_handler(self._control)
         bridge.add_topology_observer(self._topology_restored)
+
+    def consumers_restored(self) -> defer.Deferred:
+        """
+        Fires once no connected charger waits for its consumer to come
+        back after a broker loss (at once if none does): what /readyz's
+        C{consumers} check waits for.
+        """
+        if not self.awaiting_broker:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._restored_waiters.append(d)
+        return d
+
+    def _no_longer_awaiting(self, link: "ChargerLink") -> None:
+        awaiting = self.awaiting_broker
+        if link not in awaiting:
+            return
+        awaiting.discard(link)
+        if not awaiting and self._restored_waiters:
+            waiters, self._restored_waiters = self._restored_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     # -- ChargerHub --------------------------------------------------------------
 
