@@ -24,7 +24,8 @@ Exit statuses of call, check-config and chargers:
 - 2: bad command line;
 - 3: C{call}: no answer within C{--timeout};
 - 4: no such charger (C{call}: it has no queue, so it never connected or its
-  queue expired; C{chargers IDENTITY}: not connected);
+  queue expired, or its queue is not bound to the exchange, so the broker
+  returned the command unroutable; C{chargers IDENTITY}: not connected);
 - 5: the broker or the admin listener could not be reached.
 
 Where a broker or an admin listener is needed, C{--config} reads them from
@@ -243,6 +244,7 @@ def run_call(options: argparse.Namespace) -> int:
 
 
 def _call(reactor, url: str, exchange: str, identity: str, frame: list, timeout: float):
+    import pika.exceptions
     from twisted.internet import defer
 
     from ocppgw import topology
@@ -264,8 +266,22 @@ def _call(reactor, url: str, exchange: str, identity: str, frame: list, timeout:
                     EXIT_NO_CHARGER,
                 )
             try:
+                # mandatory, with the channel's publisher confirms: a queue
+                # that exists but is not bound to the exchange (a wrong
+                # exchange, a binding removed by hand) gets the command
+                # returned at once instead of dropped, which would leave us
+                # waiting for the timeout
                 answer = yield client.call(
-                    identity, json.dumps(frame).encode("utf-8"), timeout=timeout
+                    identity, json.dumps(frame).encode("utf-8"), timeout=timeout,
+                    mandatory=True,
+                )
+            except pika.exceptions.UnroutableError:
+                return _fail(
+                    f"the broker returned the command unroutable: queue "
+                    f"{topology.charger_queue(identity)!r} exists but is not bound to exchange "
+                    f"{exchange!r} with key {identity!r} (another exchange? [amqp] exchange "
+                    f"or --exchange)",
+                    EXIT_NO_CHARGER,
                 )
             except defer.TimeoutError:
                 return _fail(f"no answer from {identity!r} within {timeout:g} s", EXIT_TIMEOUT)

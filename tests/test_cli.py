@@ -15,8 +15,8 @@ from twisted.internet import defer, reactor, utils
 from twisted.trial import unittest
 
 from ocppgw import cli
-from ocppgw.testing import amqp_url
-from tests.support import GatewayTestCase
+from ocppgw.testing import amqp_url, unique_name
+from tests.support import GatewayTestCase, delete_exchange
 from tests.test_service import REPO
 
 BAD_CONFIG = "[listener]\ntcp.port = 70000\n"
@@ -73,6 +73,33 @@ class CallTests(GatewayTestCase):
         self.assertEqual(status, cli.EXIT_TIMEOUT, err)
         self.assertEqual(out, b"")
         self.assertIn(b"no answer from", err)
+
+    @defer.inlineCallbacks
+    def test_unbound_queue_is_refused_at_once(self):
+        """
+        The charger's queue exists but is not bound to the exchange: the
+        command is published mandatory, the broker returns it, and the
+        command line says so with status 4 at once. Waiting for the answer
+        (600 s) would outlast this test's own timeout.
+        """
+        identity = self.identity()
+        # the charger's queue is bound to the gateway's exchange only; the
+        # command goes to another one (a wrong [amqp] exchange or
+        # --exchange), where nothing is bound
+        yield self.backend.client.declare_queue(
+            "ocpp." + identity, [identity], auto_delete=False
+        )
+        other = unique_name("ocpp-test-other")
+        self.addCleanup(delete_exchange, other)
+        out, err, status = yield run_cli(
+            "call", identity, "Reset", "{}", "--timeout", "600",
+            "--url", amqp_url(), "--exchange", other,
+        )
+        self.assertEqual(status, cli.EXIT_NO_CHARGER, err)
+        self.assertEqual(out, b"")
+        self.assertIn(
+            f"queue 'ocpp.{identity}' exists but is not bound to exchange '{other}'".encode(), err
+        )
 
     @defer.inlineCallbacks
     def test_unknown_charger(self):
