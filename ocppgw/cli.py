@@ -316,10 +316,16 @@ def _check_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_check_config(options: argparse.Namespace) -> int:
+    """
+    The one configuration check: what C{twistd ocppgw} and C{ocppgw run}
+    would refuse at start, each problem as C{FILE: section.key: reason}.
+    """
+    from ocppgw.tap import read_settings
+
     try:
-        _config.load(options.file)
+        read_settings(options.file)
     except _config.ConfigError as error:
-        print(error, file=sys.stderr)
+        print(error.located(options.file), file=sys.stderr)
         return EXIT_ERROR
     print(f"{options.file}: ok")
     return EXIT_OK

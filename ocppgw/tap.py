@@ -4,9 +4,11 @@ C{twistd ocppgw}: command-line options and the service maker.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.python import usage
 
-from ocppgw.config import ConfigError, load
+from ocppgw.config import ConfigError, Settings, defaults, load
 
 
 class Options(usage.Options):
@@ -27,26 +29,35 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        from ocppgw.config import defaults
-
         try:
-            self["settings"] = load(self["config"]) if self["config"] else defaults()
+            self["settings"] = settings = read_settings(self["config"])
         except ConfigError as error:
-            # usage.UsageError makes twistd print the message and exit 1.
-            raise usage.UsageError(str(error)) from None
-        listener = self["settings"].listener
-        if listener.workers > 1 and (
-            (listener.tcp_enabled and listener.tcp_port == 0)
-            or (listener.ssl_enabled and listener.ssl_port == 0)
-        ):
-            raise usage.UsageError(
-                "listener.workers: several workers need fixed listener ports, not 0"
-            )
+            # Not a usage.UsageError: twistd would print its whole usage
+            # text first and bury the problem. SystemExit prints only the
+            # problems, each naming the file, and ends with status 1.
+            raise SystemExit(error.located(self["config"] or "<defaults>")) from None
         from ocppgw.logs import install_for_twistd
 
         # twistd reads its parent options' "logger" after this, before it
         # starts logging: the configuration file picks format and level.
-        install_for_twistd(self["settings"].log, getattr(self, "parent", None))
+        install_for_twistd(settings.log, getattr(self, "parent", None))
+
+
+def read_settings(path: Optional[str]) -> Settings:
+    """
+    The settings of the INI file at C{path} (the defaults without one),
+    with the checks that only apply to a process C{twistd ocppgw} starts.
+
+    @raise ConfigError: naming each problem's C{section.key}.
+    """
+    settings = load(path) if path else defaults()
+    listener = settings.listener
+    if listener.workers > 1 and (
+        (listener.tcp_enabled and listener.tcp_port == 0)
+        or (listener.ssl_enabled and listener.ssl_port == 0)
+    ):
+        raise ConfigError("listener.workers: several workers need fixed listener ports, not 0")
+    return settings
 
 
 def makeService(options: Options):

@@ -193,13 +193,30 @@ class InProcessTests(unittest.SynchronousTestCase):
         self.assertEqual((status, out), (0, f"{path}: ok\n"))
 
     def test_check_config_problems(self):
+        """Every problem, each as FILE: section.key: reason."""
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(BAD_CONFIG + "[amqp]\nexchnage = x\n")
+        status, out, err = self.run_main("check-config", path)
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(
+            err.splitlines(),
+            [
+                f"{path}: listener.tcp.port: 70000 is not a port (1-65535, or 0 for any free port)",
+                f"{path}: amqp.exchnage: unknown key (did you mean exchange?)",
+            ],
+        )
+
+    def test_check_config_what_start_refuses(self):
+        """The checks twistd ocppgw makes beyond the file's own keys too."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[listener]\nworkers = 2\ntcp.port = 0\n")
         status, _, err = self.run_main("check-config", path)
         self.assertEqual(status, 1)
-        self.assertIn("listener.tcp.port: 70000 is not a port", err)
-        self.assertIn("amqp.exchnage: unknown key", err)
+        self.assertEqual(
+            err, f"{path}: listener.workers: several workers need fixed listener ports, not 0\n"
+        )
 
     def test_help_everywhere(self):
         status, out, _ = self.run_main("--help")

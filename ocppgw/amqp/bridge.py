@@ -220,13 +220,16 @@ class AmqpBridge:
                     raise
                 continue
             return
-        if len(errors) == 1:
-            raise errors[0]
+        # Each reason names the setting and the URL (password masked), so
+        # that an operator knows which line of the file to look at.
         reasons = []
-        for url, error in zip(self._urls, errors):
-            text = str(error)
+        for index, (url, error) in enumerate(zip(self._urls, errors)):
+            key = "[amqp] url" if index == 0 else "[amqp] failover_urls"
+            text = str(error) or error.__class__.__name__
             shown = mask_url(url)
-            reasons.append(text if shown in text else f"{shown}: {text}")
+            reasons.append(f"{key}: {text}" if shown in text else f"{key} {shown}: {text}")
+        if len(reasons) == 1:
+            raise BrokerUnavailable(reasons[0]) from errors[0]
         raise BrokerUnavailable("no broker could be reached: " + "; ".join(reasons))
 
     def _parameters(self) -> pika.URLParameters:
