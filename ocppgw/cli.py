@@ -6,6 +6,9 @@ arguments and sets C{run} to the function doing the work; L{main} only
 dispatches. Adding a subcommand is one such function and one line in
 L{SUBCOMMANDS}.
 
+- C{ocppgw run [--config FILE]}: run the gateway in the foreground, the
+  same service with the same options and signals as C{twistd -n ocppgw}
+  (see L{ocppgw.tap.run_foreground}), in every install mode.
 - C{ocppgw passwd FILE IDENTITY}: add or change a charger's password in a
   password file (C{[auth] password_file}); C{--delete} removes it. The
   running gateway picks the change up by itself.
@@ -198,6 +201,34 @@ def _run_reactor(main) -> int:
     reactor.callWhenRunning(start)
     reactor.run()
     return outcome.get("status", EXIT_UNREACHABLE)
+
+
+# -- run ----------------------------------------------------------------------
+
+
+def run_run(options: argparse.Namespace) -> int:
+    from ocppgw.tap import run_foreground
+
+    return run_foreground(options.config, options.worker)
+
+
+def add_run(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the gateway in the foreground (as `twistd -n ocppgw`)",
+        description="Run the gateway in the foreground: the service `twistd --nodaemon "
+        "--pidfile= ocppgw` runs, with the same options, logging and signals (SIGTERM "
+        "or Ctrl-C: drain and stop, then exit 0; SIGHUP: reload certificates and "
+        "credentials). It needs no Twisted plugin discovery, so it works in every "
+        "install mode.",
+    )
+    parser.add_argument(
+        "--config", "-c", metavar="FILE",
+        help="the INI configuration file (defaults apply without one)",
+    )
+    # a [listener] workers supervisor starts its workers with this
+    parser.add_argument("--worker", metavar="N", help=argparse.SUPPRESS)
+    parser.set_defaults(run=run_run)
 
 
 # -- call ---------------------------------------------------------------------
@@ -421,6 +452,7 @@ def add_chargers(subparsers) -> None:
 
 #: Every subcommand, in the order `ocppgw --help` lists them.
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_run,
     add_passwd,
     add_call,
     add_check_config,
@@ -429,7 +461,11 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="ocppgw", description="ocppgw tools (the gateway itself runs as `twistd ocppgw`).")
+    parser = argparse.ArgumentParser(
+        prog="ocppgw",
+        description="ocppgw: run the gateway (`ocppgw run`, or `twistd ocppgw`) and the "
+        "operator's tools.",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)

@@ -1,11 +1,23 @@
 """
-C{twistd ocppgw}: command-line options and the service maker.
+C{twistd ocppgw}: command-line options and the service maker, and
+C{ocppgw run}, which runs the same service with twistd's own runner.
+
+twistd finds the gateway through Twisted's plugin discovery: it scans
+C{twisted/plugins/} on C{sys.path}. That directory is there for a regular
+install and for a checkout on C{sys.path}, but not for every install mode
+(a default editable install, a zipapp). C{ocppgw run} hands twistd's
+runner the service maker directly instead, so the same options, logging,
+signal handling (SIGTERM drains, SIGINT too, SIGHUP reloads) and exit on
+a failed start apply without discovery. Reusing the runner rather than
+writing daemon plumbing of our own keeps the two ways of starting the
+gateway from drifting apart.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+from twisted.application.service import ServiceMaker
 from twisted.python import usage
 
 from ocppgw.config import ConfigError, Settings, defaults, load
@@ -58,6 +70,51 @@ def read_settings(path: Optional[str]) -> Settings:
     ):
         raise ConfigError("listener.workers: several workers need fixed listener ports, not 0")
     return settings
+
+
+#: What twistd runs as C{twistd ocppgw}; the plugin module
+#: (C{twisted/plugins/ocppgw_plugin.py}) exposes this object, and
+#: L{run_foreground} hands it to twistd's runner directly.
+serviceMaker = ServiceMaker(
+    "ocppgw",
+    __name__,
+    "OCPP-J gateway between charge stations and RabbitMQ",
+    "ocppgw",
+)
+
+
+def run_foreground(config: Optional[str] = None, worker: Optional[str] = None) -> int:
+    """
+    Run the gateway in the foreground, as C{twistd --nodaemon --pidfile=
+    ocppgw} would, without needing Twisted's plugin discovery.
+
+    @param config: the INI file (the defaults without one).
+    @param worker: internal: the worker number, for a C{[listener] workers}
+        group's supervisor.
+    @return: 0 once the gateway has stopped (after a SIGTERM or SIGINT, its
+        drain). twistd itself ends by re-raising the signal it stopped
+        for; a foreground command that was asked to stop and drained has
+        done its job, so it says so with 0. A configuration error ends
+        the process with status 1 (C{SystemExit}), and so does a failed
+        start (L{ocppgw.service.GatewayService}).
+    """
+    # twistd's own option parser and runner (the classes `twistd` uses on
+    # POSIX; the gateway needs POSIX signals anyway).
+    from twisted.scripts._twistd_unix import ServerOptions, UnixApplicationRunner
+
+    class _ServerOptions(ServerOptions):
+        # the one plugin, without scanning sys.path for twisted/plugins/
+        _getPlugins = staticmethod(lambda interface: [serviceMaker])
+
+    argv = ["--nodaemon", "--pidfile=", serviceMaker.tapname]
+    if config:
+        argv += ["--config", config]
+    if worker:
+        argv += ["--worker", worker]
+    options = _ServerOptions()
+    options.parseOptions(argv)
+    UnixApplicationRunner(options).run()
+    return 0
 
 
 def makeService(options: Options):

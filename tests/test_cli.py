@@ -221,7 +221,7 @@ class InProcessTests(unittest.SynchronousTestCase):
     def test_help_everywhere(self):
         status, out, _ = self.run_main("--help")
         self.assertEqual(status, 0)
-        for name in ("call", "check-config", "chargers"):
+        for name in ("run", "passwd", "call", "check-config", "chargers"):
             self.assertIn(name, out)
             status, out_sub, _ = self.run_main(name, "--help")
             self.assertEqual(status, 0)
@@ -230,7 +230,7 @@ class InProcessTests(unittest.SynchronousTestCase):
     def test_subcommands_registry(self):
         self.assertEqual(
             [add.__name__ for add in cli.SUBCOMMANDS],
-            ["add_passwd", "add_call", "add_check_config", "add_chargers"],
+            ["add_run", "add_passwd", "add_call", "add_check_config", "add_chargers"],
         )
 
     def test_disconnect_needs_identity(self):

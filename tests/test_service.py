@@ -290,3 +290,109 @@ class TwistdTests(unittest.TestCase):
         yield client.delete_queue("ocpp." + identity)
         yield client.delete_exchange(exchange)
         yield client.close()
+
+
+#: Runs `ocppgw` (the command line's main) as an install would that has no
+#: twisted/plugins/ on sys.path: the checkout is taken off sys.path, and a
+#: directory holding only a link to the ocppgw package is put first.
+_WITHOUT_PLUGIN_PATH = """\
+import os, sys
+repo, shim = sys.argv.pop(1), sys.argv.pop(1)
+sys.path[:] = [shim] + [p for p in sys.path if os.path.abspath(p or ".") != repo]
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+found = any(maker.tapname == "ocppgw" for maker in getPlugins(IServiceMaker))
+print("twistd finds the ocppgw plugin:", found, flush=True)
+from ocppgw.cli import main
+sys.exit(main())
+"""
+
+
+def _plugin_installed_outside_checkout() -> bool:
+    """Whether an installed copy (not the checkout) holds the twistd plugin."""
+    for entry in sys.path:
+        entry = os.path.abspath(entry or ".")
+        if entry != REPO and os.path.exists(
+            os.path.join(entry, "twisted", "plugins", "ocppgw_plugin.py")
+        ):
+            return True
+    return False
+
+
+class RunTests(unittest.TestCase):
+    """
+    C{ocppgw run} as a real process, where twistd's plugin discovery cannot
+    see the gateway: same service, same signals as C{twistd -n ocppgw}.
+    """
+
+    timeout = 60
+
+    def ocppgw(self, *args: str, marker: bytes | None = None) -> _Collect:
+        shim = os.path.abspath(self.mktemp())
+        os.makedirs(shim)
+        os.symlink(os.path.join(REPO, "ocppgw"), os.path.join(shim, "ocppgw"))
+        collect = _Collect(marker)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        reactor.spawnProcess(
+            collect,
+            sys.executable,
+            [sys.executable, "-c", _WITHOUT_PLUGIN_PATH, REPO, shim, *args],
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            path=shim,
+        )
+        return collect
+
+    @defer.inlineCallbacks
+    def test_run_drains_on_sigterm_and_exits_0(self):
+        """
+        The gateway starts, a charger connects and exchanges a frame,
+        SIGHUP reloads (the charger stays), SIGTERM closes the charger with
+        1012 and the process ends with status 0 after its drain.
+        """
+        port = free_port()
+        exchange = unique_name("run-test")
+        path = _config_file(
+            self,
+            f"[listener]\ntcp.port = {port}\ndrain_window = 0.5\n[admin]\ntcp.port = 0\n"
+            f"[amqp]\nurl = {amqp_url()}\nexchange = {exchange}\n",
+        )
+        child = self.ocppgw("run", "--config", path, marker=b"listening on ws://")
+        yield child.ready
+        if not _plugin_installed_outside_checkout():
+            # the case `ocppgw run` exists for: twistd would not know ocppgw
+            self.assertIn(b"twistd finds the ocppgw plugin: False", child.output)
+        backend = yield FakeBackEnd.start(reactor, amqp_url(), exchange)
+        self.addCleanup(backend.stop)
+        backend.handle("Heartbeat", lambda message, payload: {"currentTime": "2026-01-01T00:00:00Z"})
+        identity = unique_name("CP")
+        charger = yield FakeCharger.connect(reactor, f"ws://127.0.0.1:{port}/ocpp/{identity}")
+        answer = yield charger.call("Heartbeat", {})
+        self.assertEqual(answer[0], 3)
+
+        reloaded = child.wait_for(b"Reloading TLS material and credentials")
+        os.kill(child.transport.pid, signal.SIGHUP)
+        yield reloaded
+        answer = yield charger.call("Heartbeat", {})
+        self.assertEqual(answer[0], 3)
+
+        os.kill(child.transport.pid, signal.SIGTERM)
+        code, _ = yield charger.closed
+        self.assertEqual(code, 1012)
+        ended = yield child.ended
+        self.assertEqual((ended.exitCode, ended.signal), (0, None), child.output)
+        self.assertIn(b"ocppgw stopped", child.output)
+        client = yield BackEndClient.connect(reactor, amqp_url(), exchange)
+        yield client.delete_queue("ocpp." + identity)
+        yield client.delete_exchange(exchange)
+        yield client.close()
+
+    @defer.inlineCallbacks
+    def test_bad_config(self):
+        path = _config_file(self, "[listener]\ntcp.prot = 1\n")
+        child = self.ocppgw("run", "--config", path)
+        ended = yield child.ended
+        self.assertEqual(ended.exitCode, 1)
+        lines = child.output.decode().splitlines()
+        self.assertEqual(
+            lines[1:], [f"{path}: listener.tcp.prot: unknown key (did you mean tcp.port?)"]
+        )
