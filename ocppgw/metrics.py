@@ -102,8 +102,9 @@ class Metrics:
         )
         self._disconnects = Counter(
             "ocppgw_disconnects",
-            "Charger connections that ended, by WebSocket close code "
-            "(none: TCP dropped without a close frame; replaced: a newer connection won).",
+            "Charger connections that ended, by WebSocket close code (1006: TCP ended "
+            "without a close frame; none: a close frame without a status code; "
+            "replaced: a newer connection won).",
             ["version", "code"],
             registry=registry,
         )

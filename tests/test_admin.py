@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
@@ -144,6 +144,38 @@ class MetricsTests(AdminTestCase):
         gone = yield self.scrape()
         self.assertEqual(value(gone, "ocppgw_chargers_connected", version="ocpp16", listener="ws"), 0)
         self.assertEqual(value(gone, "ocppgw_disconnects_total", version="ocpp16", code="1000"), 1)
+
+    @defer.inlineCallbacks
+    def test_disconnect_codes(self):
+        """
+        A charger whose close frame carries no status code (real chargers
+        do this on every reset) is counted as code "none" and announced
+        with code null; one that drops TCP without a close frame as 1006.
+        """
+        from tests import rawclient
+
+        quiet = self.identity()
+        events = self.backend.next_message("ocppgw.disconnected")
+        response = yield rawclient.handshake(self.port, "/ocpp/" + quiet, keep_open=True)
+        self.addCleanup(response.close)
+        self.assertEqual(response.status, 101)
+        answer = yield threads.deferToThread(response.close_without_code)
+        # the gateway completes the close handshake (with 1000)
+        self.assertEqual(answer, (1000).to_bytes(2, "big"))
+        event = yield events
+        self.assertEqual(orjson.loads(event.body)["identity"], quiet)
+        self.assertIsNone(orjson.loads(event.body)["code"])
+
+        dropped = self.identity()
+        charger = yield self.connect(dropped)
+        events = self.backend.next_message("ocppgw.disconnected")
+        yield charger.drop()
+        event = yield events
+        self.assertEqual(orjson.loads(event.body)["code"], 1006)
+
+        scraped = yield self.scrape()
+        self.assertEqual(value(scraped, "ocppgw_disconnects_total", version="ocpp16", code="none"), 1)
+        self.assertEqual(value(scraped, "ocppgw_disconnects_total", version="ocpp16", code="1006"), 1)
 
     @defer.inlineCallbacks
     def test_invalid_payloads(self):
