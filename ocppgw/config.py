@@ -235,7 +235,7 @@ class ValidationSettings:
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
     """
-    The operators' HTTP listener (metrics, health, chargers).
+    The operators' HTTP listener (status page, metrics, health, chargers).
 
     ``password`` is left out of ``repr``: settings end up in logs.
     """
@@ -1200,9 +1200,10 @@ SECTIONS: tuple[Section, ...] = (
                "package's."),
     )),
     Section("admin", AdminSettings,
-            "The operators' HTTP listener: /metrics (Prometheus), /healthz, /readyz and "
-            "/chargers. Keep it off the chargers' network; /healthz and /readyz never "
-            "ask for credentials, so that orchestrators can probe them.", (
+            "The operators' HTTP listener: the status page (/), /status, /metrics "
+            "(Prometheus), /healthz, /readyz and /chargers. Keep it off the chargers' "
+            "network; /healthz and /readyz never ask for credentials, so that "
+            "orchestrators can probe them.", (
         Option("enabled", Boolean(), "true",
                "Run the admin listener."),
         Option("tcp.ip", Host(), "127.0.0.1",
@@ -1210,7 +1211,8 @@ SECTIONS: tuple[Section, ...] = (
         Option("tcp.port", Integer(0, 65535, "a port (1-65535, or 0 for any free port)"), "9100",
                "Port of the admin listener; 0 picks a free port (for tests)."),
         Option("username", ShortText(), "",
-               "User name for HTTP Basic auth on /metrics and /chargers (empty = no auth)."),
+               "User name for HTTP Basic auth on the status page, /status, /metrics and "
+               "/chargers (empty = no auth)."),
         Option("password", ShortText(), "",
                "Password for HTTP Basic auth; required when username is set."),
     )),

@@ -32,7 +32,7 @@ C{process_open_fds}).
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import (
@@ -43,6 +43,9 @@ from prometheus_client.core import (
 )
 
 from ocppgw import __version__
+
+if TYPE_CHECKING:
+    from ocppgw.status import RecentEvents
 
 #: How many distinct OCPP actions get their own label value; OCPP 2.1 has
 #: about 90 actions in each direction, so real traffic never reaches it.
@@ -82,11 +85,14 @@ class Metrics:
     @ivar registry: the C{CollectorRegistry} the admin listener serves.
     """
 
-    def __init__(self, *, process: bool = True) -> None:
+    def __init__(self, *, process: bool = True, recent: Optional["RecentEvents"] = None) -> None:
         """
         @param process: also export the process's RSS, open files and CPU
             (C{ProcessCollector}); off in tests that build many gateways.
+        @param recent: where refused handshakes and ended connections are
+            also kept, with their details, for the status page.
         """
+        self.recent = recent
         registry = self.registry = CollectorRegistry(auto_describe=True)
         self._handshakes = Counter(
             "ocppgw_handshakes",
@@ -157,16 +163,35 @@ class Metrics:
 
     # -- events ----------------------------------------------------------------
 
-    def handshake(self, listener: str, status: int) -> None:
-        """An opening handshake was answered with C{status} (101 = accepted)."""
+    def handshake(self, listener: str, status: int, *, peer: Optional[str] = None,
+                  identity: Optional[str] = None, reason: str = "") -> None:
+        """
+        An opening handshake was answered with C{status} (101 = accepted);
+        a refusal's details go to the status page.
+        """
         result = "accepted" if status == 101 else "refused"
         self._handshakes.labels(listener, result, str(status)).inc()
+        if status != 101 and self.recent is not None:
+            self.recent.refused(listener, status, peer=peer, identity=identity, reason=reason)
 
     def bad_frame(self, prefix: str, code: str) -> None:
         self._bad_frames.labels(prefix, code).inc()
 
-    def disconnect(self, prefix: str, code) -> None:
-        self._disconnects.labels(prefix, "none" if code is None else str(code)).inc()
+    def disconnect(self, prefix: str, code, link=None, reason: str = "",
+                   duration: Optional[float] = None) -> None:
+        """
+        A connection ended: C{code} is the close code, C{None} for a close
+        frame without one, or C{"replaced"}; C{link} (the charger) and the
+        rest are for the status page.
+        """
+        label = "none" if code is None else str(code)
+        self._disconnects.labels(prefix, label).inc()
+        if link is not None and self.recent is not None:
+            self.recent.disconnected(
+                link.identity, link.version.subprotocol, link.listener,
+                code if isinstance(code, int) else label,
+                peer=link.peer, reason=reason, duration=duration,
+            )
 
     def csms_call(self, prefix: str, seconds: float, timed_out: bool, action: str) -> None:
         if timed_out:

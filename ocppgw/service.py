@@ -49,6 +49,7 @@ from ocppgw.limits import Admission
 from ocppgw.listeners import Security
 from ocppgw.validation import Validation
 from ocppgw.metrics import GatewayState, Metrics
+from ocppgw.status import RecentEvents, snapshot as status_snapshot
 
 _log = Logger()
 
@@ -104,7 +105,9 @@ class GatewayService(service.MultiService, GatewayState):
             failover_urls=amqp.failover_urls,
             reconnect_max_delay=amqp.reconnect_max_delay,
         )
-        self.metrics = Metrics()
+        #: the last refusals and disconnects, for the status page
+        self.recent = RecentEvents(reactor)
+        self.metrics = Metrics(recent=self.recent)
         self.bridge.observe_confirm = self.metrics.observe_confirm
         audit = settings.audit
         self.audit = (
@@ -181,6 +184,7 @@ class GatewayService(service.MultiService, GatewayState):
             reactor,
             username=admin.username,
             password=admin.password,
+            status=self.status,
         )
         self.admin_port = None
         self._exit_on_startup_failure = exit_on_startup_failure
@@ -201,6 +205,24 @@ class GatewayService(service.MultiService, GatewayState):
 
     def broker_connected(self) -> bool:
         return self.bridge.connected
+
+    def broker_state(self) -> str:
+        """
+        The broker link's state in a word, as the status page shows it:
+        C{"open"} while connected, C{"down"} otherwise.
+        """
+        return "open" if self.bridge.connected else "down"
+
+    def status(self) -> dict:
+        """The body of the admin listener's C{GET /status}."""
+        return status_snapshot(
+            node=self.node,
+            broker_state=self.broker_state(),
+            readiness=self.readiness(),
+            chargers=self.chargers(),
+            recent=self.recent,
+            now=self._reactor.seconds(),
+        )
 
     def broker_blocked(self) -> bool:
         return getattr(self.bridge, "blocked", False)

@@ -52,6 +52,24 @@ def value(scraped: dict, name: str, **labels) -> float:
     return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def link_down_and_up(bridge) -> tuple[defer.Deferred, defer.Deferred]:
+    """
+    Two Deferreds: the first fires when the bridge's broker link goes
+    down, the second when it is up again after that.
+    """
+    down: defer.Deferred = defer.Deferred()
+    up: defer.Deferred = defer.Deferred()
+
+    def observe(connected, why):
+        if not connected and not down.called:
+            down.callback(None)
+        elif connected and down.called and not up.called:
+            up.callback(None)
+
+    bridge.add_observer(observe)
+    return down, up
+
+
 class AdminTestCase(GatewayTestCase):
     timeout = 30
 
@@ -262,16 +280,7 @@ class HealthTests(AdminTestCase):
             {"ready": True, "checks": {"broker": True, "listening": True, "accepting": True}},
         )
         bridge = self.gateway_service.bridge
-        down: defer.Deferred = defer.Deferred()
-        up: defer.Deferred = defer.Deferred()
-
-        def observe(connected, why):
-            if not connected and not down.called:
-                down.callback(None)
-            elif connected and down.called and not up.called:
-                up.callback(None)
-
-        bridge.add_observer(observe)
+        down, up = link_down_and_up(bridge)
         closed = yield close_broker_connections(f"ocppgw {self.gateway_service.node}")
         self.assertEqual(closed, 1)
         yield down
@@ -356,16 +365,85 @@ class ChargersTests(AdminTestCase):
         self.assertEqual(status, 404)
 
 
+class StatusTests(AdminTestCase):
+    @defer.inlineCallbacks
+    def test_status(self):
+        """
+        /status: the broker link's state, readiness, chargers by version
+        and listener, and the last refusals and disconnects, newest first,
+        with their reasons.
+        """
+        refused = FakeCharger.connect(reactor, self.url(self.identity()), ["ocpp1.5"])
+        yield self.assertFailure(refused, ChargerClosed, Exception)
+        gone = self.identity("RDAM 9")
+        charger = yield self.connect(gone)
+        yield charger.close(4001)
+        yield self.connect(self.identity(), ("ocpp2.0.1",))
+        yield self.connect(self.identity(), ("ocpp2.0.1",))
+
+        status, headers, body = yield self.get("/status")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+        found = orjson.loads(body)
+        self.assertEqual(found["node"], self.gateway_service.node)
+        self.assertEqual(found["broker"], "open")
+        self.assertEqual((found["ready"], found["checks"]["broker"]), (True, True))
+        self.assertEqual(
+            found["chargers"],
+            {"total": 2, "by_version": {"ocpp2.0.1": 2}, "by_listener": {"ws": 2}},
+        )
+        [refusal] = found["refusals"]
+        self.assertEqual(
+            (refusal["status"], refusal["reason"], refusal["listener"]),
+            (400, "No supported OCPP subprotocol", "ws"),
+        )
+        self.assertTrue(refusal["peer"].startswith("tcp4:127.0.0.1:"), refusal)
+        self.assertTrue(refusal["time"].endswith("Z"))
+        [disconnect] = found["disconnects"]
+        self.assertEqual(
+            {key: disconnect[key] for key in ("identity", "version", "listener", "code")},
+            {"identity": gone, "version": "ocpp1.6", "listener": "ws", "code": 4001},
+        )
+        self.assertGreaterEqual(disconnect["duration"], 0)
+
+    @defer.inlineCallbacks
+    def test_broker_state_follows_the_link(self):
+        """The state the page shows is the service's broker_state()."""
+        self.assertEqual(self.gateway_service.broker_state(), "open")
+        bridge = self.gateway_service.bridge
+        down, up = link_down_and_up(bridge)
+        yield close_broker_connections(f"ocppgw {self.gateway_service.node}")
+        yield down
+        status, _, body = yield self.get("/status")
+        self.assertEqual(orjson.loads(body)["broker"], "down")
+        self.assertEqual(orjson.loads(body)["checks"]["broker"], False)
+        yield up
+        status, _, body = yield self.get("/status")
+        self.assertEqual(orjson.loads(body)["broker"], "open")
+
+    @defer.inlineCallbacks
+    def test_page(self):
+        """/ is the status page: HTML whose CSP lets only its own script run."""
+        status, headers, body = yield self.get("/")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"])
+        self.assertIn(b"<title>ocppgw status</title>", body)
+        [policy] = headers.getRawHeaders(b"content-security-policy")
+        self.assertIn(b"default-src 'none'", policy)
+        self.assertIn(b"script-src 'sha256-", policy)
+        self.assertNotIn(b"unsafe-inline", policy)
+
+
 class BasicAuthTests(AdminTestCase):
     settings = {"admin": {"username": "ops", "password": "s3cret"}}
 
     @defer.inlineCallbacks
     def test_basic_auth(self):
         """
-        With credentials configured, /metrics and /chargers need them;
-        the probes do not.
+        With credentials configured, /metrics, /chargers, the status page
+        and /status need them; the probes do not.
         """
-        for path in ("/metrics", "/chargers"):
+        for path in ("/metrics", "/chargers", "/", "/status"):
             status, headers, _ = yield self.get(path)
             self.assertEqual(status, 401, path)
             self.assertEqual(
