@@ -26,7 +26,9 @@ Two kinds of numbers:
 
 Process RSS and open files come from C{prometheus_client}'s
 C{ProcessCollector} (C{process_resident_memory_bytes},
-C{process_open_fds}).
+C{process_open_fds}, C{process_max_fds}). The memory the process may use
+is ours, C{ocppgw_memory_limit_bytes} (L{memory_limit}), so that an alert
+can compare RSS with it wherever the gateway runs.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ class Metrics:
         )
         if process:
             ProcessCollector(registry=registry)
+            registry.register(_MemoryLimitCollector())
         #: (direction, version prefix, message type, action) -> frames
         self._frame_counts: dict[tuple, int] = {}
         self._actions: set[str] = set()
@@ -232,6 +235,54 @@ class _Buckets:
             total += count
             buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
         return buckets
+
+
+#: cgroup files with the memory limit: v2 (unified), then v1.
+CGROUP_MEMORY_LIMITS = (
+    "/sys/fs/cgroup/memory.max",
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+)
+# cgroup v1 writes "no limit" as the largest page-aligned 63-bit number;
+# anything this large is no limit.
+_NO_LIMIT = 2 ** 62
+
+
+def memory_limit(files: Iterable[str] = CGROUP_MEMORY_LIMITS) -> float:
+    """
+    Bytes of memory the process may use: the smallest of its cgroup's
+    limit (a container's memory limit) and its address-space rlimit, or
+    infinity when neither is set. Read at each scrape: a container's limit
+    can change while it runs.
+    """
+    import resource
+
+    limits = []
+    for path in files:
+        try:
+            with open(path, encoding="ascii") as file:
+                text = file.read().strip()
+        except (OSError, ValueError):
+            continue
+        if text.isdigit() and int(text) < _NO_LIMIT:
+            limits.append(int(text))
+        break  # the first file that exists is this system's cgroup version
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return float(min(limits)) if limits else float("inf")
+
+
+class _MemoryLimitCollector:
+    def describe(self):
+        return []
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "ocppgw_memory_limit_bytes",
+            "Memory the process may use: its cgroup's limit or its address-space rlimit "
+            "(+Inf: none).",
+            value=memory_limit(),
+        )
 
 
 class _HotPathCollector:
