@@ -310,7 +310,8 @@ class GatewayService(service.MultiService, GatewayState):
         if self.admin_port is not None:
             admin = self.admin_port.getHost()
             _log.info(
-                "Admin API on http://{host}:{port}/ (metrics, healthz, readyz, chargers)",
+                "Admin API on http://{host}:{port}/ (status page; status, metrics, healthz, "
+                "readyz, chargers)",
                 host=admin.host,
                 port=admin.port,
             )
