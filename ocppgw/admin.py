@@ -31,7 +31,6 @@ seconds would drown the gateway's own log.
 from __future__ import annotations
 
 import base64
-import datetime
 import hmac
 from typing import Callable, Optional
 from urllib.parse import unquote
@@ -41,13 +40,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web import resource, server
 
 from ocppgw import status
+from ocppgw.logs import utc_iso
 
 _JSON = b"application/json"
-
-
-def _iso(seconds: float) -> str:
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _json(request, status: int, body) -> bytes:
@@ -65,7 +60,7 @@ def describe_charger(link, now: float) -> dict:
         "version": link.version.subprotocol,
         "listener": link.listener,
         "remote": link.peer,
-        "connected_since": _iso(link.connected_at),
+        "connected_since": utc_iso(link.connected_at),
         "connected_seconds": round(now - link.connected_at, 3),
         "frames_in": link.stats.frames_in,
         "frames_out": link.stats.frames_out,

@@ -19,7 +19,6 @@ like in the log; the page shows every value as text, never as HTML.
 from __future__ import annotations
 
 import base64
-import datetime
 import functools
 import hashlib
 import re
@@ -29,6 +28,7 @@ from typing import Iterable, Optional
 
 from ocppgw import __version__
 from ocppgw.framing import truncate_for_log
+from ocppgw.logs import utc_iso
 
 #: Refusals and disconnects kept for the page (each list); enough to see
 #: a pattern, small enough to read at a glance.
@@ -36,11 +36,6 @@ RECENT = 50
 
 #: Longest reason text kept (a charger chooses its close reason).
 _REASON_LIMIT = 120
-
-
-def _iso(seconds: float) -> str:
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _text(value: Optional[str]) -> Optional[str]:
@@ -64,7 +59,7 @@ class RecentEvents:
                 identity: Optional[str] = None, reason: str = "") -> None:
         """A handshake was answered with HTTP C{status} instead of 101."""
         self.refusals.append({
-            "time": _iso(self._clock.seconds()),
+            "time": utc_iso(self._clock.seconds()),
             "listener": listener,
             "status": status,
             "reason": _text(reason),
@@ -80,7 +75,7 @@ class RecentEvents:
         C{"none"} for a close frame without one, or C{"replaced"}.
         """
         self.disconnects.append({
-            "time": _iso(self._clock.seconds()),
+            "time": utc_iso(self._clock.seconds()),
             "identity": _text(identity),
             "version": version,
             "listener": listener,
@@ -112,7 +107,7 @@ def snapshot(*, node: str, broker_state: str, readiness: dict, chargers: Iterabl
     return {
         "node": node,
         "version": __version__,
-        "time": _iso(now),
+        "time": utc_iso(now),
         "broker": broker_state,
         "ready": all(readiness.values()),
         "checks": readiness,
