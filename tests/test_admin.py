@@ -377,7 +377,9 @@ class StatusTests(AdminTestCase):
         yield self.assertFailure(refused, ChargerClosed, Exception)
         gone = self.identity("RDAM 9")
         charger = yield self.connect(gone)
+        disconnected = self.backend.next_message("ocppgw.disconnected")
         yield charger.close(4001)
+        yield disconnected
         yield self.connect(self.identity(), ("ocpp2.0.1",))
         yield self.connect(self.identity(), ("ocpp2.0.1",))
 

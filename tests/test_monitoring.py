@@ -354,7 +354,9 @@ class MetricsExistTests(GatewayTestCase):
         self.assertTrue(message.headers.get("x-ocppgw-timeout"))
         # one charger stays connected, one has gone
         gone = yield self.connect(self.identity(), ("ocpp2.0.1",))
+        disconnected = self.backend.next_message("ocppgw.disconnected")
         yield gone.close()
+        yield disconnected  # the gateway has counted it
 
     @defer.inlineCallbacks
     def test_every_metric_used_exists(self):
