@@ -1,25 +1,37 @@
 # ocppgw developer tasks; `make run` and `make test` are the README's
 # quick start. The virtualenv is .venv (override with VENV=...).
+#
+# `make run` installs only what the gateway needs to run; `make venv` and
+# `make test` add the test extras (test clients, linters and validators of
+# deploy/, ...), which the gateway itself never imports.
 
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= etc/ocppgw.ini
 
+# editable_mode=compat puts the checkout itself on sys.path: Twisted finds
+# plugins by scanning sys.path for twisted/plugins/, which the default
+# (PEP 660 import hook) editable install does not expose, so twistd would
+# not know "ocppgw" (`ocppgw run` would still work).
+EDITABLE = --config-settings editable_mode=compat
+
 .PHONY: venv run test clean
 
 venv: $(VENV)/.installed
 
-# editable_mode=compat puts the checkout itself on sys.path: Twisted finds
-# plugins by scanning sys.path for twisted/plugins/, which the default
-# (PEP 660 import hook) editable install does not expose, so twistd would
-# not know "ocppgw".
-$(VENV)/.installed: setup.cfg pyproject.toml
+# the project and its runtime dependencies
+$(VENV)/.runtime: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -e '.[test]' --config-settings editable_mode=compat
+	$(VENV)/bin/pip install -e . $(EDITABLE)
+	touch $@
+
+# ... and the test extras
+$(VENV)/.installed: $(VENV)/.runtime
+	$(VENV)/bin/pip install -e '.[test]' $(EDITABLE)
 	touch $@
 
 # The gateway in the foreground against the broker in $(CONFIG); Ctrl-C stops it.
-run: venv
+run: $(VENV)/.runtime
 	$(VENV)/bin/twistd -n --pidfile= ocppgw --config $(CONFIG)
 
 # Starts the local RabbitMQ if it is down (see .ci/ensure-rabbitmq).

@@ -18,6 +18,15 @@ for back-end authors"):
     CALLs of other actions are not bound, so no queue takes them and the
     gateway itself answers the charger with CALLERROR ``NotImplemented``.
 
+    The queue outlives the worker (a restart loses nothing) but not by
+    long: it is declared with ``x-expires`` (``--expires``, 30 minutes), so
+    RabbitMQ deletes it once no worker has consumed it for that long, and
+    it stops collecting every charger's frames on a shared broker.
+    ``--purge`` drops what it collected while no worker ran.
+
+``clean``
+    Deletes the worker's queue now, with whatever waits in it.
+
 ``call IDENTITY ACTION [PAYLOAD]``
     Sends one CALL to a charger (routing key = its identity) with RabbitMQ's
     direct reply-to, waits for the charger's answer and prints it. Exit
@@ -28,6 +37,8 @@ for back-end authors"):
 Examples::
 
     python examples/worker.py serve
+    python examples/worker.py serve --purge        # forget what came meanwhile
+    python examples/worker.py clean                # delete the queue
     python examples/worker.py call CP1 Reset '{"type": "Soft"}'
     python examples/worker.py call CP1 GetConfiguration        # 1.6, payload {}
 
@@ -51,6 +62,8 @@ import pika.exceptions
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_EXCHANGE = "ocpp"
 DEFAULT_QUEUE = "csms.example-worker"
+#: Seconds the worker's queue is kept with no consumer (its x-expires).
+DEFAULT_EXPIRES = 1800
 
 #: RabbitMQ's direct reply-to pseudo-queue: no queue to declare or clean up.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -195,7 +208,29 @@ def serve(options) -> int:
     channel = connection.channel()
     channel.confirm_delivery()
     channel.exchange_declare(options.exchange, exchange_type="topic", durable=True)
-    channel.queue_declare(options.queue, durable=True)
+    try:
+        declared = channel.queue_declare(
+            options.queue, durable=True,
+            arguments={"x-expires": int(options.expires * 1000)},
+        )
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code != 406:  # PRECONDITION_FAILED
+            raise
+        print(
+            f"queue {options.queue} exists with other arguments ({error.reply_text}); "
+            f"delete it with: {sys.argv[0]} clean --queue {options.queue}",
+            file=sys.stderr,
+        )
+        connection.close()
+        return 1
+    if options.purge:
+        purged = channel.queue_purge(options.queue).method.message_count
+        say(f"purged {purged} messages that waited in {options.queue}")
+    elif declared.method.message_count:
+        say(
+            f"{declared.method.message_count} messages waited in {options.queue} "
+            "(answered now; --purge drops them)"
+        )
     keys = [
         f"{prefix}.{action}.req" for prefix in VERSION_PREFIXES for action in HANDLERS
     ]
@@ -205,7 +240,10 @@ def serve(options) -> int:
     channel.basic_qos(prefetch_count=50)
     worker = Worker(channel, options.exchange)
     channel.basic_consume(options.queue, worker.on_message)
-    say(f"ready: consuming {options.queue} on exchange {options.exchange}")
+    say(
+        f"ready: consuming {options.queue} on exchange {options.exchange} "
+        f"(deleted after {options.expires:g} s unused)"
+    )
     try:
         channel.start_consuming()
     except (KeyboardInterrupt, SystemExit):
@@ -216,6 +254,18 @@ def serve(options) -> int:
                 connection.close()
             except pika.exceptions.AMQPError:
                 pass
+    return 0
+
+
+def clean(options) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(options.url))
+    channel = connection.channel()
+    try:
+        deleted = channel.queue_delete(options.queue).method.message_count
+    finally:
+        if connection.is_open:
+            connection.close()
+    say(f"deleted {options.queue} ({deleted} messages)")
     return 0
 
 
@@ -318,17 +368,35 @@ def parse_arguments(argv=None):
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve_parser = commands.add_parser(
-        "serve",
-        parents=[common],
-        help="answer BootNotification, Heartbeat and StatusNotification",
-    )
-    serve_parser.add_argument(
+    queue = argparse.ArgumentParser(add_help=False)
+    queue.add_argument(
         "--queue",
         default=DEFAULT_QUEUE,
         help="name of the worker's durable queue (default: %(default)s)",
     )
+    serve_parser = commands.add_parser(
+        "serve",
+        parents=[common, queue],
+        help="answer BootNotification, Heartbeat and StatusNotification",
+    )
+    serve_parser.add_argument(
+        "--expires",
+        type=float,
+        default=DEFAULT_EXPIRES,
+        help="seconds the queue is kept while no worker consumes it, its x-expires "
+        "(default: %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--purge",
+        action="store_true",
+        help="drop the messages that waited in the queue before serving",
+    )
     serve_parser.set_defaults(run=serve)
+
+    clean_parser = commands.add_parser(
+        "clean", parents=[common, queue], help="delete the worker's queue and what waits in it"
+    )
+    clean_parser.set_defaults(run=clean)
 
     call_parser = commands.add_parser(
         "call", parents=[common], help="send a CALL to a charger and print its answer"

@@ -3,6 +3,11 @@ The admin listener: an HTTP API for operators and orchestrators, served by
 C{twisted.web} on its own port (C{[admin]}, default C{127.0.0.1:9100}).
 
 ==========================  ==============================================
+C{GET /}                    the live status page (L{ocppgw.status}): HTML
+                            that polls C{/status} and C{/chargers}
+C{GET /status}              JSON: broker link state, readiness, chargers
+                            by version and listener, the last refusals
+                            and disconnects with their reasons
 C{GET /metrics}             Prometheus text format (L{ocppgw.metrics})
 C{GET /healthz}             200 while the process runs (liveness)
 C{GET /readyz}              200 when the broker is connected, the charger
@@ -16,8 +21,8 @@ C{DELETE /chargers/<id>}    close that charger's connection with 1000
 The identity in the path is percent-encoded like in the charger's own URL
 (C{/chargers/RDAM%20123}).
 
-With C{[admin] username} and C{password} set, C{/metrics} and
-C{/chargers} need HTTP Basic auth; C{/healthz} and C{/readyz} never do, so
+With C{[admin] username} and C{password} set, C{/}, C{/status},
+C{/metrics} and C{/chargers} need HTTP Basic auth; C{/healthz} and C{/readyz} never do, so
 that kubelet and load balancers can probe them, and they reveal nothing
 but up/ready. There is no access log: Prometheus scraping every few
 seconds would drown the gateway's own log.
@@ -26,7 +31,6 @@ seconds would drown the gateway's own log.
 from __future__ import annotations
 
 import base64
-import datetime
 import hmac
 from typing import Callable, Optional
 from urllib.parse import unquote
@@ -35,12 +39,10 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web import resource, server
 
+from ocppgw import status
+from ocppgw.logs import utc_iso
+
 _JSON = b"application/json"
-
-
-def _iso(seconds: float) -> str:
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _json(request, status: int, body) -> bytes:
@@ -58,7 +60,7 @@ def describe_charger(link, now: float) -> dict:
         "version": link.version.subprotocol,
         "listener": link.listener,
         "remote": link.peer,
-        "connected_since": _iso(link.connected_at),
+        "connected_since": utc_iso(link.connected_at),
         "connected_seconds": round(now - link.connected_at, 3),
         "frames_in": link.stats.frames_in,
         "frames_out": link.stats.frames_out,
@@ -88,6 +90,24 @@ class _Endpoint(resource.Resource):
             request.setHeader(b"www-authenticate", b'Basic realm="ocppgw admin"')
             return _json(request, 401, {"error": "unauthorized"})
         return super().render(request)
+
+
+class _StatusPage(_Endpoint):
+    """C{/}: the status page, with headers that let nothing else run."""
+
+    def render_GET(self, request):
+        page = status.page()
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-security-policy", page.content_security_policy)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        return page.html
+
+
+class _Status(_Endpoint):
+    def render_GET(self, request):
+        return _json(request, 200, self._admin.status())
 
 
 class _Metrics(_Endpoint):
@@ -162,6 +182,8 @@ class AdminAPI:
         C{disconnect}).
     @param readiness: returns C{{check: bool}}.
     @param clock: for the charger's connected time.
+    @param status: returns the body of C{/status} (see L{ocppgw.status});
+        without it, neither C{/status} nor the page at C{/} is served.
     """
 
     def __init__(
@@ -173,8 +195,10 @@ class AdminAPI:
         *,
         username: str = "",
         password: str = "",
+        status: Optional[Callable[[], dict]] = None,
     ) -> None:
         self.registry = registry
+        self.status = status
         self.gateway = gateway
         self.readiness = readiness
         self.clock = clock
@@ -197,4 +221,7 @@ class AdminAPI:
         root.putChild(b"healthz", _Health(self, guarded=False))
         root.putChild(b"readyz", _Ready(self, guarded=False))
         root.putChild(b"chargers", _Chargers(self, guarded=True))
+        if self.status is not None:
+            root.putChild(b"", _StatusPage(self, guarded=True))
+            root.putChild(b"status", _Status(self, guarded=True))
         return _Site(root)

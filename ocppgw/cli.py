@@ -6,6 +6,9 @@ arguments and sets C{run} to the function doing the work; L{main} only
 dispatches. Adding a subcommand is one such function and one line in
 L{SUBCOMMANDS}.
 
+- C{ocppgw run [--config FILE]}: run the gateway in the foreground, the
+  same service with the same options and signals as C{twistd -n ocppgw}
+  (see L{ocppgw.tap.run_foreground}), in every install mode.
 - C{ocppgw passwd FILE IDENTITY}: add or change a charger's password in a
   password file (C{[auth] password_file}); C{--delete} removes it. The
   running gateway picks the change up by itself.
@@ -24,7 +27,8 @@ Exit statuses of call, check-config and chargers:
 - 2: bad command line;
 - 3: C{call}: no answer within C{--timeout};
 - 4: no such charger (C{call}: it has no queue, so it never connected or its
-  queue expired; C{chargers IDENTITY}: not connected);
+  queue expired, or its queue is not bound to the exchange, so the broker
+  returned the command unroutable; C{chargers IDENTITY}: not connected);
 - 5: the broker or the admin listener could not be reached.
 
 Where a broker or an admin listener is needed, C{--config} reads them from
@@ -199,6 +203,34 @@ def _run_reactor(main) -> int:
     return outcome.get("status", EXIT_UNREACHABLE)
 
 
+# -- run ----------------------------------------------------------------------
+
+
+def run_run(options: argparse.Namespace) -> int:
+    from ocppgw.tap import run_foreground
+
+    return run_foreground(options.config, options.worker)
+
+
+def add_run(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the gateway in the foreground (as `twistd -n ocppgw`)",
+        description="Run the gateway in the foreground: the service `twistd --nodaemon "
+        "--pidfile= ocppgw` runs, with the same options, logging and signals (SIGTERM "
+        "or Ctrl-C: drain and stop, then exit 0; SIGHUP: reload certificates and "
+        "credentials). It needs no Twisted plugin discovery, so it works in every "
+        "install mode.",
+    )
+    parser.add_argument(
+        "--config", "-c", metavar="FILE",
+        help="the INI configuration file (defaults apply without one)",
+    )
+    # a [listener] workers supervisor starts its workers with this
+    parser.add_argument("--worker", metavar="N", help=argparse.SUPPRESS)
+    parser.set_defaults(run=run_run)
+
+
 # -- call ---------------------------------------------------------------------
 
 
@@ -243,6 +275,7 @@ def run_call(options: argparse.Namespace) -> int:
 
 
 def _call(reactor, url: str, exchange: str, identity: str, frame: list, timeout: float):
+    import pika.exceptions
     from twisted.internet import defer
 
     from ocppgw import topology
@@ -264,8 +297,22 @@ def _call(reactor, url: str, exchange: str, identity: str, frame: list, timeout:
                     EXIT_NO_CHARGER,
                 )
             try:
+                # mandatory, with the channel's publisher confirms: a queue
+                # that exists but is not bound to the exchange (a wrong
+                # exchange, a binding removed by hand) gets the command
+                # returned at once instead of dropped, which would leave us
+                # waiting for the timeout
                 answer = yield client.call(
-                    identity, json.dumps(frame).encode("utf-8"), timeout=timeout
+                    identity, json.dumps(frame).encode("utf-8"), timeout=timeout,
+                    mandatory=True,
+                )
+            except pika.exceptions.UnroutableError:
+                return _fail(
+                    f"the broker returned the command unroutable: queue "
+                    f"{topology.charger_queue(identity)!r} exists but is not bound to exchange "
+                    f"{exchange!r} with key {identity!r} (another exchange? [amqp] exchange "
+                    f"or --exchange)",
+                    EXIT_NO_CHARGER,
                 )
             except defer.TimeoutError:
                 return _fail(f"no answer from {identity!r} within {timeout:g} s", EXIT_TIMEOUT)
@@ -300,10 +347,16 @@ def _check_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_check_config(options: argparse.Namespace) -> int:
+    """
+    The one configuration check: what C{twistd ocppgw} and C{ocppgw run}
+    would refuse at start, each problem as C{FILE: section.key: reason}.
+    """
+    from ocppgw.tap import read_settings
+
     try:
-        _config.load(options.file)
+        read_settings(options.file)
     except _config.ConfigError as error:
-        print(error, file=sys.stderr)
+        print(error.located(options.file), file=sys.stderr)
         return EXIT_ERROR
     print(f"{options.file}: ok")
     return EXIT_OK
@@ -399,6 +452,7 @@ def add_chargers(subparsers) -> None:
 
 #: Every subcommand, in the order `ocppgw --help` lists them.
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_run,
     add_passwd,
     add_call,
     add_check_config,
@@ -407,7 +461,11 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="ocppgw", description="ocppgw tools (the gateway itself runs as `twistd ocppgw`).")
+    parser = argparse.ArgumentParser(
+        prog="ocppgw",
+        description="ocppgw: run the gateway (`ocppgw run`, or `twistd ocppgw`) and the "
+        "operator's tools.",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)

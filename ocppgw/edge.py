@@ -357,7 +357,7 @@ class ChargerProtocol(WebSocketServerProtocol):
             and len(self.data) + len(data) > self.factory.max_request_size
         ):
             self._refuse(refusals.REQUEST_TOO_LARGE, status=431)
-            self._count_handshake(431)
+            self._count_handshake(431, "Request Header Fields Too Large")
             self.sendHttpErrorResponse(431, "Request Header Fields Too Large")
             self.dropConnection(abort=True)
             return
@@ -382,16 +382,19 @@ class ChargerProtocol(WebSocketServerProtocol):
                 self._connection_added = True
         super().processHandshake()
 
-    def _count_handshake(self, status: int) -> None:
+    def _count_handshake(self, status: int, reason: str = "") -> None:
         metrics = self.factory.metrics
         if metrics is not None:
-            metrics.handshake(self.factory.listener, status)
+            metrics.handshake(
+                self.factory.listener, status, peer=self.peer, identity=self.identity,
+                reason=reason,
+            )
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders=None):
         # Every refusal before the upgrade ends here (ours, a
         # ConnectionDeny from onConnect, and autobahn's own: 426, malformed
         # requests) except the oversized request above.
-        self._count_handshake(code)
+        self._count_handshake(code, reason)
         # autobahn passes only the status and reason of a ConnectionDeny
         # on; a 401 must also carry the Basic challenge.
         headers = list(responseHeaders or ()) + list(self._deny_headers)

@@ -712,7 +712,8 @@ class Gateway:
         )
         if self.metrics is not None:
             self.metrics.disconnect(
-                link.version.routing_prefix, "replaced" if replaced else code
+                link.version.routing_prefix, "replaced" if replaced else code,
+                link, reason, duration,
             )
         if self.audit is not None:
             self.audit.event(

@@ -60,7 +60,11 @@ LEVELS = {
 MAX_FIELD = 1000
 
 
-def _iso(seconds: float) -> str:
+def utc_iso(seconds: float) -> str:
+    """
+    C{seconds} since the epoch as the gateway writes times everywhere (log,
+    admin API, status page): UTC, milliseconds, a Z.
+    """
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -82,7 +86,7 @@ class JsonLinesObserver:
     def __call__(self, event: dict) -> None:
         level = event.get("log_level")
         record = {
-            "time": _iso(event.get("log_time") or 0.0),
+            "time": utc_iso(event.get("log_time") or 0.0),
             "level": level.name if level is not None else "info",
             "namespace": event.get("log_namespace", ""),
             "message": formatEvent(event),

@@ -26,13 +26,15 @@ Two kinds of numbers:
 
 Process RSS and open files come from C{prometheus_client}'s
 C{ProcessCollector} (C{process_resident_memory_bytes},
-C{process_open_fds}).
+C{process_open_fds}, C{process_max_fds}). The memory the process may use
+is ours, C{ocppgw_memory_limit_bytes} (L{memory_limit}), so that an alert
+can compare RSS with it wherever the gateway runs.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import (
@@ -43,6 +45,9 @@ from prometheus_client.core import (
 )
 
 from ocppgw import __version__
+
+if TYPE_CHECKING:
+    from ocppgw.status import RecentEvents
 
 #: How many distinct OCPP actions get their own label value; OCPP 2.1 has
 #: about 90 actions in each direction, so real traffic never reaches it.
@@ -88,11 +93,14 @@ class Metrics:
     @ivar registry: the C{CollectorRegistry} the admin listener serves.
     """
 
-    def __init__(self, *, process: bool = True) -> None:
+    def __init__(self, *, process: bool = True, recent: Optional["RecentEvents"] = None) -> None:
         """
         @param process: also export the process's RSS, open files and CPU
             (C{ProcessCollector}); off in tests that build many gateways.
+        @param recent: where refused handshakes and ended connections are
+            also kept, with their details, for the status page.
         """
+        self.recent = recent
         registry = self.registry = CollectorRegistry(auto_describe=True)
         self._handshakes = Counter(
             "ocppgw_handshakes",
@@ -122,8 +130,9 @@ class Metrics:
         )
         self._disconnects = Counter(
             "ocppgw_disconnects",
-            "Charger connections that ended, by WebSocket close code "
-            "(none: TCP dropped without a close frame; replaced: a newer connection won).",
+            "Charger connections that ended, by WebSocket close code (1006: TCP ended "
+            "without a close frame; none: a close frame without a status code; "
+            "replaced: a newer connection won).",
             ["version", "code"],
             registry=registry,
         )
@@ -142,6 +151,7 @@ class Metrics:
         )
         if process:
             ProcessCollector(registry=registry)
+            registry.register(_MemoryLimitCollector())
         #: (direction, version prefix, message type, action) -> frames
         self._frame_counts: dict[tuple, int] = {}
         self._actions: set[str] = set()
@@ -176,10 +186,16 @@ class Metrics:
 
     # -- events ----------------------------------------------------------------
 
-    def handshake(self, listener: str, status: int) -> None:
-        """An opening handshake was answered with C{status} (101 = accepted)."""
+    def handshake(self, listener: str, status: int, *, peer: Optional[str] = None,
+                  identity: Optional[str] = None, reason: str = "") -> None:
+        """
+        An opening handshake was answered with C{status} (101 = accepted);
+        a refusal's details go to the status page.
+        """
         result = "accepted" if status == 101 else "refused"
         self._handshakes.labels(listener, result, str(status)).inc()
+        if status != 101 and self.recent is not None:
+            self.recent.refused(listener, status, peer=peer, identity=identity, reason=reason)
 
     def connection_refused(self, listener: str, reason: str) -> None:
         """A connection was refused before the handshake (L{ocppgw.refusals})."""
@@ -198,8 +214,21 @@ class Metrics:
     def bad_frame(self, prefix: str, code: str) -> None:
         self._bad_frames.labels(prefix, code).inc()
 
-    def disconnect(self, prefix: str, code) -> None:
-        self._disconnects.labels(prefix, "none" if code is None else str(code)).inc()
+    def disconnect(self, prefix: str, code, link=None, reason: str = "",
+                   duration: Optional[float] = None) -> None:
+        """
+        A connection ended: C{code} is the close code, C{None} for a close
+        frame without one, or C{"replaced"}; C{link} (the charger) and the
+        rest are for the status page.
+        """
+        label = "none" if code is None else str(code)
+        self._disconnects.labels(prefix, label).inc()
+        if link is not None and self.recent is not None:
+            self.recent.disconnected(
+                link.identity, link.version.subprotocol, link.listener,
+                code if isinstance(code, int) else label,
+                peer=link.peer, reason=reason, duration=duration,
+            )
 
     def csms_call(self, prefix: str, seconds: float, timed_out: bool, action: str) -> None:
         if timed_out:
@@ -240,6 +269,54 @@ class _Buckets:
             total += count
             buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
         return buckets
+
+
+#: cgroup files with the memory limit: v2 (unified), then v1.
+CGROUP_MEMORY_LIMITS = (
+    "/sys/fs/cgroup/memory.max",
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+)
+# cgroup v1 writes "no limit" as the largest page-aligned 63-bit number;
+# anything this large is no limit.
+_NO_LIMIT = 2 ** 62
+
+
+def memory_limit(files: Iterable[str] = CGROUP_MEMORY_LIMITS) -> float:
+    """
+    Bytes of memory the process may use: the smallest of its cgroup's
+    limit (a container's memory limit) and its address-space rlimit, or
+    infinity when neither is set. Read at each scrape: a container's limit
+    can change while it runs.
+    """
+    import resource
+
+    limits = []
+    for path in files:
+        try:
+            with open(path, encoding="ascii") as file:
+                text = file.read().strip()
+        except (OSError, ValueError):
+            continue
+        if text.isdigit() and int(text) < _NO_LIMIT:
+            limits.append(int(text))
+        break  # the first file that exists is this system's cgroup version
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return float(min(limits)) if limits else float("inf")
+
+
+class _MemoryLimitCollector:
+    def describe(self):
+        return []
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "ocppgw_memory_limit_bytes",
+            "Memory the process may use: its cgroup's limit or its address-space rlimit "
+            "(+Inf: none).",
+            value=memory_limit(),
+        )
 
 
 class _HotPathCollector:

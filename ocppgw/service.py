@@ -50,6 +50,7 @@ from ocppgw.listeners import Security
 from ocppgw.refusals import Refusals
 from ocppgw.validation import Validation
 from ocppgw.metrics import GatewayState, Metrics
+from ocppgw.status import RecentEvents, snapshot as status_snapshot
 
 _log = Logger()
 
@@ -106,7 +107,9 @@ class GatewayService(service.MultiService, GatewayState):
             reconnect_max_delay=amqp.reconnect_max_delay,
             topology_check_interval=amqp.topology_check_interval,
         )
-        self.metrics = Metrics()
+        #: the last refusals and disconnects, for the status page
+        self.recent = RecentEvents(reactor)
+        self.metrics = Metrics(recent=self.recent)
         self.bridge.observe_confirm = self.metrics.observe_confirm
         audit = settings.audit
         self.audit = (
@@ -197,6 +200,7 @@ class GatewayService(service.MultiService, GatewayState):
             reactor,
             username=admin.username,
             password=admin.password,
+            status=self.status,
         )
         self.admin_port = None
         self._exit_on_startup_failure = exit_on_startup_failure
@@ -218,11 +222,25 @@ class GatewayService(service.MultiService, GatewayState):
     def broker_connected(self) -> bool:
         return self.bridge.connected
 
+    def status(self) -> dict:
+        """The body of the admin listener's C{GET /status}."""
+        return status_snapshot(
+            node=self.node,
+            broker_state=self.broker_state(),
+            readiness=self.readiness(),
+            chargers=self.chargers(),
+            recent=self.recent,
+            now=self._reactor.seconds(),
+        )
+
     def broker_blocked(self) -> bool:
         return getattr(self.bridge, "blocked", False)
 
     def broker_state(self) -> str:
-        """The broker link's state: idle, connecting, open, lost, ..."""
+        """
+        The broker link's state in a word (idle, connecting, open, lost,
+        reconnecting, closing, closed), as the status page shows it.
+        """
         return self.bridge.state.value
 
     def broker_link(self) -> dict:
@@ -320,7 +338,8 @@ class GatewayService(service.MultiService, GatewayState):
         if self.admin_port is not None:
             admin = self.admin_port.getHost()
             _log.info(
-                "Admin API on http://{host}:{port}/ (metrics, healthz, readyz, chargers)",
+                "Admin API on http://{host}:{port}/ (status page; status, metrics, healthz, "
+                "readyz, chargers)",
                 host=admin.host,
                 port=admin.port,
             )

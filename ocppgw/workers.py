@@ -2,9 +2,9 @@
 C{[listener] workers = N}: N gateway processes sharing one listening port.
 
 One Python process runs on one core; a host with more cores runs several
-gateways. Each worker is a complete C{twistd ocppgw} process (its own AMQP
-connection, its own node name) that binds the port with C{SO_REUSEPORT}, so
-the kernel spreads incoming connections over the workers. The processes
+gateways. Each worker is a complete gateway process, C{ocppgw run} (its own
+AMQP connection, its own node name), that binds the port with
+C{SO_REUSEPORT}, so the kernel spreads incoming connections over the workers. The processes
 that share a port cooperate exactly as gateways on different hosts do:
 "last connection wins" across them goes through the takeover message (see
 L{ocppgw.gateway}).
@@ -121,8 +121,9 @@ class WorkersService(service.Service):
     def _spawn(self, index: int) -> None:
         if self._stopping:
             return
-        args = [self._python, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile=", "ocppgw", "--worker", str(index)]
+        # `ocppgw run` is `twistd -n ocppgw` without plugin discovery, so
+        # the workers start in every install mode the supervisor did
+        args = [self._python, "-m", "ocppgw.cli", "run", "--worker", str(index)]
         if self._config_path:
             args += ["--config", os.path.abspath(self._config_path)]
         worker = _Worker(self, index)

@@ -82,6 +82,18 @@ class Response:
         return "fin"
 
 
+    def close_without_code(self) -> bytes:
+        """
+        Send a close frame with no status code (an empty body, as some
+        chargers do) and return the body of the server's close frame.
+        """
+        self.sock.sendall(bytes([0x88, 0x80]) + os.urandom(4))
+        head = _read_exact(self.sock, 2)
+        if head[0] & 0x0F != 0x8:
+            raise AssertionError(f"expected a close frame, got opcode {head[0] & 0x0F}")
+        return _read_exact(self.sock, head[1] & 0x7F)
+
+
 def _read_exact(sock, n: int) -> bytes:
     data = b""
     while len(data) < n:

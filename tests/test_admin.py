@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
@@ -50,6 +50,24 @@ def samples(text: bytes) -> dict:
 
 def value(scraped: dict, name: str, **labels) -> float:
     return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def link_down_and_up(bridge) -> tuple[defer.Deferred, defer.Deferred]:
+    """
+    Two Deferreds: the first fires when the bridge's broker link goes
+    down, the second when it is up again after that.
+    """
+    down: defer.Deferred = defer.Deferred()
+    up: defer.Deferred = defer.Deferred()
+
+    def observe(connected, why):
+        if not connected and not down.called:
+            down.callback(None)
+        elif connected and down.called and not up.called:
+            up.callback(None)
+
+    bridge.add_observer(observe)
+    return down, up
 
 
 class AdminTestCase(GatewayTestCase):
@@ -146,6 +164,38 @@ class MetricsTests(AdminTestCase):
         self.assertEqual(value(gone, "ocppgw_disconnects_total", version="ocpp16", code="1000"), 1)
 
     @defer.inlineCallbacks
+    def test_disconnect_codes(self):
+        """
+        A charger whose close frame carries no status code (real chargers
+        do this on every reset) is counted as code "none" and announced
+        with code null; one that drops TCP without a close frame as 1006.
+        """
+        from tests import rawclient
+
+        quiet = self.identity()
+        events = self.backend.next_message("ocppgw.disconnected")
+        response = yield rawclient.handshake(self.port, "/ocpp/" + quiet, keep_open=True)
+        self.addCleanup(response.close)
+        self.assertEqual(response.status, 101)
+        answer = yield threads.deferToThread(response.close_without_code)
+        # the gateway completes the close handshake (with 1000)
+        self.assertEqual(answer, (1000).to_bytes(2, "big"))
+        event = yield events
+        self.assertEqual(orjson.loads(event.body)["identity"], quiet)
+        self.assertIsNone(orjson.loads(event.body)["code"])
+
+        dropped = self.identity()
+        charger = yield self.connect(dropped)
+        events = self.backend.next_message("ocppgw.disconnected")
+        yield charger.drop()
+        event = yield events
+        self.assertEqual(orjson.loads(event.body)["code"], 1006)
+
+        scraped = yield self.scrape()
+        self.assertEqual(value(scraped, "ocppgw_disconnects_total", version="ocpp16", code="none"), 1)
+        self.assertEqual(value(scraped, "ocppgw_disconnects_total", version="ocpp16", code="1006"), 1)
+
+    @defer.inlineCallbacks
     def test_invalid_payloads(self):
         """Payloads breaking their schema ([validation] warn) are counted."""
         self.backend.handle(
@@ -231,16 +281,7 @@ class HealthTests(AdminTestCase):
                                        "accepting": True}},
         )
         bridge = self.gateway_service.bridge
-        down: defer.Deferred = defer.Deferred()
-        up: defer.Deferred = defer.Deferred()
-
-        def observe(connected, why):
-            if not connected and not down.called:
-                down.callback(None)
-            elif connected and down.called and not up.called:
-                up.callback(None)
-
-        bridge.add_observer(observe)
+        down, up = link_down_and_up(bridge)
         closed = yield close_broker_connections(f"ocppgw {self.gateway_service.node}")
         self.assertEqual(closed, 1)
         yield down
@@ -325,16 +366,88 @@ class ChargersTests(AdminTestCase):
         self.assertEqual(status, 404)
 
 
+class StatusTests(AdminTestCase):
+    @defer.inlineCallbacks
+    def test_status(self):
+        """
+        /status: the broker link's state, readiness, chargers by version
+        and listener, and the last refusals and disconnects, newest first,
+        with their reasons.
+        """
+        refused = FakeCharger.connect(reactor, self.url(self.identity()), ["ocpp1.5"])
+        yield self.assertFailure(refused, ChargerClosed, Exception)
+        gone = self.identity("RDAM 9")
+        charger = yield self.connect(gone)
+        disconnected = self.backend.next_message("ocppgw.disconnected")
+        yield charger.close(4001)
+        yield disconnected
+        yield self.connect(self.identity(), ("ocpp2.0.1",))
+        yield self.connect(self.identity(), ("ocpp2.0.1",))
+
+        status, headers, body = yield self.get("/status")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+        found = orjson.loads(body)
+        self.assertEqual(found["node"], self.gateway_service.node)
+        self.assertEqual(found["broker"], "open")
+        self.assertEqual((found["ready"], found["checks"]["broker"]), (True, True))
+        self.assertEqual(
+            found["chargers"],
+            {"total": 2, "by_version": {"ocpp2.0.1": 2}, "by_listener": {"ws": 2}},
+        )
+        [refusal] = found["refusals"]
+        self.assertEqual(
+            (refusal["status"], refusal["reason"], refusal["listener"]),
+            (400, "No supported OCPP subprotocol", "ws"),
+        )
+        self.assertTrue(refusal["peer"].startswith("tcp4:127.0.0.1:"), refusal)
+        self.assertTrue(refusal["time"].endswith("Z"))
+        [disconnect] = found["disconnects"]
+        self.assertEqual(
+            {key: disconnect[key] for key in ("identity", "version", "listener", "code")},
+            {"identity": gone, "version": "ocpp1.6", "listener": "ws", "code": 4001},
+        )
+        self.assertGreaterEqual(disconnect["duration"], 0)
+
+    @defer.inlineCallbacks
+    def test_broker_state_follows_the_link(self):
+        """The state the page shows is the service's broker_state()."""
+        self.assertEqual(self.gateway_service.broker_state(), "open")
+        bridge = self.gateway_service.bridge
+        down, up = link_down_and_up(bridge)
+        yield close_broker_connections(f"ocppgw {self.gateway_service.node}")
+        yield down
+        status, _, body = yield self.get("/status")
+        # lost, and at once trying the next URL
+        self.assertEqual(orjson.loads(body)["broker"], "reconnecting")
+        self.assertEqual(orjson.loads(body)["checks"]["broker"], False)
+        yield up
+        status, _, body = yield self.get("/status")
+        self.assertEqual(orjson.loads(body)["broker"], "open")
+
+    @defer.inlineCallbacks
+    def test_page(self):
+        """/ is the status page: HTML whose CSP lets only its own script run."""
+        status, headers, body = yield self.get("/")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"])
+        self.assertIn(b"<title>ocppgw status</title>", body)
+        [policy] = headers.getRawHeaders(b"content-security-policy")
+        self.assertIn(b"default-src 'none'", policy)
+        self.assertIn(b"script-src 'sha256-", policy)
+        self.assertNotIn(b"unsafe-inline", policy)
+
+
 class BasicAuthTests(AdminTestCase):
     settings = {"admin": {"username": "ops", "password": "s3cret"}}
 
     @defer.inlineCallbacks
     def test_basic_auth(self):
         """
-        With credentials configured, /metrics and /chargers need them;
-        the probes do not.
+        With credentials configured, /metrics, /chargers, the status page
+        and /status need them; the probes do not.
         """
-        for path in ("/metrics", "/chargers"):
+        for path in ("/metrics", "/chargers", "/", "/status"):
             status, headers, _ = yield self.get(path)
             self.assertEqual(status, 401, path)
             self.assertEqual(

@@ -15,8 +15,8 @@ from twisted.internet import defer, reactor, utils
 from twisted.trial import unittest
 
 from ocppgw import cli
-from ocppgw.testing import amqp_url
-from tests.support import GatewayTestCase
+from ocppgw.testing import amqp_url, unique_name
+from tests.support import GatewayTestCase, delete_exchange
 from tests.test_service import REPO
 
 BAD_CONFIG = "[listener]\ntcp.port = 70000\n"
@@ -73,6 +73,33 @@ class CallTests(GatewayTestCase):
         self.assertEqual(status, cli.EXIT_TIMEOUT, err)
         self.assertEqual(out, b"")
         self.assertIn(b"no answer from", err)
+
+    @defer.inlineCallbacks
+    def test_unbound_queue_is_refused_at_once(self):
+        """
+        The charger's queue exists but is not bound to the exchange: the
+        command is published mandatory, the broker returns it, and the
+        command line says so with status 4 at once. Waiting for the answer
+        (600 s) would outlast this test's own timeout.
+        """
+        identity = self.identity()
+        # the charger's queue is bound to the gateway's exchange only; the
+        # command goes to another one (a wrong [amqp] exchange or
+        # --exchange), where nothing is bound
+        yield self.backend.client.declare_queue(
+            "ocpp." + identity, [identity], auto_delete=False
+        )
+        other = unique_name("ocpp-test-other")
+        self.addCleanup(delete_exchange, other)
+        out, err, status = yield run_cli(
+            "call", identity, "Reset", "{}", "--timeout", "600",
+            "--url", amqp_url(), "--exchange", other,
+        )
+        self.assertEqual(status, cli.EXIT_NO_CHARGER, err)
+        self.assertEqual(out, b"")
+        self.assertIn(
+            f"queue 'ocpp.{identity}' exists but is not bound to exchange '{other}'".encode(), err
+        )
 
     @defer.inlineCallbacks
     def test_unknown_charger(self):
@@ -166,18 +193,35 @@ class InProcessTests(unittest.SynchronousTestCase):
         self.assertEqual((status, out), (0, f"{path}: ok\n"))
 
     def test_check_config_problems(self):
+        """Every problem, each as FILE: section.key: reason."""
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(BAD_CONFIG + "[amqp]\nexchnage = x\n")
+        status, out, err = self.run_main("check-config", path)
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(
+            err.splitlines(),
+            [
+                f"{path}: listener.tcp.port: 70000 is not a port (1-65535, or 0 for any free port)",
+                f"{path}: amqp.exchnage: unknown key (did you mean exchange?)",
+            ],
+        )
+
+    def test_check_config_what_start_refuses(self):
+        """The checks twistd ocppgw makes beyond the file's own keys too."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[listener]\nworkers = 2\ntcp.port = 0\n")
         status, _, err = self.run_main("check-config", path)
         self.assertEqual(status, 1)
-        self.assertIn("listener.tcp.port: 70000 is not a port", err)
-        self.assertIn("amqp.exchnage: unknown key", err)
+        self.assertEqual(
+            err, f"{path}: listener.workers: several workers need fixed listener ports, not 0\n"
+        )
 
     def test_help_everywhere(self):
         status, out, _ = self.run_main("--help")
         self.assertEqual(status, 0)
-        for name in ("call", "check-config", "chargers"):
+        for name in ("run", "passwd", "call", "check-config", "chargers"):
             self.assertIn(name, out)
             status, out_sub, _ = self.run_main(name, "--help")
             self.assertEqual(status, 0)
@@ -186,7 +230,7 @@ class InProcessTests(unittest.SynchronousTestCase):
     def test_subcommands_registry(self):
         self.assertEqual(
             [add.__name__ for add in cli.SUBCOMMANDS],
-            ["add_passwd", "add_call", "add_check_config", "add_chargers"],
+            ["add_run", "add_passwd", "add_call", "add_check_config", "add_chargers"],
         )
 
     def test_disconnect_needs_identity(self):

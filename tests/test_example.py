@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -148,16 +149,19 @@ class ExampleTestCase(GatewayTestCase):
         return process
 
     @defer.inlineCallbacks
-    def start_worker(self):
+    def start_worker(self, *arguments: str, queue: str | None = None):
         """
-        C{worker.py serve} on the test's exchange, once it consumes.
+        C{worker.py serve} on the test's exchange, once it consumes; its
+        queue is C{worker.queue}.
         """
-        queue = unique_name("example-worker")
-        self.addCleanup(self._delete_queue, queue)
+        if queue is None:
+            queue = unique_name("example-worker")
+            self.addCleanup(self._delete_queue, queue)
         worker = self.spawn(
             WORKER, "serve", "--url", amqp_url(), "--exchange", self.exchange,
-            "--queue", queue,
+            "--queue", queue, *arguments,
         )
+        worker.queue = queue
         yield worker.wait_for_line(lambda line: line.startswith("ready:"))
         return worker
 
@@ -318,11 +322,176 @@ class CallTests(ExampleTestCase):
             yield admin.close()
 
 
+class QueueLifetimeTests(ExampleTestCase):
+    """
+    The worker's queue expires when no worker uses it, can be purged at
+    start and deleted with C{clean}.
+    """
+
+    @defer.inlineCallbacks
+    def declare(self, queue: str, arguments) -> defer.Deferred:
+        """
+        Declare C{queue} with C{arguments}: the broker refuses (the
+        Deferred fails, closing the client's channel) when the queue exists
+        with other ones.
+        """
+        client = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
+        try:
+            yield client.declare_queue(queue, durable=True, auto_delete=False,
+                                       arguments=arguments)
+        finally:
+            yield client.close()
+
+    @defer.inlineCallbacks
+    def test_queue_expires(self):
+        worker = yield self.start_worker("--expires", "600")
+        queue = worker.queue
+        self.assertIn("(deleted after 600 s unused)", worker.lines[0])
+        # the same arguments are accepted, others are not: the queue has
+        # x-expires = 600 s
+        yield self.declare(queue, {"x-expires": 600_000})
+        yield self.assertFailure(self.declare(queue, None), Exception)
+
+    @defer.inlineCallbacks
+    def test_purge_and_clean(self):
+        queue = unique_name("example-worker")
+        self.addCleanup(self._delete_queue, queue)
+        yield self.declare(queue, {"x-expires": 1_800_000})
+        client = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
+        try:
+            # a frame that came while no worker ran
+            yield client.send_to_charger(queue, b"[2,\"old\",\"Heartbeat\",{}]",
+                                         exchange="", routing_key=queue)
+        finally:
+            yield client.close()
+        worker = yield self.start_worker("--purge", queue=queue)
+        self.assertEqual(worker.lines[0], f"purged 1 messages that waited in {queue}")
+        yield worker.stop()
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable,
+            [WORKER, "clean", "--url", amqp_url(), "--queue", queue],
+            env=_environment(), reactor=reactor,
+        )
+        self.assertEqual((out, code), (f"deleted {queue} (0 messages)\n".encode(), 0), err)
+        client = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
+        try:
+            exists = yield client.queue_exists(queue)
+        finally:
+            yield client.close()
+        self.assertFalse(exists)
+
+    @defer.inlineCallbacks
+    def test_old_queue_without_expiry(self):
+        """
+        A queue left by an older worker (no x-expires) cannot be declared
+        again with it: serve says how to remove it.
+        """
+        queue = unique_name("example-worker")
+        self.addCleanup(self._delete_queue, queue)
+        yield self.declare(queue, None)
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable,
+            [WORKER, "serve", "--url", amqp_url(), "--exchange", self.exchange, "--queue", queue],
+            env=_environment(), reactor=reactor,
+        )
+        self.assertEqual(code, 1, err)
+        self.assertIn(f"clean --queue {queue}".encode(), err)
+
+
+#: Where the README's worked example shows each program's output: a
+#: comment "<!-- output: NAME -->" right before a fenced block.
+_OUTPUT_BLOCK = re.compile(r"<!-- output: ([a-z ]+) -->\n```\n(.*?)```", re.S)
+#: What differs from run to run inside frames: message ids and timestamps.
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def readme_outputs() -> dict[str, list[str]]:
+    """The output blocks of the README's worked example, by name."""
+    text = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Worked example"):]
+    section = section[:section.index("\n## ", 1)]
+    return {name: block.splitlines() for name, block in _OUTPUT_BLOCK.findall(section)}
+
+
+def _normalised(value):
+    """A frame with its message ids and timestamps replaced by placeholders."""
+    if isinstance(value, list):
+        return [_normalised(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _normalised(item) for key, item in value.items()}
+    if isinstance(value, str) and _UUID.match(value):
+        return "<message id>"
+    if isinstance(value, str) and _TIME.match(value):
+        return "<time>"
+    return value
+
+
+def _comparable(line: str):
+    """A frame line (> or < and JSON) as its normalised frame; others as they are."""
+    prefix, _, rest = line.partition(" ")
+    if prefix in (">", "<") or line.startswith("["):
+        frame = json.loads(rest if prefix in (">", "<") else line)
+        return (prefix if prefix in (">", "<") else "", _normalised(frame))
+    return line
+
+
 class WorkedExampleTests(ExampleTestCase):
     """
     The README's worked example: worker, simulated charger and a command,
     three processes around a real gateway.
     """
+
+    def assertShows(self, name: str, output: list[str], substitutions: dict) -> None:
+        """
+        The README's block C{name} (with C{substitutions} for what this
+        run names differently) appears in C{output}, line by line in
+        order; frames are compared without their ids and timestamps.
+        """
+        expected = readme_outputs()[name]
+        self.assertTrue(expected, f"no output block {name!r} in the README")
+        remaining = [_comparable(line) for line in output]
+        for line in expected:
+            if line.startswith("$ "):
+                continue  # the command, as typed
+            for old, new in substitutions.items():
+                line = line.replace(old, new)
+            wanted = _comparable(line)
+            self.assertIn(wanted, remaining, f"README block {name!r}: {line!r} not in {output}")
+            remaining = remaining[remaining.index(wanted) + 1:]
+
+    @defer.inlineCallbacks
+    def test_readme_output(self):
+        """
+        The worked example as the README shows it: each block of output
+        there is what the programs print today.
+        """
+        worker = yield self.start_worker("--expires", "1800")
+        identity = self.identity("CP")
+        url = f"ws://127.0.0.1:{self.port}/ocpp"
+        names = {
+            "CP1": identity,
+            "vm:2245": self.gateway_service.node,
+            "csms.example-worker": worker.queue,
+            "exchange ocpp": f"exchange {self.exchange}",
+            "ws://127.0.0.1:19520/ocpp": url,
+        }
+        charger = self.spawn(CHARGER, "--url", url, identity)
+        yield worker.wait_for_line(lambda line: line.startswith(f"{identity} ocpp1.6 Status"))
+        yield charger.wait_for_line(lambda line: line.startswith("< [3") and "{}" in line)
+        self.assertShows("worker serve", worker.lines, names)
+        self.assertShows("charger", charger.lines, names)
+
+        out, err, code = yield self.run_call(identity, "Reset", '{"type": "Soft"}')
+        self.assertEqual(code, EXIT_RESULT, err)
+        self.assertShows("worker call", out.decode().splitlines(), names)
+        yield charger.wait_for_line(lambda line: line.startswith("> [3") and "Accepted" in line
+                                    and "Reset" not in line and "currentTime" not in line)
+        self.assertShows("charger call", charger.lines, names)
+
+        yield charger.stop()
+        yield worker.wait_for_line(lambda line: line.startswith(f"{identity} disconnected"))
+        self.assertShows("worker stop", worker.lines, names)
 
     @defer.inlineCallbacks
     def test_workedExample(self):

@@ -98,3 +98,32 @@ class MetricsTests(unittest.SynchronousTestCase):
                   reason="other"),
             3,
         )
+
+class MemoryLimitTests(unittest.SynchronousTestCase):
+    """ocppgw_memory_limit_bytes: the cgroup's limit, or the rlimit, or none."""
+
+    def setUp(self):
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        self.rlimit = float("inf") if soft == resource.RLIM_INFINITY else float(soft)
+
+    def limit_file(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        return path
+
+    def test_cgroup_limit(self):
+        path = self.limit_file("1073741824")
+        self.assertEqual(metrics.memory_limit([path]), min(1073741824.0, self.rlimit))
+
+    def test_no_limit(self):
+        """cgroup v2 writes "max", v1 a huge number; a missing file is skipped."""
+        for text in ("max", "9223372036854771712"):
+            path = self.limit_file(text)
+            self.assertEqual(metrics.memory_limit(["/nonexistent/memory.max", path]), self.rlimit)
+
+    def test_first_existing_file_decides(self):
+        v2, v1 = self.limit_file("max"), self.limit_file("1073741824")
+        self.assertEqual(metrics.memory_limit([v2, v1]), self.rlimit)

@@ -32,25 +32,47 @@ class PluginTests(unittest.TestCase):
         self.assertIs(makers["ocppgw"].options, Options)
 
     def test_bad_config_key_named(self):
+        """
+        A bad configuration ends the process with only its problems, each
+        naming the file and C{section.key} (SystemExit: status 1 and the
+        text on stderr), not twistd's usage text.
+        """
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("[listener]\ntcp.port = 99999\n")
         options = Options()
-        error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
-        self.assertTrue(str(error).startswith("listener.tcp.port: "), str(error))
+        error = self.assertRaises(SystemExit, options.parseOptions, ["--config", path])
+        self.assertTrue(str(error.code).startswith(f"{path}: listener.tcp.port: "), error.code)
 
     def test_unknown_key_named(self):
         path = self.mktemp()
         with open(path, "w") as f:
-            f.write("[amqp]\nexchnage = x\n")
-        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
-        self.assertIn("amqp.exchnage: unknown key", str(error))
+            f.write("[amqp]\nexchnage = x\n[listener]\ntcp.prot = 1\n")
+        error = self.assertRaises(SystemExit, Options().parseOptions, ["--config", path])
+        self.assertEqual(
+            str(error.code).splitlines(),
+            [
+                f"{path}: listener.tcp.prot: unknown key (did you mean tcp.port?)",
+                f"{path}: amqp.exchnage: unknown key (did you mean exchange?)",
+            ],
+        )
 
     def test_unreadable_config(self):
         error = self.assertRaises(
-            usage.UsageError, Options().parseOptions, ["--config", "/nonexistent/ocppgw.ini"]
+            SystemExit, Options().parseOptions, ["--config", "/nonexistent/ocppgw.ini"]
         )
-        self.assertIn("/nonexistent/ocppgw.ini", str(error))
+        self.assertEqual(
+            error.code, "/nonexistent/ocppgw.ini: cannot read: No such file or directory"
+        )
+
+    def test_workers_need_fixed_ports(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[listener]\nworkers = 2\ntcp.port = 0\n")
+        error = self.assertRaises(SystemExit, Options().parseOptions, ["--config", path])
+        self.assertEqual(
+            error.code, f"{path}: listener.workers: several workers need fixed listener ports, not 0"
+        )
 
     def test_shipped_config_loads(self):
         options = Options()
@@ -127,7 +149,8 @@ class MakeServiceTests(unittest.TestCase):
 
 class _Collect(protocol.ProcessProtocol):
     """
-    Collects a child's output; C{ready} fires when C{marker} is printed.
+    Collects a child's output (stdout and stderr together); C{ready} fires
+    when C{marker} is printed, L{wait_for} when any other text is.
     """
 
     def __init__(self, marker: bytes | None):
@@ -135,18 +158,44 @@ class _Collect(protocol.ProcessProtocol):
         self.marker = marker
         self.ready: defer.Deferred = defer.Deferred()
         self.ended: defer.Deferred = defer.Deferred()
+        self._waiting: list[tuple[bytes, int, defer.Deferred]] = []
+        if marker is not None:
+            self._waiting.append((marker, 0, self.ready))
+
+    def wait_for(self, text: bytes) -> defer.Deferred:
+        """Fires once C{text} appears in output printed from now on."""
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((text, len(self.output), d))
+        self._check()
+        return d
+
+    def _check(self) -> None:
+        for entry in list(self._waiting):
+            text, since, d = entry
+            if text in self.output[since:]:
+                self._waiting.remove(entry)
+                d.callback(None)
 
     def outReceived(self, data):
         self.output += data
-        if self.marker and self.marker in self.output and not self.ready.called:
-            self.ready.callback(None)
+        self._check()
 
     errReceived = outReceived
 
     def processEnded(self, reason):
-        if self.marker is not None and not self.ready.called:
-            self.ready.errback(RuntimeError(self.output.decode(errors="replace")))
+        waiting, self._waiting = self._waiting, []
+        for text, _since, d in waiting:
+            d.errback(RuntimeError(
+                f"ended before {text!r} was printed:\n" + self.output.decode(errors="replace")
+            ))
         self.ended.callback(reason.value)
+
+
+def _config_file(testcase: unittest.TestCase, text: str) -> str:
+    path = os.path.abspath(testcase.mktemp())
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
 class TwistdTests(unittest.TestCase):
@@ -157,9 +206,7 @@ class TwistdTests(unittest.TestCase):
     timeout = 60
 
     def twistd(self, config_text: str, marker: bytes | None = None) -> _Collect:
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            f.write(config_text)
+        path = _config_file(self, config_text)
         collect = _Collect(marker)
         reactor.spawnProcess(
             collect,
@@ -169,14 +216,25 @@ class TwistdTests(unittest.TestCase):
             env={**os.environ, "PYTHONPATH": REPO},
             path=REPO,
         )
+        self.path = path
         return collect
 
     @defer.inlineCallbacks
     def test_bad_config_exits_nonzero_with_named_key(self):
-        child = self.twistd("[ocpp]\ncall_timeout = -5\n")
+        """
+        Only the problems are printed, each naming the file: not twistd's
+        usage text, not its own name.
+        """
+        child = self.twistd("[ocpp]\ncall_timeout = -5\n[listener]\ntcp.prot = 1\n")
         ended = yield child.ended
-        self.assertNotEqual(ended.exitCode, 0)
-        self.assertIn(b"ocpp.call_timeout: ", child.output)
+        self.assertEqual(ended.exitCode, 1)
+        self.assertEqual(
+            child.output.decode().splitlines(),
+            [
+                f"{self.path}: listener.tcp.prot: unknown key (did you mean tcp.port?)",
+                f"{self.path}: ocpp.call_timeout: -5 is not a number of seconds > 0",
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_broker_refusal_exits_nonzero(self):
@@ -186,9 +244,29 @@ class TwistdTests(unittest.TestCase):
         )
         ended = yield child.ended
         self.assertEqual(ended.exitCode, 1)
-        self.assertIn(b"ocppgw could not start", child.output)
+        self.assertIn(b"ocppgw could not start: [amqp] url: ", child.output)
         self.assertIn(b"the broker closed the connection during login", child.output)
         self.assertNotIn(b"wrong", child.output)
+
+    @defer.inlineCallbacks
+    def test_unreachable_broker_named(self):
+        """
+        A broker URL that refuses the TCP connection is named with its key
+        and its URL, password masked.
+        """
+        port = free_port()
+        child = self.twistd(
+            "[listener]\ntcp.port = 0\n[admin]\ntcp.port = 0\n"
+            f"[amqp]\nurl = amqp://guest:hush@127.0.0.1:{port}/%2F\n",
+        )
+        ended = yield child.ended
+        self.assertEqual(ended.exitCode, 1)
+        self.assertIn(
+            f"ocppgw could not start: [amqp] url amqp://guest:****@127.0.0.1:{port}/%2F: "
+            "Connection was refused".encode(),
+            child.output,
+        )
+        self.assertNotIn(b"hush", child.output)
 
     @defer.inlineCallbacks
     def test_sigterm_closes_chargers_with_1012(self):
@@ -212,3 +290,109 @@ class TwistdTests(unittest.TestCase):
         yield client.delete_queue("ocpp." + identity)
         yield client.delete_exchange(exchange)
         yield client.close()
+
+
+#: Runs `ocppgw` (the command line's main) as an install would that has no
+#: twisted/plugins/ on sys.path: the checkout is taken off sys.path, and a
+#: directory holding only a link to the ocppgw package is put first.
+_WITHOUT_PLUGIN_PATH = """\
+import os, sys
+repo, shim = sys.argv.pop(1), sys.argv.pop(1)
+sys.path[:] = [shim] + [p for p in sys.path if os.path.abspath(p or ".") != repo]
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+found = any(maker.tapname == "ocppgw" for maker in getPlugins(IServiceMaker))
+print("twistd finds the ocppgw plugin:", found, flush=True)
+from ocppgw.cli import main
+sys.exit(main())
+"""
+
+
+def _plugin_installed_outside_checkout() -> bool:
+    """Whether an installed copy (not the checkout) holds the twistd plugin."""
+    for entry in sys.path:
+        entry = os.path.abspath(entry or ".")
+        if entry != REPO and os.path.exists(
+            os.path.join(entry, "twisted", "plugins", "ocppgw_plugin.py")
+        ):
+            return True
+    return False
+
+
+class RunTests(unittest.TestCase):
+    """
+    C{ocppgw run} as a real process, where twistd's plugin discovery cannot
+    see the gateway: same service, same signals as C{twistd -n ocppgw}.
+    """
+
+    timeout = 60
+
+    def ocppgw(self, *args: str, marker: bytes | None = None) -> _Collect:
+        shim = os.path.abspath(self.mktemp())
+        os.makedirs(shim)
+        os.symlink(os.path.join(REPO, "ocppgw"), os.path.join(shim, "ocppgw"))
+        collect = _Collect(marker)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        reactor.spawnProcess(
+            collect,
+            sys.executable,
+            [sys.executable, "-c", _WITHOUT_PLUGIN_PATH, REPO, shim, *args],
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            path=shim,
+        )
+        return collect
+
+    @defer.inlineCallbacks
+    def test_run_drains_on_sigterm_and_exits_0(self):
+        """
+        The gateway starts, a charger connects and exchanges a frame,
+        SIGHUP reloads (the charger stays), SIGTERM closes the charger with
+        1012 and the process ends with status 0 after its drain.
+        """
+        port = free_port()
+        exchange = unique_name("run-test")
+        path = _config_file(
+            self,
+            f"[listener]\ntcp.port = {port}\ndrain_window = 0.5\n[admin]\ntcp.port = 0\n"
+            f"[amqp]\nurl = {amqp_url()}\nexchange = {exchange}\n",
+        )
+        child = self.ocppgw("run", "--config", path, marker=b"listening on ws://")
+        yield child.ready
+        if not _plugin_installed_outside_checkout():
+            # the case `ocppgw run` exists for: twistd would not know ocppgw
+            self.assertIn(b"twistd finds the ocppgw plugin: False", child.output)
+        backend = yield FakeBackEnd.start(reactor, amqp_url(), exchange)
+        self.addCleanup(backend.stop)
+        backend.handle("Heartbeat", lambda message, payload: {"currentTime": "2026-01-01T00:00:00Z"})
+        identity = unique_name("CP")
+        charger = yield FakeCharger.connect(reactor, f"ws://127.0.0.1:{port}/ocpp/{identity}")
+        answer = yield charger.call("Heartbeat", {})
+        self.assertEqual(answer[0], 3)
+
+        reloaded = child.wait_for(b"Reloading TLS material and credentials")
+        os.kill(child.transport.pid, signal.SIGHUP)
+        yield reloaded
+        answer = yield charger.call("Heartbeat", {})
+        self.assertEqual(answer[0], 3)
+
+        os.kill(child.transport.pid, signal.SIGTERM)
+        code, _ = yield charger.closed
+        self.assertEqual(code, 1012)
+        ended = yield child.ended
+        self.assertEqual((ended.exitCode, ended.signal), (0, None), child.output)
+        self.assertIn(b"ocppgw stopped", child.output)
+        client = yield BackEndClient.connect(reactor, amqp_url(), exchange)
+        yield client.delete_queue("ocpp." + identity)
+        yield client.delete_exchange(exchange)
+        yield client.close()
+
+    @defer.inlineCallbacks
+    def test_bad_config(self):
+        path = _config_file(self, "[listener]\ntcp.prot = 1\n")
+        child = self.ocppgw("run", "--config", path)
+        ended = yield child.ended
+        self.assertEqual(ended.exitCode, 1)
+        lines = child.output.decode().splitlines()
+        self.assertEqual(
+            lines[1:], [f"{path}: listener.tcp.prot: unknown key (did you mean tcp.port?)"]
+        )

@@ -150,6 +150,7 @@ class AmqpBridge:
             connect_timeout=connect_timeout,
             heartbeat=heartbeat,
             reconnect_max_delay=reconnect_max_delay,
+            url_names=["[amqp] url"] + ["[amqp] failover_urls"] * len(failover_urls),
         )
         self.link.add_observer(self._link_changed)
         # the current connection's channels (while the link is open), and

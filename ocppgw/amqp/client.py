@@ -216,9 +216,17 @@ class BackEndClient:
         return messages
 
     def send_to_charger(self, identity: str, frame: bytes, *, reply_to=None,
-                        correlation_id=None, exchange=None, routing_key=None) -> defer.Deferred:
+                        correlation_id=None, exchange=None, routing_key=None,
+                        mandatory: bool = False) -> defer.Deferred:
         """
         Publish a frame for a charger (routing key = its identity).
+
+        @param mandatory: have the broker return the frame when no queue is
+            bound for it: the Deferred then fails with
+            C{pika.exceptions.UnroutableError} as soon as the broker says
+            so. pika's Twisted channel credits a return to the next
+            confirm, so this is exact only with one publish in flight on
+            this client (as the command line has).
         """
         return self._channel.basic_publish(
             self.exchange if exchange is None else exchange,
@@ -230,17 +238,21 @@ class BackEndClient:
                 reply_to=reply_to,
                 correlation_id=correlation_id,
             ),
+            mandatory=mandatory,
         )
 
     @defer.inlineCallbacks
     def call(self, identity: str, frame: bytes, timeout: float = 35.0,
-             correlation_id: Optional[str] = None):
+             correlation_id: Optional[str] = None, mandatory: bool = False):
         """
         Send a CALL to a charger and wait for its answer over RabbitMQ's
         direct reply-to.
 
+        @param mandatory: see L{send_to_charger}.
         @return: the L{Message} with the charger's answer.
         @raise defer.TimeoutError: when nothing comes back in C{timeout}.
+        @raise pika.exceptions.UnroutableError: with C{mandatory}, when no
+            queue is bound for the charger's identity.
         """
         if self._reply_consumer is None:
             # one consumer of the pseudo-queue per channel: the broker
@@ -258,7 +270,8 @@ class BackEndClient:
         waiting.addTimeout(timeout, self._reactor)
         try:
             yield self.send_to_charger(
-                identity, frame, reply_to=DIRECT_REPLY_TO, correlation_id=correlation_id
+                identity, frame, reply_to=DIRECT_REPLY_TO, correlation_id=correlation_id,
+                mandatory=mandatory,
             )
             answer = yield waiting
         finally:

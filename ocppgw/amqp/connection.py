@@ -170,10 +170,9 @@ class BrokerConnection:
         try:
             yield connectProtocol(endpoint_for(self._reactor, self.url, timeout), self.protocol)
         except Exception as error:
+            # the link names the URL (and the setting it comes from)
             self.lost_reason = str(error)
-            raise BrokerUnavailable(
-                f"AMQP connection to {self.shown_url} failed: {error}"
-            ) from error
+            raise BrokerUnavailable(str(error)) from error
         _no_delay(self.protocol.transport)
         timer = self._reactor.callLater(timeout, self._abort_transport)
         try:

@@ -98,15 +98,19 @@ class BrokerLink:
         connect_timeout: float = 10.0,
         heartbeat: float = 60.0,
         reconnect_max_delay: float = 30.0,
+        url_names: Optional[list[str]] = None,
     ) -> None:
         """
         @param parameters: pika's parameters for a URL.
+        @param url_names: where each URL comes from (a setting's name), for
+            the message when none can be reached.
         @param setup: prepares a freshly opened connection (exchange,
             channels); its Deferred must fail if the connection is lost
             meanwhile (see L{BrokerConnection.wait}).
         """
         self._reactor = reactor
         self.urls = list(urls)
+        self._url_names = list(url_names) if url_names else [""] * len(self.urls)
         self._url_index = 0
         self._parameters = parameters
         self._setup = setup
@@ -170,13 +174,18 @@ class BrokerLink:
             self._goto(LinkState.OPEN, "connected")
             return
         self._goto(LinkState.CLOSED, "no broker could be reached")
-        if len(errors) == 1:
-            raise errors[0]
+        # each reason names the setting and the URL (password masked), so
+        # that an operator knows which line of the file to look at
         reasons = []
-        for url, error in zip(self.urls, errors):
-            text = str(error)
+        for name, url, error in zip(self._url_names, self.urls, errors):
+            text = str(error) or error.__class__.__name__
             shown = mask_url(url)
-            reasons.append(text if shown in text else f"{shown}: {text}")
+            if shown in text:
+                reasons.append(f"{name}: {text}" if name else text)
+            else:
+                reasons.append(f"{name} {shown}: {text}" if name else f"{shown}: {text}")
+        if len(reasons) == 1:
+            raise BrokerUnavailable(reasons[0]) from errors[0]
         raise BrokerUnavailable("no broker could be reached: " + "; ".join(reasons))
 
     @defer.inlineCallbacks
