@@ -6,4 +6,8 @@ Tests that stop a broker or set an alarm on it use a throw-away RabbitMQ
 node of their own (L{tests.faults.broker.ThrowAwayBroker}): the shared
 broker on 127.0.0.1:5672 serves other test runs at the same time and is
 never stopped, restarted or alarmed here.
+
+Tests that need the AMQP connection to die at a precise moment (a publish
+awaiting its confirm, a declare, an ack, a reconnect) put a
+L{tests.faults.proxy.FaultProxy} between the gateway and the broker.
 """
