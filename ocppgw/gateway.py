@@ -750,8 +750,8 @@ class Gateway:
             return
         for link in list(self.chargers.values()):
             link.broker_lost()
-        if self.outage_keep_chargers or self._outage_timer is not None:
-            return
+        if self.outage_keep_chargers or self._outage_timer is not None or not self._accepting:
+            return  # (shutting down: the drain closes the chargers)
         if self.outage_grace <= 0:
             self._outage_over()
         else:
@@ -822,7 +822,14 @@ class Gateway:
     # -- shutdown ---------------------------------------------------------------
 
     def stop_accepting(self) -> None:
+        """
+        The gateway is shutting down: refuse new chargers; the drain
+        closes the others, so no outage timer is left to do it.
+        """
         self._accepting = False
+        if self._outage_timer is not None and self._outage_timer.active():
+            self._outage_timer.cancel()
+        self._outage_timer = None
 
     @property
     def accepting(self) -> bool:

@@ -233,6 +233,8 @@ class BrokerLink:
         self.losses += 1
         _log.error("Broker connection lost: {why}", why=why, event="amqp_lost")
         self._goto(LinkState.LOST, why)
+        if self.state is not LinkState.LOST:
+            return  # an observer stopped the link
         self._goto(LinkState.RECONNECTING, why)
         self._schedule_retry()
 

@@ -486,6 +486,11 @@ class ProxiedConnection:
             else:
                 d.callback(outcome)
 
+    def _disarm_bytes(self, direction: str, d: defer.Deferred) -> None:
+        armed = self._byte_cuts[direction]
+        if armed is not None and armed[1] is d:
+            self._byte_cuts[direction] = None
+
     def _arm_bytes(self, direction: str, n: int, d: defer.Deferred) -> None:
         if self._byte_cuts[direction] is not None:
             raise ValueError(f"connection {self.number} already has a byte cut {direction}")
@@ -731,13 +736,20 @@ class FaultProxy:
         close; the cut may fall inside a frame.
 
         @return: a Deferred firing with the L{ProxiedConnection} once every
-            connection is closed (never, if that connection ends first).
+            connection is closed (never, if that connection ends first);
+            cancel it to disarm the cut.
         """
         _check_direction(direction, either=False)
         if n < 0:
             raise ValueError(f"n must be 0 or more, not {n}")
-        d: defer.Deferred = defer.Deferred()
         current = self.current
+
+        def disarm(d):
+            self._byte_cuts = [armed for armed in self._byte_cuts if armed[2] is not d]
+            for connection in self.connections:
+                connection._disarm_bytes(direction, d)
+
+        d: defer.Deferred = defer.Deferred(canceller=disarm)
         if current is None:
             if any(armed[0] == direction for armed in self._byte_cuts):
                 raise ValueError(f"the next connection already has a byte cut {direction}")

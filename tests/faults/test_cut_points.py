@@ -138,14 +138,17 @@ class CutTestCase(unittest.TestCase):
         return d
 
     @defer.inlineCallbacks
-    def outage(self, cut: defer.Deferred):
+    def outage(self, cut: defer.Deferred, down=None, back=None):
         """
         With the proxy refusing new connections, wait for C{cut}; check
         what must hold while the broker is unreachable; let the gateway
         back in and wait until it has restored every consumer.
+
+        @param down: L{went_down}, when armed before.
+        @param back: L{came_back}, when armed before.
         """
-        down = self.went_down()
-        back = self.came_back()
+        down = down or self.went_down()
+        back = back or self.came_back()
         yield cut
         yield down
         self.assertFalse(self.service.bridge.connected)
@@ -452,15 +455,15 @@ class StallTests(CutTestCase):
         yield self.backend.send_to_charger(identity, [2, "c1", "Reset", {"type": "Soft"}])
         first = yield charger.next_call()
         self.proxy.refuse(True)
+        down, back = self.went_down(), self.came_back()
         stalled_at = time.monotonic()
         self.proxy.stall()
         charger.answer(first, _ACCEPTED)
-        down = self.went_down()
         yield down
         # heartbeat 2 s: noticed after 2 s of silence, within a tick or two
         self.assertLess(time.monotonic() - stalled_at, 6)
         self.proxy.unstall()
-        yield self.outage(defer.succeed(None))
+        yield self.outage(defer.succeed(None), down, back)
         answers = yield self.answers("ocpp16.Reset.conf", until="c1")
         self.assertIn(answers, (["c1"], ["c1", "c1"]))
         self.assertEqual(charger.received_call_ids, ["c1"])
