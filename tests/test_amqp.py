@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from ocppgw.amqp import AmqpBridge, BackEndClient, BrokerUnavailable, DeclareFailed
 from ocppgw.amqp import LinkState
+from ocppgw.amqp.channels import NackWatch
 from ocppgw.session import PublishOutcome
 from ocppgw.testing import amqp_url, unique_name
 from tests.support import GatewayTestCase
@@ -103,6 +104,34 @@ class ConfirmTests(BridgeTestCase):
         first = yield self.publish("full")
         second = yield self.publish("full")
         self.assertEqual((first, second), (PublishOutcome.CONFIRMED, PublishOutcome.FAILED))
+
+    @defer.inlineCallbacks
+    def test_channel_refusing_a_route_is_replaced(self):
+        """
+        A publish channel the broker keeps refusing for one route (every
+        publish nacked, none accepted, for NackWatch.SECONDS) is closed and
+        replaced; what the new channel publishes is confirmed.
+        """
+        self.patch(NackWatch, "SECONDS", 0.3)
+        queue = unique_name("full")
+        yield self.client.declare_queue(
+            queue, ["refused"], exclusive=True,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        yield self.client.declare_queue(unique_name("q"), ["fine"], exclusive=True)
+        first = self.bridge._channels.publishers[0]
+        outcomes = []
+        started = reactor.seconds()
+        while self.bridge._channels.publishers[0] is first:
+            outcomes.append((yield self.publish("refused")))
+            # an accepted publish to another route does not reset this one
+            self.assertEqual((yield self.publish("fine")), PublishOutcome.CONFIRMED)
+            if reactor.seconds() - started > 10:
+                self.fail(f"not replaced after {len(outcomes)} refusals")
+        self.assertEqual(set(outcomes), {PublishOutcome.FAILED})
+        self.assertGreaterEqual(len(outcomes), NackWatch.AT_LEAST)
+        self.assertFalse(first.open)
+        self.assertEqual((yield self.publish("fine")), PublishOutcome.CONFIRMED)
 
     @defer.inlineCallbacks
     def test_properties_of_a_publish(self):

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import pika
 
+from ocppgw.amqp.channels import NackWatch
 from ocppgw.amqp.connection import BrokerConnection, Watchdog, guarded
 from ocppgw.amqp.errors import BrokerUnavailable
 from ocppgw.amqp.link import TRANSITIONS, BrokerLink, LinkState
@@ -196,3 +197,37 @@ class LostConnectionTests(unittest.TestCase):
         self.assertIn("lost", self.losses[0])
         self.assertEqual(
             len(self.flushLoggedErrors(pika.exceptions.ConnectionWrongStateError)), 1)
+
+
+class NackWatchTests(SynchronousTestCase):
+    """
+    A route is given up on after NackWatch.SECONDS of refusals with at
+    least NackWatch.AT_LEAST of them, and no acceptance in between.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.watch = NackWatch(now=self.clock.seconds)
+
+    def refuse(self, count, every=1.0, route="r"):
+        results = []
+        for _ in range(count):
+            results.append(self.watch.refused(route))
+            self.clock.advance(every)
+        return results
+
+    def test_given_up_after_seconds_and_count(self):
+        self.assertEqual(self.refuse(6), [False] * 5 + [True])
+
+    def test_many_quick_refusals_are_not_enough(self):
+        self.assertEqual(set(self.refuse(100, every=0.01)), {False})
+
+    def test_an_accepted_publish_starts_over(self):
+        self.refuse(5)
+        self.watch.accepted("r")
+        self.assertEqual(self.refuse(5), [False] * 5)
+
+    def test_routes_apart(self):
+        self.refuse(5, route="a")
+        self.watch.accepted("b")
+        self.assertTrue(self.watch.refused("a"))

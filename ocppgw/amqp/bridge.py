@@ -95,6 +95,16 @@ class _Channels:
         self.control_queue = control_queue
         self.sentinel = sentinel
         self.waiting_declares: list[tuple] = []
+        #: publish channels being reopened, and what waits for them
+        self.reopening_publishers = 0
+        self.waiting_publishes: list[tuple] = []
+
+    def fail_waiting_publishes(self) -> None:
+        waiting, self.waiting_publishes = self.waiting_publishes, []
+        for args in waiting:
+            on_outcome = args[-1]
+            if on_outcome is not None:
+                on_outcome(_FAILED)
 
     def retire(self, why: str) -> None:
         """
@@ -103,6 +113,7 @@ class _Channels:
         waiting, self.waiting_declares = self.waiting_declares, []
         for *_args, d in waiting:
             d.errback(BrokerUnavailable(why))
+        self.fail_waiting_publishes()
         for role in (*self.publishers, *self.declarers, *self.consumer_channels):
             role.retire(why)
 
@@ -679,6 +690,7 @@ class AmqpBridge:
         publisher = _ConfirmChannel(
             conn, channel, self._window, self._publisher_closed,
             on_full=lambda full: self._set_pause(key, full),
+            on_refusing=self._publisher_refusing,
         )
         publisher.observe_latency = self.observe_confirm
         yield publisher.start()
@@ -724,7 +736,22 @@ class AmqpBridge:
             if not failure.check(BrokerUnavailable):
                 _log.failure("Could not reopen an AMQP channel", failure)
 
-        opener(channels.conn).addCallbacks(opened, failed)
+        d = opener(channels.conn).addCallbacks(opened, failed)
+        if kind == "publishers":
+            channels.reopening_publishers += 1
+            d.addBoth(lambda _: self._publisher_reopened(channels))
+
+    def _publisher_reopened(self, channels: _Channels) -> None:
+        """
+        A publish channel's replacement is open (or could not be opened):
+        send what waited for it.
+        """
+        channels.reopening_publishers -= 1
+        if channels.reopening_publishers:
+            return
+        waiting, channels.waiting_publishes = channels.waiting_publishes, []
+        for args in waiting:
+            self._publish_now(channels, *args)
 
     def _publisher_closed(self, publisher: _ConfirmChannel, reason) -> None:
         _log.warn("Publish channel closed: {reason}", reason=reason)
@@ -734,6 +761,22 @@ class AmqpBridge:
             names = (self.exchange, self.control_exchange(), *self._extra_exchanges)
             if any(f"'{name}'" in reason.reply_text for name in names):
                 self.exchange_lost(f"publishing failed: {reason.reply_text}")
+
+    def _publisher_refusing(self, publisher: _ConfirmChannel, route: str) -> None:
+        """
+        The broker keeps refusing every publish to C{route} on this channel
+        (see L{NackWatch}): give it up (what it has in flight fails) and
+        close it, and open its replacement at once; publishes meanwhile
+        wait for the replacement.
+        """
+        _log.warn(
+            "The broker refuses every publish to {route} on publish channel {number}: "
+            "opening a new channel", route=route, number=publisher.channel.channel_number,
+            event="amqp_channel_refusing",
+        )
+        publisher.retire(f"the broker refuses every publish to {route}")
+        publisher.conn.call(publisher.channel.close)
+        self._replace_channel("publishers", publisher, self._open_publisher)
 
     def _declarer_closed(self, declarer: _DeclareChannel, reason) -> None:
         """
@@ -791,15 +834,6 @@ class AmqpBridge:
             if on_outcome is not None:
                 on_outcome(_FAILED)
             return
-        publishers = channels.publishers
-        if len(publishers) == 1 or ordered:
-            publisher = publishers[0]
-        else:
-            publisher = publishers[next(self._round_robin) % len(publishers)]
-        if not publisher.open:
-            if on_outcome is not None:
-                on_outcome(_FAILED)
-            return
         properties = {
             "content_type": "application/json",
             "persistent": persistent,
@@ -810,14 +844,26 @@ class AmqpBridge:
             "app_id": topology.APP_ID,
             "headers": headers,
         }
-        publisher.publish(
-            self.exchange if exchange is None else exchange,
-            routing_key,
-            body,
-            properties,
-            mandatory,
-            on_outcome,
-        )
+        self._publish_now(channels, self.exchange if exchange is None else exchange,
+                          routing_key, body, properties, mandatory, ordered, on_outcome)
+
+    def _publish_now(self, channels: _Channels, exchange, routing_key, body, properties,
+                     mandatory, ordered, on_outcome) -> None:
+        publishers = channels.publishers
+        if len(publishers) == 1 or ordered:
+            publisher = publishers[0]
+        else:
+            publisher = publishers[next(self._round_robin) % len(publishers)]
+        if not publisher.open:
+            if (channels.reopening_publishers and channels.conn.alive
+                    and len(channels.waiting_publishes) < self._window):
+                # its replacement is on its way: wait for it, in order
+                channels.waiting_publishes.append(
+                    (exchange, routing_key, body, properties, mandatory, ordered, on_outcome))
+            elif on_outcome is not None:
+                on_outcome(_FAILED)
+            return
+        publisher.publish(exchange, routing_key, body, properties, mandatory, on_outcome)
 
     # -- charger queues ------------------------------------------------------
 
