@@ -294,7 +294,7 @@ class RulesTests(unittest.SynchronousTestCase):
     def test_check_rules(self):
         result = self.run_promtool("check", "rules", RULES.name)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("SUCCESS: 9 rules found", result.stdout)
+        self.assertIn("SUCCESS: 10 rules found", result.stdout)
 
     def test_unit_tests(self):
         """
