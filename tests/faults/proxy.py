@@ -54,6 +54,9 @@ Faults:
   more than the socket buffers hold blocks (a client that then closes
   its connection in order waits for that write; only an abort is sure
   to end it).
+- L{FaultProxy.drop_when}: a frame (a method without content) is left
+  out and the connection goes on, e.g. a publisher confirm, so that the
+  publish stays pending while the broker closes the connection itself.
 - L{FaultProxy.refuse}: new client connections are reset at once (or,
   with C{port_closed=True}, refused by the OS: the proxy stops
   listening). With L{FaultProxy.cut} that is "the node is down".
@@ -436,6 +439,9 @@ class ProxiedConnection:
         upto = 0
         observed: list = []
         cut = None
+        # what is passed on: ranges of buf, around frames that are dropped
+        kept: list = []
+        kept_from = 0
         if self._raw[direction]:
             upto = len(buf)
         else:
@@ -446,6 +452,10 @@ class ProxiedConnection:
                     if limit is not None and start >= limit:
                         break
                     self.frames.append(frame)
+                    if self._proxy._dropping(frame, observed):
+                        kept.append(buf[kept_from:start])
+                        kept_from = upto = start + frame.length
+                        continue
                     position = d = None
                     watch = self._proxy._match(frame, observed, cuts=whole is None)
                     if watch is None:
@@ -472,12 +482,18 @@ class ProxiedConnection:
             cut = (limit, byte_cut[1], self)
         if cut is not None:
             position, d, result = cut
-            self._proxy._cut_delivering(self, direction, buf[:position], d, result)
+            delivered = b"".join(kept) + buf[kept_from:position] if kept else buf[:position]
+            self._proxy._cut_delivering(self, direction, delivered, d, result)
         else:
             if upto:
-                self._destination(direction).transport.write(
-                    buf if upto == len(buf) else buf[:upto]
-                )
+                if kept:
+                    out = b"".join(kept) + buf[kept_from:upto]
+                else:
+                    out = buf if upto == len(buf) else buf[:upto]
+                if out:
+                    self._destination(direction).transport.write(out)
+                # counted as read from the source, dropped frames too, so
+                # that frame offsets stay those of the source's stream
                 self._forwarded[direction] += upto
             self._pending[direction] = buf[upto:] if upto < len(buf) else b""
         for d, outcome in observed:
@@ -635,6 +651,8 @@ class FaultProxy:
         self._stalled = False
         self._refusing = False
         self._watches: list = []
+        # frames to drop (see drop_when)
+        self._drops: list = []
         self._next_waiters: list = []
         self._byte_cuts: list = []
 
@@ -877,6 +895,53 @@ class FaultProxy:
             else:
                 due = watch
         return due
+
+    def drop_when(self, predicate: Callable[[Frame], bool], direction: Optional[str],
+                  count: int = 1) -> defer.Deferred:
+        """
+        Drop (do not pass on) the C{count}-th frame C{predicate} accepts,
+        and nothing else: the connection goes on without it. For a method
+        with no content, such as a publisher confirm (C{basic.ack} down) or
+        a C{basic.cancel-ok}, to make the moment it was pending last as
+        long as a test needs (then, say, have the broker close the
+        connection).
+
+        @return: a Deferred firing with the dropped L{Frame}; cancel it to
+            disarm.
+        """
+        _check_direction(direction, either=True)
+        watch = _Watch(predicate, direction, count, None)
+
+        def disarm(_d):
+            if watch in self._drops:
+                self._drops.remove(watch)
+
+        watch.deferred = defer.Deferred(canceller=disarm)
+        self._drops.append(watch)
+        return watch.deferred
+
+    def _dropping(self, frame: Frame, observed: list) -> bool:
+        """Whether C{frame} is to be dropped (see L{drop_when})."""
+        if not self._drops or frame.name in CARRY_CONTENT or frame.type in (HEADER, BODY):
+            return False
+        for watch in list(self._drops):
+            if watch.direction is not None and watch.direction != frame.direction:
+                continue
+            try:
+                matched = watch.predicate(frame)
+            except Exception:
+                self._drops.remove(watch)
+                observed.append((watch.deferred, Failure()))
+                continue
+            if not matched:
+                continue
+            watch.remaining -= 1
+            if watch.remaining:
+                continue
+            self._drops.remove(watch)
+            observed.append((watch.deferred, frame))
+            return True
+        return False
 
     def next_connection(self) -> defer.Deferred:
         """

@@ -442,6 +442,87 @@ class ReconnectTests(CutTestCase):
         yield self.stops_within_drain_window()
 
 
+class BrokerClosesTests(CutTestCase):
+    """
+    The broker closes the connection itself (C{rabbitmqctl
+    close_connection}, a node shutting down), which takes a gentler path
+    through the AMQP client than a dead link: its connection.close arrives
+    while something is pending. The proxy leaves out the frame that would
+    have ended that moment (a confirm, a bind-ok, a cancel-ok), so that it
+    lasts until the broker closes.
+    """
+
+    def close_from_broker(self):
+        from tests.test_amqp import close_broker_connections
+
+        return close_broker_connections(f"ocppgw {self.service.node}")
+
+    @defer.inlineCallbacks
+    def test_answer_confirm_pending(self):
+        identity = self.identity()
+        charger = yield self.connect(identity)
+        yield self.backend.send_to_charger(identity, [2, "c1", "Reset", {"type": "Soft"}])
+        first = yield charger.next_call()
+        self.proxy.refuse(True)
+        dropped = self.proxy.drop_when(method("basic.ack"), DOWN)
+        charger.answer(first, _ACCEPTED)
+        yield dropped
+        down, back = self.went_down(), self.came_back()
+        closed = yield self.close_from_broker()
+        self.assertEqual(closed, 1)
+        yield self.outage(defer.succeed(None), down, back)
+        answers = yield self.answers("ocpp16.Reset.conf", until="c1")
+        # the broker had it; published again after the redelivery
+        yield self.backend.send_to_charger(identity, [2, "c2", "Reset", {"type": "Hard"}])
+        second = yield charger.next_call()
+        charger.answer(second, _ACCEPTED)
+        answers += yield self.answers("ocpp16.Reset.conf", until="c2")
+        self.assertEqual(answers, ["c1", "c1", "c2"])
+        self.assertEqual(charger.received_call_ids, ["c1", "c2"])
+
+    @defer.inlineCallbacks
+    def test_declare_pending(self):
+        identity = self.identity()
+        self.proxy.refuse(True)
+        dropped = self.proxy.drop_when(method("queue.bind-ok"), DOWN)
+        arriving = FakeCharger.connect(reactor, f"ws://127.0.0.1:{self.port}/ocpp/{identity}")
+        yield dropped
+        down, back = self.went_down(), self.came_back()
+        yield self.close_from_broker()
+        yield self.outage(defer.succeed(None), down, back)
+        refused = yield self.assertFailure(arriving, ChargerClosed)
+        self.assertFalse(refused.code == 1000)
+        charger = yield self.connect(identity)
+        yield self.backend.send_to_charger(identity, [2, "c1", "Reset", {"type": "Soft"}])
+        self.assertEqual((yield charger.next_call())[1], "c1")
+
+    @defer.inlineCallbacks
+    def test_cancel_pending(self):
+        identity = self.identity()
+        old = yield self.connect(identity)
+        yield self.backend.send_to_charger(identity, [2, "c1", "Reset", {"type": "Soft"}])
+        yield old.next_call()
+        self.proxy.refuse(True)
+        dropped = self.proxy.drop_when(method("basic.cancel-ok"), DOWN)
+        replacing = FakeCharger.connect(reactor, f"ws://127.0.0.1:{self.port}/ocpp/{identity}")
+        yield dropped
+        down, back = self.went_down(), self.came_back()
+        yield self.close_from_broker()
+        yield self.outage(defer.succeed(None), down, back)
+        code, _reason = yield old.closed
+        self.assertEqual(code, 1000)
+        try:
+            new = yield replacing
+            self.chargers.append(new)
+            self.addCleanup(lambda: new.closed.called or new.drop())
+        except ChargerClosed:
+            new = yield self.connect(identity)
+        command = yield new.next_call()
+        self.assertEqual(command[1], "c1")
+        new.answer(command, _ACCEPTED)
+        self.assertEqual((yield self.answers("ocpp16.Reset.conf", until="c1")), ["c1"])
+
+
 class StallTests(CutTestCase):
     """
     A silent partition: nothing comes from the broker, the TCP connection

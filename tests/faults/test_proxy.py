@@ -484,6 +484,33 @@ class CutTests(ProxyTestCase):
                 self.assertEqual(len(connection.received), n, note)
 
 
+class DropTests(ProxyTestCase):
+    @defer.inlineCallbacks
+    def test_confirm_dropped_connection_goes_on(self):
+        """
+        The first publish's confirm is left out: the broker has the message,
+        the client never hears of it, and the next publish is confirmed on
+        the same connection.
+        """
+        client = yield self.client()
+        dropped = self.proxy.drop_when(method("basic.ack"), DOWN)
+        first = outcome(client.publish(self.exchange, self.key, b"first"))
+        frame = yield dropped
+        self.assertEqual(frame.method.delivery_tag, 1)
+        yield client.publish(self.exchange, self.key, b"second")
+        self.assertEqual(first, [])
+        self.assertTrue(client.connection.is_open)
+        yield self.assert_queued_after_marker(b"first", b"second")
+
+    @defer.inlineCallbacks
+    def test_drop_cancelled(self):
+        client = yield self.client()
+        dropped = self.proxy.drop_when(method("basic.ack"), DOWN)
+        dropped.cancel()
+        yield self.assertFailure(dropped, defer.CancelledError)
+        yield client.publish(self.exchange, self.key, b"confirmed")
+
+
 class StallTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_stall_holds_traffic(self):
