@@ -26,16 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@defer.inlineCallbacks
-def delete_exchange(name: str):
+def delete_exchange(name: str) -> defer.Deferred:
     """
     Delete a test's exchange from the shared broker.
     """
-    admin = yield BackEndClient.connect(reactor, amqp_url(), name)
-    try:
-        yield admin.delete_exchange(name)
-    finally:
-        yield admin.close()
+    return delete_from_broker(name)
 
 
 @defer.inlineCallbacks
@@ -84,6 +79,20 @@ class LogEvents:
             (lambda event: all(event.get(k) == v for k, v in fields.items()), d)
         )
         return d
+
+
+@defer.inlineCallbacks
+def delete_from_broker(exchange: str, identities=()):
+    """
+    Delete a test's charger queues and its exchange from the shared broker.
+    """
+    admin = yield BackEndClient.connect(reactor, amqp_url(), exchange)
+    try:
+        for identity in identities:
+            yield admin.delete_queue("ocpp." + identity)
+        yield admin.delete_exchange(exchange)
+    finally:
+        yield admin.close()
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -141,13 +150,7 @@ class GatewayTestCase(unittest.TestCase):
         backend = getattr(self, "backend", None)
         if backend is not None:
             yield backend.stop()
-        admin = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
-        try:
-            for identity in self._identities:
-                yield admin.delete_queue("ocpp." + identity)
-            yield admin.delete_exchange(self.exchange)
-        finally:
-            yield admin.close()
+        yield delete_from_broker(self.exchange, self._identities)
 
     def identity(self, prefix: str = "CP") -> str:
         identity = unique_name(prefix)

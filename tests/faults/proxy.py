@@ -604,6 +604,30 @@ class _Watch:
         self.deferred: Optional[defer.Deferred] = None
 
 
+def _counts(watches: list, watch: _Watch, frame: Frame, observed: list) -> bool:
+    """
+    Whether C{frame} is the one C{watch} waits for: it goes the watch's
+    way, its predicate accepts it, and it is the C{count}-th to. A watch
+    that is done, or whose predicate raised (its Deferred then fails, via
+    C{observed}), leaves C{watches}.
+    """
+    if watch.direction is not None and watch.direction != frame.direction:
+        return False
+    try:
+        matched = watch.predicate(frame)
+    except Exception:
+        watches.remove(watch)
+        observed.append((watch.deferred, Failure()))
+        return False
+    if not matched:
+        return False
+    watch.remaining -= 1
+    if watch.remaining:
+        return False
+    watches.remove(watch)
+    return True
+
+
 class _Refused(Protocol):
     def connectionMade(self) -> None:
         self.transport.abortConnection()
@@ -874,22 +898,10 @@ class FaultProxy:
             return None
         due = None
         for watch in list(self._watches):
-            if watch.direction is not None and watch.direction != frame.direction:
-                continue
             if watch.when is not None and (due is not None or not cuts):
                 continue
-            try:
-                matched = watch.predicate(frame)
-            except Exception:
-                self._watches.remove(watch)
-                observed.append((watch.deferred, Failure()))
+            if not _counts(self._watches, watch, frame, observed):
                 continue
-            if not matched:
-                continue
-            watch.remaining -= 1
-            if watch.remaining:
-                continue
-            self._watches.remove(watch)
             if watch.when is None:
                 observed.append((watch.deferred, frame))
             else:
@@ -925,22 +937,9 @@ class FaultProxy:
         if not self._drops or frame.name in CARRY_CONTENT or frame.type in (HEADER, BODY):
             return False
         for watch in list(self._drops):
-            if watch.direction is not None and watch.direction != frame.direction:
-                continue
-            try:
-                matched = watch.predicate(frame)
-            except Exception:
-                self._drops.remove(watch)
-                observed.append((watch.deferred, Failure()))
-                continue
-            if not matched:
-                continue
-            watch.remaining -= 1
-            if watch.remaining:
-                continue
-            self._drops.remove(watch)
-            observed.append((watch.deferred, frame))
-            return True
+            if _counts(self._drops, watch, frame, observed):
+                observed.append((watch.deferred, frame))
+                return True
         return False
 
     def next_connection(self) -> defer.Deferred:

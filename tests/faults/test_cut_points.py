@@ -32,11 +32,10 @@ import time
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from ocppgw.amqp import BackEndClient
 from ocppgw.testing import ChargerClosed, FakeBackEnd, FakeCharger, amqp_url, unique_name
 from tests.faults import rawws
 from tests.faults.proxy import DOWN, UP, FaultProxy, method
-from tests.support import deep_merge, start_gateway
+from tests.support import deep_merge, delete_from_broker, start_gateway
 from tests.test_admin import http
 
 _TIME = {"currentTime": "2026-01-01T00:00:00Z"}
@@ -92,15 +91,8 @@ class CutTestCase(unittest.TestCase):
         self.backend.handle("Heartbeat", lambda m, p: _TIME)
         self.chargers: list[FakeCharger] = []
 
-    @defer.inlineCallbacks
     def _delete_from_broker(self):
-        admin = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
-        try:
-            for identity in self._identities:
-                yield admin.delete_queue("ocpp." + identity)
-            yield admin.delete_exchange(self.exchange)
-        finally:
-            yield admin.close()
+        return delete_from_broker(self.exchange, self._identities)
 
     def identity(self) -> str:
         identity = unique_name("CP")
@@ -184,6 +176,28 @@ class CutTestCase(unittest.TestCase):
             message = yield self.backend.next_message(routing_key)
             seen.append(message.correlation_id)
         return seen
+
+    @defer.inlineCallbacks
+    def replaced(self, identity: str, old: FakeCharger, replacing: defer.Deferred):
+        """
+        After an outage during which C{replacing} took C{identity} over
+        from C{old} (whose command c1 was outstanding): the old connection
+        was closed with 1000, and the new one (connected then, or refused
+        with 503 and connecting again now) gets c1, once.
+        """
+        code, _reason = yield old.closed
+        self.assertEqual(code, 1000)
+        try:
+            new = yield replacing
+            self.chargers.append(new)
+            self.addCleanup(lambda: new.closed.called or new.drop())
+        except ChargerClosed:
+            new = yield self.connect(identity)  # refused with 503: retried
+        command = yield new.next_call()
+        self.assertEqual(command[1], "c1")
+        new.answer(command, _ACCEPTED)
+        answers = yield self.answers("ocpp16.Reset.conf", until="c1")
+        self.assertEqual(answers, ["c1"])
 
     @defer.inlineCallbacks
     def stops_within_drain_window(self):
@@ -391,19 +405,7 @@ class CancelTests(CutTestCase):
         replacing = FakeCharger.connect(
             reactor, f"ws://127.0.0.1:{self.port}/ocpp/{identity}")
         yield self.outage(cut)
-        code, _reason = yield old.closed
-        self.assertEqual(code, 1000)
-        try:
-            new = yield replacing
-            self.chargers.append(new)
-            self.addCleanup(lambda: new.closed.called or new.drop())
-        except ChargerClosed:
-            new = yield self.connect(identity)  # refused with 503: retried
-        command = yield new.next_call()
-        self.assertEqual(command[1], "c1")
-        new.answer(command, _ACCEPTED)
-        answers = yield self.answers("ocpp16.Reset.conf", until="c1")
-        self.assertEqual(answers, ["c1"])
+        yield self.replaced(identity, old, replacing)
 
     def test_cancel_lost(self):
         return self._replaced_during_cut(method("basic.cancel"), UP)
@@ -512,18 +514,7 @@ class BrokerClosesTests(CutTestCase):
         down, back = self.went_down(), self.came_back()
         yield self.close_from_broker()
         yield self.outage(defer.succeed(None), down, back)
-        code, _reason = yield old.closed
-        self.assertEqual(code, 1000)
-        try:
-            new = yield replacing
-            self.chargers.append(new)
-            self.addCleanup(lambda: new.closed.called or new.drop())
-        except ChargerClosed:
-            new = yield self.connect(identity)
-        command = yield new.next_call()
-        self.assertEqual(command[1], "c1")
-        new.answer(command, _ACCEPTED)
-        self.assertEqual((yield self.answers("ocpp16.Reset.conf", until="c1")), ["c1"])
+        yield self.replaced(identity, old, replacing)
 
 
 class StallTests(CutTestCase):
