@@ -34,6 +34,7 @@ from typing import Optional, Union
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from ocppgw import config as _config
@@ -282,7 +283,7 @@ class GatewayService(service.MultiService, GatewayState):
         admin = self.settings.admin
         if admin.enabled:
             endpoint = _server_endpoint(self._reactor, admin.tcp_ip, admin.tcp_port, backlog=50)
-            self.admin_port = yield endpoint.listen(self.admin.site())
+            self.admin_port = yield _listen(endpoint, self.admin.site(), "[admin] tcp.port")
         yield self.bridge.start()
         yield self._check_dead_letter_exchange()
         if self.audit is not None:
@@ -297,7 +298,8 @@ class GatewayService(service.MultiService, GatewayState):
                 base = ReusePortEndpoint(self._reactor, host, port)
             else:
                 base = _server_endpoint(self._reactor, host, port)
-            self.listening_ports[kind] = yield base.listen(self.security.wrap(kind, factory))
+            self.listening_ports[kind] = yield _listen(
+                base, self.security.wrap(kind, factory), f"[listener] {kind}.port")
         self.listening_port = next(iter(self.listening_ports.values()))
         if self._reload_signal:
             self._install_sighup()
@@ -383,8 +385,10 @@ class GatewayService(service.MultiService, GatewayState):
         if self._exit_on_startup_failure:
             # twistd has no way to end with a non-zero status once the
             # reactor runs; stop it and leave with 1 after its shutdown.
+            # A failure before the reactor runs (a port that cannot be
+            # bound fails at once) stops it as soon as it does.
             self._reactor.addSystemEventTrigger("after", "shutdown", _exit, 1)
-            self._reactor.stop()
+            self._reactor.callWhenRunning(self._reactor.stop)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -414,6 +418,19 @@ class GatewayService(service.MultiService, GatewayState):
             yield self.admin_port.stopListening()
             self.admin_port = None
         _log.info("ocppgw stopped")
+
+
+@defer.inlineCallbacks
+def _listen(endpoint, factory, key: str):
+    """
+    C{endpoint.listen(factory)}; a port that cannot be bound is reported
+    with the setting that names it.
+    """
+    try:
+        port = yield endpoint.listen(factory)
+    except CannotListenError as error:
+        raise CannotListenError(error.interface, error.port, f"{key}: {error.socketError}")
+    return port
 
 
 #: Seconds a drain may take beyond its window (cancel-oks, requeues).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 
 from twisted.application.service import IServiceMaker
@@ -267,6 +268,32 @@ class TwistdTests(unittest.TestCase):
             child.output,
         )
         self.assertNotIn(b"hush", child.output)
+
+    @defer.inlineCallbacks
+    def test_port_taken_named_and_exits_nonzero(self):
+        """
+        A port that cannot be bound ends the start at once (even before
+        the reactor runs, as the admin listener's does) with status 1,
+        naming its setting.
+        """
+        for section, key in (("admin", "tcp.port"), ("listener", "tcp.port")):
+            taken = socket.socket()
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            self.addCleanup(taken.close)
+            port = taken.getsockname()[1]
+            ports = {"admin": 0, "listener": 0, section: port}
+            child = self.twistd(
+                f"[listener]\ntcp.port = {ports['listener']}\n"
+                f"[admin]\ntcp.port = {ports['admin']}\n[amqp]\nurl = {amqp_url()}\n",
+            )
+            ended = yield child.ended
+            self.assertEqual(ended.exitCode, 1, child.output)
+            self.assertIn(
+                f"ocppgw could not start: Couldn't listen on 127.0.0.1:{port}: "
+                f"[{section}] {key}: [Errno 98] Address already in use".encode(),
+                child.output,
+            )
 
     @defer.inlineCallbacks
     def test_sigterm_closes_chargers_with_1012(self):
