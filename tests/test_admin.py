@@ -158,7 +158,11 @@ class MetricsTests(AdminTestCase):
         self.assertGreaterEqual(value(after, "ocppgw_publish_confirm_seconds_count"), 3)
         self.assertEqual(value(after, "ocppgw_csms_calls_outstanding"), 0)
 
+        # the charger's side may end before the gateway's: wait for the
+        # gateway's disconnected event
+        event = self.backend.next_message("ocppgw.disconnected")
         yield charger.close()
+        self.assertEqual(orjson.loads((yield event).body)["code"], 1000)
         gone = yield self.scrape()
         self.assertEqual(value(gone, "ocppgw_chargers_connected", version="ocpp16", listener="ws"), 0)
         self.assertEqual(value(gone, "ocppgw_disconnects_total", version="ocpp16", code="1000"), 1)
