@@ -136,7 +136,11 @@ class FakeCharger:
         factory = WebSocketClientFactory(
             url, protocols=list(subprotocols), headers=headers or {}, reactor=reactor
         )
-        factory.setProtocolOptions(autoPingInterval=0, failByDrop=False)
+        # autobahn's client gives the gateway 1 s to answer its close frame
+        # and then drops TCP (1006 on the gateway's side): on a busy
+        # machine the answer can take longer than that
+        factory.setProtocolOptions(autoPingInterval=0, failByDrop=False,
+                                   closeHandshakeTimeout=10)
 
         def build(_addr=None):
             protocol = _ChargerClientProtocol()
