@@ -22,24 +22,18 @@ dropped, logged and counted.
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import os
 import orjson
 from twisted.logger import Logger
 
 from ocppgw import framing, topology
+from ocppgw.logs import utc_iso
 from ocppgw.outcome import PublishOutcome
 
 _log = Logger()
 
 _FAILED = PublishOutcome.FAILED
-
-
-def utc_timestamp(seconds: float) -> str:
-    """An ISO 8601 UTC time with milliseconds, as OCPP spells it."""
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _Owed:
@@ -99,7 +93,7 @@ class Presence:
     def _offline_status(self, link) -> None:
         message_id = "ocppgw-offline-" + os.urandom(8).hex()
         body = framing.offline_status_notification(
-            link.version, message_id, utc_timestamp(self._clock.seconds())
+            link.version, message_id, utc_iso(self._clock.seconds())
         )
         self._add(
             topology.routing_key(
@@ -116,7 +110,7 @@ class Presence:
             "version": link.version.subprotocol,
             "node": self._node,
             "remote": link.peer,
-            "time": utc_timestamp(self._clock.seconds()),
+            "time": utc_iso(self._clock.seconds()),
         }
         body.update(extra)
         self._add(routing_key, orjson.dumps(body), None, event, None, link.headers)
@@ -183,4 +177,4 @@ class Presence:
         return {"owed": self.owed, "dropped": self.dropped}
 
 
-__all__ = ["Presence", "utc_timestamp"]
+__all__ = ["Presence"]
