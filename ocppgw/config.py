@@ -40,6 +40,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 from urllib.parse import urlsplit
 
+from ocppgw.framing import VERSIONS
+from ocppgw.logs import mask_url
+
 __all__ = [
     "AdminSettings",
     "AmqpSettings",
@@ -578,25 +581,6 @@ class ExchangeName:
         return text
 
 
-def mask_url(url: str) -> str:
-    """
-    Return *url* with its password replaced by ``****``, for logs and errors.
-
-    The user information is taken to end at the *last* ``@``, so a password
-    containing an unencoded ``@`` or ``/`` is masked too, and when the URL
-    is too mangled to tell the user from the password both are masked: more
-    is hidden than needed rather than less.
-    """
-    head, at, host = url.rpartition("@")
-    if not at:
-        return url
-    scheme, separator, userinfo = head.partition("://")
-    if not separator:
-        return f"****@{host}"
-    user, colon, _password = userinfo.partition(":")
-    return f"{scheme}://{user}:****@{host}" if colon else url
-
-
 @dataclass(frozen=True, slots=True)
 class AmqpUrl:
     """
@@ -626,8 +610,9 @@ class AmqpUrl:
         return text
 
 
-#: Every OCPP-J version ocppgw speaks, as WebSocket subprotocol names.
-OCPP_J_SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1")
+#: Every OCPP-J version ocppgw speaks, as WebSocket subprotocol names
+#: (oldest first, as L{ocppgw.framing.VERSIONS} lists them).
+OCPP_J_SUBPROTOCOLS = tuple(VERSIONS)
 
 #: OpenSSL names of the TLS 1.2 suites the TLS listener offers by default,
 #: strongest first: the four OCPP 2.0.1 requires of a CSMS (part 2,

@@ -76,29 +76,13 @@ from twisted.logger import Logger
 import txaio
 
 from ocppgw import refusals
+from ocppgw.closecodes import CloseCode
 from ocppgw.framing import SOAP_ONLY_SUBPROTOCOLS, VERSIONS, OcppVersion, truncate_for_log
 from ocppgw.identity import BadIdentity, identity_from_path
-from ocppgw.refusals import Refusals, peer_string as _peer_string
-from ocppgw.tls import failure_reason as _tls_failure_reason
+from ocppgw.refusals import Refused, Refusals, peer_string
+from ocppgw.tls import failure_reason as tls_failure_reason
 
 _log = Logger()
-
-
-class Refused(Exception):
-    """
-    The hub will not take this charger; answered before the upgrade.
-
-    @ivar status: the HTTP status code.
-    @ivar reason: a fixed reason phrase (never charger-supplied text).
-    @ivar headers: extra response headers, as (name, value) pairs (the
-        C{WWW-Authenticate} challenge of a 401).
-    """
-
-    def __init__(self, status: int, reason: str, headers=()) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-        self.headers = tuple(headers)
 
 
 class ChargerHub(TypingProtocol):
@@ -366,7 +350,7 @@ class ChargerProtocol(WebSocketServerProtocol):
     def _refuse(self, reason: str, detail: Optional[str] = None, **fields) -> None:
         """Count and log (rate-limited) a refusal before the upgrade."""
         factory = self.factory
-        peer = _peer_string(self.transport.getPeer(), self.peer)
+        peer = peer_string(self.transport.getPeer(), self.peer)
         factory.refusals.refused(factory.listener, reason, peer, detail, **fields)
 
     def processHandshake(self) -> None:
@@ -478,7 +462,7 @@ class ChargerProtocol(WebSocketServerProtocol):
         factory = self.factory
         # Behind a PROXY protocol header the real address is known only
         # now (autobahn read it at connectionMade, before the header).
-        self.peer = _peer_string(self.transport.getPeer(), self.peer)
+        self.peer = peer_string(self.transport.getPeer(), self.peer)
         if self.http_request_data.count(b"\n") > factory.max_request_headers:
             self._refuse(refusals.TOO_MANY_HEADERS, status=431)
             raise ConnectionDeny(431, "Request Header Fields Too Large")
@@ -697,8 +681,8 @@ class ChargerProtocol(WebSocketServerProtocol):
         self._connectionLost(reason)
 
     def _tls_failed(self, error: SSL.Error) -> None:
-        why = _tls_failure_reason(error)
-        peer = _peer_string(self.transport.getPeer(), self.peer)
+        why = tls_failure_reason(error)
+        peer = peer_string(self.transport.getPeer(), self.peer)
         if self.state in (
             WebSocketProtocol.STATE_CONNECTING,
             WebSocketProtocol.STATE_PROXY_CONNECTING,
@@ -712,7 +696,7 @@ class ChargerProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool):
         if isBinary:
-            self.close(1003, "OCPP-J uses text frames")
+            self.close(CloseCode.UNSUPPORTED_DATA, "OCPP-J uses text frames")
             return
         self.factory.hub.charger_frame(self, payload)
 
@@ -874,7 +858,7 @@ class ChargerFactory(WebSocketServerFactory):
         *,
         ws_path: str = "/ocpp",
         vhost: Optional[str] = None,
-        subprotocols: Iterable[str] = ("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1"),
+        subprotocols: Iterable[str] = tuple(VERSIONS),
         max_identity_length: int = 48,
         max_message_size: int = 1048576,
         ping_interval: float = 60.0,

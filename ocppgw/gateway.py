@@ -49,8 +49,10 @@ from twisted.logger import Logger
 
 from ocppgw import framing, limits, topology
 from ocppgw.amqp import AmqpBridge, BrokerUnavailable, ChannelGone, DeclareFailed, FixedHeaders
-from ocppgw.edge import ChargerProtocol, Refused
+from ocppgw.edge import ChargerProtocol
+from ocppgw.refusals import Refused
 from ocppgw.audit import IN as AUDIT_IN, OUT as AUDIT_OUT
+from ocppgw.closecodes import CloseCode
 from ocppgw.framing import MAX_MESSAGE_ID_LENGTH, OcppVersion
 from ocppgw.metrics import ChargerStats
 from ocppgw.presence import Presence
@@ -60,17 +62,15 @@ from ocppgw.states import check_transition
 _log = Logger()
 
 #: Close code and reason for a connection replaced by a newer one.
-CLOSE_REPLACED = (1000, "Replaced by a new connection")
-#: Close code for chargers whose broker side broke (RFC 6455: 1011).
-CLOSE_INTERNAL = 1011
-#: Close code when the gateway shuts down (RFC 6455 "going away").
-CLOSE_GOING_AWAY = 1001
-#: Close code for a drain or a broker outage: come back (elsewhere) later
-#: (IANA WebSocket registry: 1012 "Service Restart").
-CLOSE_SERVICE_RESTART = 1012
-#: Close code for a charger that keeps sending over its rate limit
-#: (RFC 6455: 1008 "Policy Violation").
-CLOSE_POLICY = 1008
+CLOSE_REPLACED = (CloseCode.NORMAL, "Replaced by a new connection")
+#: Close code for chargers whose broker side broke.
+CLOSE_INTERNAL = CloseCode.INTERNAL_ERROR
+#: Close code when the gateway shuts down.
+CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
+#: Close code for a drain or a broker outage: come back (elsewhere) later.
+CLOSE_SERVICE_RESTART = CloseCode.SERVICE_RESTART
+#: Close code for a charger that keeps sending over its rate limit.
+CLOSE_POLICY = CloseCode.POLICY_VIOLATION
 #: Control message type announcing that a process took a charger over.
 CONTROL_TAKEOVER = "takeover"
 
@@ -224,7 +224,7 @@ class ChargerLink:
         # The default exchange routes by queue name, which is also how
         # RabbitMQ's direct reply-to pseudo-queue is addressed.
         self.gateway.bridge.publish(
-            "",
+            topology.DEFAULT_EXCHANGE,
             reply_to,
             body,
             correlation_id=correlation_id,
@@ -836,7 +836,7 @@ class Gateway:
         """False once the gateway is shutting down (draining)."""
         return self._accepting
 
-    def disconnect(self, identity: str, code: int = 1000,
+    def disconnect(self, identity: str, code: int = CloseCode.NORMAL,
                    reason: str = "Disconnected by the operator") -> bool:
         """
         Close one charger's connection (the admin API's DELETE).

@@ -44,7 +44,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 
-from ocppgw import __version__
+from ocppgw.version import VERSION
 
 if TYPE_CHECKING:
     from ocppgw.status import RecentEvents
@@ -537,5 +537,5 @@ class GatewayCollector:
                     family.add_metric([subprotocol, direction, action], count)
                 yield family
         info = InfoMetricFamily("ocppgw_build", "ocppgw version.")
-        info.add_metric([], {"version": __version__})
+        info.add_metric([], {"version": VERSION})
         yield info

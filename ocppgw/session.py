@@ -55,9 +55,10 @@ from twisted.logger import Logger
 
 from ocppgw import framing, topology
 from ocppgw.answers import AnswerMemory
+from ocppgw.closecodes import CloseCode
 from ocppgw.framing import BadFrame, ErrorKind, Frame, OcppVersion
 from ocppgw.outcome import Delivery, OutcomeCallback, PublishOutcome
-from ocppgw.validation import PayloadChecker, Violation
+from ocppgw.validation import NO_SCHEMA_ACTION, PayloadChecker, Violation
 
 _log = Logger()
 
@@ -197,11 +198,6 @@ class _SettleRefusal:
         else:
             self._effects.ack(self._delivery)
 
-
-#: What L{ocppgw.validation.ValidationStats} counts actions without a
-#: schema under (an action name has only letters and digits, so no real
-#: action is spelled like this).
-UNKNOWN_ACTION = "(unknown)"
 
 #: Direction words of L{ocppgw.validation.ValidationStats}.
 _FROM_CHARGER = "charger"
@@ -459,7 +455,7 @@ class ChargerSession:
             self._effects.send_to_charger(bad.reply)
         if self._bad_frames >= self._max_bad_frames:
             self._ended = True
-            self._effects.close(1002, "Too many malformed frames")
+            self._effects.close(CloseCode.PROTOCOL_ERROR, "Too many malformed frames")
 
     # -- validation ----------------------------------------------------------
 
@@ -482,7 +478,7 @@ class ChargerSession:
         # Actions without a schema are counted and logged under one name:
         # a peer can make up any number of action names, and neither the
         # counters nor this session's memory may grow with them.
-        known = action if violation.kind is not ErrorKind.NOT_IMPLEMENTED else UNKNOWN_ACTION
+        known = action if violation.kind is not ErrorKind.NOT_IMPLEMENTED else NO_SCHEMA_ACTION
         checker.count(direction, known, refused)
         logged = self._invalid_logged
         if logged is None:

@@ -30,6 +30,8 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, connectProtocol, wrapClientTLS
 
 from ocppgw.amqp import BackEndClient, Message
+from ocppgw import topology
+from ocppgw.closecodes import CloseCode
 
 #: The broker the test suites use; override with OCPPGW_TEST_AMQP_URL.
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -230,7 +232,7 @@ class FakeCharger:
     def answer_error(self, call_frame: list, code: str, description: str = "") -> None:
         self.send([4, call_frame[1], code, description, {}])
 
-    def close(self, code: int = 1000) -> defer.Deferred:
+    def close(self, code: int = int(CloseCode.NORMAL)) -> defer.Deferred:
         if self.protocol is not None:
             self.protocol.sendClose(code)
         return self.closed
@@ -291,7 +293,7 @@ class FakeBackEnd:
             handler is not None
             and message.routing_key.endswith(".req")
             # the gateway's own offline StatusNotification expects no answer
-            and not message.headers.get("x-ocppgw-synthetic")
+            and not message.headers.get(topology.HEADER_SYNTHETIC)
         ):
             frame = orjson.loads(message.body)
             payload = handler(message, frame[3])

@@ -282,7 +282,7 @@ class BrokerDownTests(unittest.TestCase):
         While the bridge is not connected, a charger is refused with 503
         before the upgrade.
         """
-        from ocppgw.edge import Refused
+        from ocppgw.refusals import Refused
         from ocppgw.framing import OCPP16
         from ocppgw.gateway import Gateway
 

@@ -7,7 +7,7 @@ from pika import frame, spec
 from pika.callback import CallbackManager
 from twisted.trial import unittest
 
-from ocppgw.amqp.channels import Consumer, _ConsumerChannel
+from ocppgw.amqp.channels import Consumer, ConsumerChannel
 
 
 class _Channel:
@@ -56,7 +56,7 @@ class _Connection:
 class CancelTests(unittest.TestCase):
     def test_each_cancel_waits_for_its_own_cancel_ok(self):
         channel = _Channel()
-        cc = _ConsumerChannel(_Connection(), channel, lambda *_: None)
+        cc = ConsumerChannel(_Connection(), channel, lambda *_: None)
         consumers = []
         for n in range(3):
             consumer = Consumer(cc, lambda delivery: None, lambda why: None)

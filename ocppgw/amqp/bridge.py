@@ -64,7 +64,7 @@ from twisted.python.failure import Failure
 
 from ocppgw import peers, topology
 from ocppgw.amqp.channels import (
-    Consumer, _ConfirmChannel, _ConsumerChannel, _DeclareChannel,
+    Consumer, ConfirmChannel, ConsumerChannel, DeclareChannel,
 )
 from ocppgw.amqp.connection import BrokerConnection, guarded
 from ocppgw.amqp.errors import BrokerUnavailable, ChannelGone, DeclareFailed
@@ -89,9 +89,9 @@ class _Channels:
     def __init__(self, conn: BrokerConnection, publishers, declarers, consumer_channels,
                  control_queue: str, sentinel: str) -> None:
         self.conn = conn
-        self.publishers: list[_ConfirmChannel] = publishers
-        self.declarers: list[_DeclareChannel] = declarers
-        self.consumer_channels: list[_ConsumerChannel] = consumer_channels
+        self.publishers: list[ConfirmChannel] = publishers
+        self.declarers: list[DeclareChannel] = declarers
+        self.consumer_channels: list[ConsumerChannel] = consumer_channels
         self.control_queue = control_queue
         self.sentinel = sentinel
         self.waiting_declares: list[tuple] = []
@@ -305,10 +305,8 @@ class AmqpBridge:
     def _parameters(self, url: str) -> pika.URLParameters:
         parameters = pika.URLParameters(url)
         parameters.heartbeat = self._heartbeat
-        parameters.client_properties = {
-            "connection_name": f"ocppgw {self.node}",
-            "product": "ocppgw",
-        }
+        parameters.client_properties = topology.client_properties(
+            topology.gateway_connection_name(self.node))
         return parameters
 
     @defer.inlineCallbacks
@@ -455,7 +453,7 @@ class AmqpBridge:
         yield self._on_own_channel(
             conn,
             lambda channel, callback: channel.exchange_bind(
-                destination=self.exchange, source=name, routing_key="sentinel",
+                destination=self.exchange, source=name, routing_key=topology.SENTINEL_ROUTING_KEY,
                 callback=callback),
             lambda reason: DeclareFailed(f"the broker refused to bind {name!r}: {reason}"),
         )
@@ -687,7 +685,7 @@ class AmqpBridge:
     def _open_publisher(self, conn: BrokerConnection):
         channel = yield conn.channel()
         key = object()
-        publisher = _ConfirmChannel(
+        publisher = ConfirmChannel(
             conn, channel, self._window, self._publisher_closed,
             on_full=lambda full: self._set_pause(key, full),
             on_refusing=self._publisher_refusing,
@@ -700,7 +698,7 @@ class AmqpBridge:
     @defer.inlineCallbacks
     def _open_declarer(self, conn: BrokerConnection):
         channel = yield conn.channel()
-        declarer = _DeclareChannel(conn, channel, self._declarer_closed)
+        declarer = DeclareChannel(conn, channel, self._declarer_closed)
         conn.reader.declare_channel(declarer)
         return declarer
 
@@ -712,7 +710,7 @@ class AmqpBridge:
         # that starts on the channel afterwards, i.e. per charger.
         conn.call(channel.basic_qos, prefetch_count=self._prefetch, callback=ready.callback)
         yield conn.wait(ready)
-        cc = _ConsumerChannel(conn, channel, self._consumer_channel_closed)
+        cc = ConsumerChannel(conn, channel, self._consumer_channel_closed)
         conn.reader.consumer_channel(cc)
         return cc
 
@@ -753,7 +751,7 @@ class AmqpBridge:
         for args in waiting:
             self._publish_now(channels, *args)
 
-    def _publisher_closed(self, publisher: _ConfirmChannel, reason) -> None:
+    def _publisher_closed(self, publisher: ConfirmChannel, reason) -> None:
         _log.warn("Publish channel closed: {reason}", reason=reason)
         self._replace_channel("publishers", publisher, self._open_publisher)
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and \
@@ -762,7 +760,7 @@ class AmqpBridge:
             if any(f"'{name}'" in reason.reply_text for name in names):
                 self.exchange_lost(f"publishing failed: {reason.reply_text}")
 
-    def _publisher_refusing(self, publisher: _ConfirmChannel, route: str) -> None:
+    def _publisher_refusing(self, publisher: ConfirmChannel, route: str) -> None:
         """
         The broker keeps refusing every publish to C{route} on this channel
         (see L{NackWatch}): give it up (what it has in flight fails) and
@@ -778,7 +776,7 @@ class AmqpBridge:
         publisher.conn.call(publisher.channel.close)
         self._replace_channel("publishers", publisher, self._open_publisher)
 
-    def _declarer_closed(self, declarer: _DeclareChannel, reason) -> None:
+    def _declarer_closed(self, declarer: DeclareChannel, reason) -> None:
         """
         A declare failed (or the channel died): fail the culprit, retry the
         others on a fresh channel.
@@ -797,7 +795,7 @@ class AmqpBridge:
                 d.errback(ChannelGone(text))
         self._replace_channel("declarers", declarer, self._open_declarer)
 
-    def _consumer_channel_closed(self, cc: _ConsumerChannel, reason) -> None:
+    def _consumer_channel_closed(self, cc: ConsumerChannel, reason) -> None:
         _log.warn("Consumer channel closed: {reason}", reason=reason)
         self._replace_channel("consumer_channels", cc, self._open_consumer_channel)
 
