@@ -436,7 +436,7 @@ class ConsumerChannel(_Channel):
         tag = f"{self._tag_prefix}{next(self._tags)}"
         consumer.tag = tag
         if not self.open:
-            consumer._ready.errback(BrokerUnavailable(self.conn.lost_reason or "channel closed"))
+            consumer.ready.errback(BrokerUnavailable(self.conn.lost_reason or "channel closed"))
             return
         self.consumers[tag] = consumer
         channel._consumers[tag] = guarded(consumer._message, "a delivery")
@@ -444,8 +444,8 @@ class ConsumerChannel(_Channel):
 
     def consume_ok(self, consumer_tag: str) -> None:
         consumer = self.consumers.get(consumer_tag)
-        if consumer is not None and not consumer._ready.called:
-            consumer._ready.callback(consumer)
+        if consumer is not None and not consumer.ready.called:
+            consumer.ready.callback(consumer)
 
     def deliver_to(self, consumer_tag: str) -> Optional["Consumer"]:
         """
@@ -493,7 +493,7 @@ class Consumer:
         "_on_lost",
         "_cancelling",
         "_requeue_later",
-        "_ready",
+        "ready",
         "cancelled",
     )
 
@@ -504,7 +504,8 @@ class Consumer:
         self._on_lost = on_lost
         self._cancelling = False
         self._requeue_later: list[int] = []
-        self._ready: defer.Deferred = defer.Deferred()
+        #: fires with this consumer once the broker's consume-ok came
+        self.ready: defer.Deferred = defer.Deferred()
         self.cancelled: Optional[defer.Deferred] = None
 
     def _message(self, _channel, method, properties, body) -> None:
@@ -522,11 +523,11 @@ class Consumer:
             _log.failure("Error handling a command from a charger's queue")
 
     def _lost(self, why: str, connection_gone: bool = False) -> None:
-        if not self._ready.called:
+        if not self.ready.called:
             # consume never got its consume-ok (the queue is gone, or the
             # connection is)
             self._on_lost = None
-            self._ready.errback(
+            self.ready.errback(
                 BrokerUnavailable(why) if connection_gone else ChannelGone(why)
             )
             return
