@@ -585,13 +585,20 @@ class ChargerFactory(WebSocketServerFactory):
             autoPingRestartOnAnyTraffic=True,
         )
         self._batched_timer = BucketTimer(reactor)
+        self.protocol = self._configured(protocol_class)
+
+    def _configured(self, protocol_class: type) -> type:
+        """
+        A subclass of C{protocol_class} with this factory's options as
+        class attributes, so that no connection copies them.
+        """
         options = {}
         for name in protocol_class.CONFIG_ATTRS:
             value = getattr(self, name)
             # a function stored on a class would become a method
             options[name] = staticmethod(value) if callable(value) else value
         options["CONFIG_ATTRS"] = ()
-        self.protocol = type(protocol_class.__name__, (protocol_class,), options)
+        return type(protocol_class.__name__, (protocol_class,), options)
 
     def retry_after(self) -> int:
         """

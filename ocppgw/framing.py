@@ -469,6 +469,33 @@ def parse_frame(
     @raise BadFrame: the frame breaks OCPP-J for C{version}; nothing else is
         raised, whatever C{data} holds.
     """
+    message = _envelope(data, version, max_id_length)
+    message_type = message[0]
+    if message_type == CALL or (message_type == SEND and version.has_send):
+        return _parse_request(message, message_type, version, max_id_length)
+    if message_type == CALLRESULT:
+        return _parse_result(message, version, max_id_length)
+    if message_type == CALLERROR or (
+        message_type == CALLRESULTERROR and version.has_send
+    ):
+        return _parse_error(message, message_type, version, max_id_length)
+    # orjson yields at most 64-bit integers (larger ones become floats), so
+    # the number in the description is short.
+    raise _refuse(
+        version,
+        ErrorKind.MESSAGE_TYPE_NOT_SUPPORTED,
+        _readable_id(message, max_id_length),
+        f"message type {message_type} does not exist in {version.subprotocol}",
+        CALLERROR if version.answers_unknown_message_type else None,
+        message_type,
+    )
+
+
+def _envelope(data: Union[bytes, str], version: OcppVersion, max_id: int) -> list[Any]:
+    """
+    The frame decoded: a non-empty JSON array whose first element, the
+    message type, is an integer.
+    """
     try:
         message = _loads(data)
     except orjson.JSONDecodeError as exc:
@@ -485,7 +512,6 @@ def parse_frame(
             f"the frame is not valid UTF-8 JSON (position {position})",
             CALLERROR,
         )
-
     if type(message) is not list or not message:
         raise _refuse(
             version,
@@ -494,116 +520,116 @@ def parse_frame(
             "the frame is not a non-empty JSON array",
             CALLERROR,
         )
-    message_type = message[0]
-    if type(message_type) is not int:  # also refuses True/False
+    if type(message[0]) is not int:  # also refuses True/False
         raise _refuse(
             version,
             ErrorKind.RPC_FRAMEWORK_ERROR,
-            _readable_id(message, max_id_length),
+            _readable_id(message, max_id),
             "the message type must be an integer",
             CALLERROR,
         )
+    return message
 
-    if message_type == CALL or (message_type == SEND and version.has_send):
-        answer = CALLERROR if message_type == CALL else None
-        if len(message) != 4:
-            raise _wrong_length(message, 4, version, answer, message_type, max_id_length)
-        message_id = message[1]
-        if not _valid_id(message_id, max_id_length):
-            raise _bad_id(version, answer, message_type, max_id_length)
-        action = message[2]
-        if type(action) is not str:
-            raise _refuse(
-                version,
-                ErrorKind.RPC_FRAMEWORK_ERROR,
-                message_id,
-                "the action must be a string",
-                answer,
-                message_type,
-            )
-        if not (
-            0 < len(action) <= MAX_ACTION_LENGTH
-            and action.isascii()
-            and action.isalnum()
-        ):
-            raise _refuse(
-                version,
-                ErrorKind.NOT_IMPLEMENTED,
-                message_id,
-                f"the action is not an OCPP action name (1 to {MAX_ACTION_LENGTH}"
-                " ASCII letters and digits)",
-                answer,
-                message_type,
-            )
-        payload = message[3]
-        if type(payload) is not dict:
-            raise _refuse(
-                version,
-                ErrorKind.FORMAT_VIOLATION,
-                message_id,
-                "the payload must be a JSON object",
-                answer,
-                message_type,
-            )
-        return Frame(message_type, message_id, action, payload)
 
-    if message_type == CALLRESULT:
-        answer = CALLRESULTERROR if version.has_send else None
-        if len(message) != 3:
-            raise _wrong_length(message, 3, version, answer, message_type, max_id_length)
-        message_id = message[1]
-        if not _valid_id(message_id, max_id_length):
-            raise _bad_id(version, answer, message_type, max_id_length)
-        payload = message[2]
-        if type(payload) is not dict:
-            raise _refuse(
-                version,
-                ErrorKind.FORMAT_VIOLATION,
-                message_id,
-                "the payload must be a JSON object",
-                answer,
-                message_type,
-            )
-        return Frame(message_type, message_id, None, payload)
-
-    if message_type == CALLERROR or (
-        message_type == CALLRESULTERROR and version.has_send
+def _parse_request(
+    message: list[Any], message_type: int, version: OcppVersion, max_id: int
+) -> Frame:
+    """A CALL (answered with a CALLERROR when broken) or a 2.1 SEND (never answered)."""
+    answer = CALLERROR if message_type == CALL else None
+    message_id = _checked_id(message, 4, version, answer, message_type, max_id)
+    action = message[2]
+    if type(action) is not str:
+        raise _refuse(
+            version,
+            ErrorKind.RPC_FRAMEWORK_ERROR,
+            message_id,
+            "the action must be a string",
+            answer,
+            message_type,
+        )
+    if not (
+        0 < len(action) <= MAX_ACTION_LENGTH
+        and action.isascii()
+        and action.isalnum()
     ):
-        # Never answer an error with an error.
-        if len(message) != 5:
-            raise _wrong_length(message, 5, version, None, message_type, max_id_length)
-        message_id = message[1]
-        if not _valid_id(message_id, max_id_length):
-            raise _bad_id(version, None, message_type, max_id_length)
-        code, description, details = message[2], message[3], message[4]
-        if type(code) is not str or type(description) is not str:
-            raise _refuse(
-                version,
-                ErrorKind.RPC_FRAMEWORK_ERROR,
-                message_id,
-                "the error code and description must be strings",
-                None,
-                message_type,
-            )
-        if type(details) is not dict:
-            raise _refuse(
-                version,
-                ErrorKind.FORMAT_VIOLATION,
-                message_id,
-                "the error details must be a JSON object",
-                None,
-                message_type,
-            )
-        return Frame(message_type, message_id, None, None, code, description, details)
+        raise _refuse(
+            version,
+            ErrorKind.NOT_IMPLEMENTED,
+            message_id,
+            f"the action is not an OCPP action name (1 to {MAX_ACTION_LENGTH}"
+            " ASCII letters and digits)",
+            answer,
+            message_type,
+        )
+    payload = message[3]
+    if type(payload) is not dict:
+        raise _not_an_object(version, message_id, answer, message_type)
+    return Frame(message_type, message_id, action, payload)
 
-    # orjson yields at most 64-bit integers (larger ones become floats), so
-    # the number in the description is short.
-    raise _refuse(
+
+def _parse_result(message: list[Any], version: OcppVersion, max_id: int) -> Frame:
+    """A CALLRESULT: answered with a CALLRESULTERROR when broken, in 2.1 only."""
+    answer = CALLRESULTERROR if version.has_send else None
+    message_id = _checked_id(message, 3, version, answer, CALLRESULT, max_id)
+    payload = message[2]
+    if type(payload) is not dict:
+        raise _not_an_object(version, message_id, answer, CALLRESULT)
+    return Frame(CALLRESULT, message_id, None, payload)
+
+
+def _parse_error(
+    message: list[Any], message_type: int, version: OcppVersion, max_id: int
+) -> Frame:
+    """A CALLERROR or a 2.1 CALLRESULTERROR: never answered (no error for an error)."""
+    message_id = _checked_id(message, 5, version, None, message_type, max_id)
+    code, description, details = message[2], message[3], message[4]
+    if type(code) is not str or type(description) is not str:
+        raise _refuse(
+            version,
+            ErrorKind.RPC_FRAMEWORK_ERROR,
+            message_id,
+            "the error code and description must be strings",
+            None,
+            message_type,
+        )
+    if type(details) is not dict:
+        raise _refuse(
+            version,
+            ErrorKind.FORMAT_VIOLATION,
+            message_id,
+            "the error details must be a JSON object",
+            None,
+            message_type,
+        )
+    return Frame(message_type, message_id, None, None, code, description, details)
+
+
+def _checked_id(
+    message: list[Any],
+    length: int,
+    version: OcppVersion,
+    answer: Optional[int],
+    message_type: int,
+    max_id: int,
+) -> str:
+    """The message id of a frame that must have C{length} elements."""
+    if len(message) != length:
+        raise _wrong_length(message, length, version, answer, message_type, max_id)
+    message_id = message[1]
+    if not _valid_id(message_id, max_id):
+        raise _bad_id(version, answer, message_type, max_id)
+    return message_id
+
+
+def _not_an_object(
+    version: OcppVersion, message_id: str, answer: Optional[int], message_type: int
+) -> BadFrame:
+    return _refuse(
         version,
-        ErrorKind.MESSAGE_TYPE_NOT_SUPPORTED,
-        _readable_id(message, max_id_length),
-        f"message type {message_type} does not exist in {version.subprotocol}",
-        CALLERROR if version.answers_unknown_message_type else None,
+        ErrorKind.FORMAT_VIOLATION,
+        message_id,
+        "the payload must be a JSON object",
+        answer,
         message_type,
     )
 
