@@ -46,10 +46,8 @@ from typing import Optional
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from ocppgw import framing
 from ocppgw.amqp import AmqpBridge, BrokerUnavailable, ChannelGone, DeclareFailed
 from ocppgw.charger import (
-    AWAITING_BROKER,
     CHARGER_TRANSITIONS,
     CLOSE_INTERNAL,
     CLOSE_POLICY,
@@ -59,8 +57,10 @@ from ocppgw.charger import (
     ChargerState,
 )
 from ocppgw.edge import ChargerProtocol, Refused
+from ocppgw.announce import Announcer
 from ocppgw.audit import IN as AUDIT_IN
-from ocppgw.framing import MAX_MESSAGE_ID_LENGTH, OcppVersion
+from ocppgw.framing import OcppVersion
+from ocppgw.outage import BrokerOutage
 from ocppgw.presence import Presence
 
 _log = Logger()
@@ -94,31 +94,25 @@ class Gateway:
         *,
         node: str,
         queue_arguments: dict,
-        call_timeout: float = 30.0,
-        max_bad_frames: int = 10,
         offline_status: bool = True,
         presence_events: bool = True,
         outage_grace: float = 30.0,
         outage_keep_chargers: bool = False,
-        max_message_rate: float = 0.0,
-        message_burst: int = 50,
-        max_rate_violations: int = 200,
         max_owed_presence: int = 100000,
-        validation=None,
         metrics=None,
         audit=None,
-        max_message_id_length: int = MAX_MESSAGE_ID_LENGTH,
+        **charger_settings,
     ) -> None:
         """
         @param max_owed_presence: presence messages kept while the broker
             cannot take them (see L{ocppgw.presence}).
-        @param max_message_id_length: the longest OCPP message id accepted
-            from chargers and back end (C{[ocpp] max_message_id_length}).
-        @param validation: an L{ocppgw.validation.Validation} that gives
-            each charger's session its payload checker, or C{None}.
         @param metrics: an L{ocppgw.metrics.Metrics}, or C{None}.
         @param audit: an L{ocppgw.audit.AuditTrail} that mirrors every
             frame and connection event, or C{None} (the default: off).
+        @param charger_settings: the rest of L{ChargerSettings}
+            (C{call_timeout}, C{max_bad_frames}, C{max_message_id_length},
+            C{max_message_rate}, C{message_burst}, C{max_rate_violations},
+            C{validation}).
         """
         self._reactor = reactor
         self.metrics = metrics
@@ -126,32 +120,28 @@ class Gateway:
         self.bridge = bridge
         self.node = node
         #: what every charger is configured with
-        self.settings = ChargerSettings(
-            node=node, queue_arguments=queue_arguments, call_timeout=call_timeout,
-            max_bad_frames=max_bad_frames, max_message_id_length=max_message_id_length,
-            max_message_rate=max_message_rate, message_burst=message_burst,
-            max_rate_violations=max_rate_violations, validation=validation,
-        )
+        self.settings = ChargerSettings(node=node, queue_arguments=queue_arguments,
+                                        **charger_settings)
         self.presence = Presence(
             bridge, reactor, node, offline_status=offline_status, events=presence_events,
             max_owed=max_owed_presence,
         )
+        #: tells the log, audit, metrics and presence of arrivals and departures
+        self.announce = Announcer(reactor, node, self.presence, metrics, audit)
         #: identity -> ChargerLink of attached chargers (ATTACHED and after)
         self.chargers: dict[str, ChargerLink] = {}
-        #: the chargers waiting for their consumer to come back after a
-        #: broker loss (BROKER_LOST or RESTORING): readiness waits for them
-        self.awaiting_broker: set[ChargerLink] = set()
+        #: the grace of a broker outage, and the chargers awaiting the broker
+        self.outage = BrokerOutage(reactor, outage_grace, outage_keep_chargers,
+                                   self._outage_over)
+        # one bound method for every link (not one each)
+        self._link_moved = self.outage.link_moved
         #: fires once the last re-binding after the exchange was declared
         #: again (see _topology_restored) is done; None before any
         self.rebinding: Optional[defer.Deferred] = None
-        self._restored_waiters: list[defer.Deferred] = []
         # identity -> the link of the handshake that most recently claimed
         # it, while that handshake is prepared (CLAIMED or DECLARING)
         self._claims: dict[str, ChargerLink] = {}
         self._accepting = True
-        self.outage_grace = outage_grace
-        self.outage_keep_chargers = outage_keep_chargers
-        self._outage_timer = None
         self.reading_paused = False
         bridge.add_observer(self._broker_state)
         bridge.add_flow_observer(self._flow)
@@ -170,31 +160,30 @@ class Gateway:
     def dead_letter_exchange(self, exchange: Optional[str]) -> None:
         self.settings.dead_letter_exchange = exchange
 
+    @property
+    def outage_grace(self) -> float:
+        """Seconds chargers are kept while the broker is gone."""
+        return self.outage.grace
+
+    @outage_grace.setter
+    def outage_grace(self, seconds: float) -> None:
+        self.outage.grace = seconds
+
+    @property
+    def awaiting_broker(self) -> set:
+        """
+        The chargers waiting for their consumer to come back after a
+        broker loss (BROKER_LOST or RESTORING): readiness waits for them.
+        """
+        return self.outage.awaiting
+
     def consumers_restored(self) -> defer.Deferred:
         """
         Fires once no connected charger waits for its consumer to come
         back after a broker loss (at once if none does): what /readyz's
         C{consumers} check waits for.
         """
-        if not self.awaiting_broker:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._restored_waiters.append(d)
-        return d
-
-    def _link_moved(self, link: ChargerLink) -> None:
-        """A charger's link changed state: readiness may wait for it."""
-        awaiting = self.awaiting_broker
-        if link.state in AWAITING_BROKER:
-            awaiting.add(link)
-            return
-        if link not in awaiting:
-            return
-        awaiting.discard(link)
-        if not awaiting and self._restored_waiters:
-            waiters, self._restored_waiters = self._restored_waiters, []
-            for d in waiters:
-                d.callback(None)
+        return self.outage.consumers_restored()
 
     # -- ChargerHub --------------------------------------------------------------
 
@@ -298,20 +287,7 @@ class Gateway:
             # the link was lost between the queue's declare and the 101:
             # the charger waits for it like the others
             link.broker_lost()
-        _log.info(
-            "{identity} connected from {peer} speaking {version}",
-            identity=identity,
-            peer=edge.peer,
-            version=edge.version.subprotocol,
-            listener=link.listener,
-            event="connected",
-        )
-        if self.audit is not None:
-            self.audit.event(
-                identity, link.version.subprotocol, "connected",
-                peer=link.peer, listener=link.listener, node=self.node,
-            )
-        self.presence.connected(link)
+        self.announce.connected(link)
 
     def charger_frame(self, edge: ChargerProtocol, data: bytes) -> None:
         link = edge.link
@@ -349,33 +325,7 @@ class Gateway:
         if self.chargers.get(link.identity) is link:
             del self.chargers[link.identity]
         d = link.detach(replaced)
-        duration = self._reactor.seconds() - link.connected_at
-        _log.info(
-            "{identity} disconnected ({why}, code {code}) after {duration:.1f} s",
-            identity=link.identity,
-            why="replaced" if replaced else "gone",
-            code=code,
-            reason=framing.truncate_for_log(reason) if reason else reason,
-            duration=round(duration, 3),
-            peer=link.peer,
-            version=link.version.subprotocol,
-            listener=link.listener,
-            frames_in=link.stats.frames_in,
-            frames_out=link.stats.frames_out,
-            event="disconnected",
-        )
-        if self.metrics is not None:
-            self.metrics.disconnect(
-                link.version.routing_prefix, "replaced" if replaced else code,
-                link, reason, duration,
-            )
-        if self.audit is not None:
-            self.audit.event(
-                link.identity, link.version.subprotocol, "disconnected",
-                code=code, replaced=replaced, duration=round(duration, 3), node=self.node,
-            )
-        if not replaced:
-            self.presence.disconnected(link, code)
+        self.announce.disconnected(link, replaced, code, reason)
         return d
 
     def _broker_state(self, connected: bool, why: str) -> None:
@@ -391,9 +341,7 @@ class Gateway:
         every kept charger's queue and consumer is restored.
         """
         if connected:
-            if self._outage_timer is not None and self._outage_timer.active():
-                self._outage_timer.cancel()
-            self._outage_timer = None
+            self.outage.end()
             self.presence.flush()
             links = [link for link in self.chargers.values()
                      if link.state is ChargerState.BROKER_LOST]
@@ -404,15 +352,10 @@ class Gateway:
             return
         for link in list(self.chargers.values()):
             link.broker_lost()
-        if self.outage_keep_chargers or self._outage_timer is not None or not self._accepting:
-            return  # (shutting down: the drain closes the chargers)
-        if self.outage_grace <= 0:
-            self._outage_over()
-        else:
-            self._outage_timer = self._reactor.callLater(self.outage_grace, self._outage_over)
+        if self._accepting:  # (shutting down: the drain closes the chargers)
+            self.outage.begin()
 
     def _outage_over(self) -> None:
-        self._outage_timer = None
         if self.bridge.connected:
             return
         links = list(self.chargers.values())
@@ -481,9 +424,7 @@ class Gateway:
         closes the others, so no outage timer is left to do it.
         """
         self._accepting = False
-        if self._outage_timer is not None and self._outage_timer.active():
-            self._outage_timer.cancel()
-        self._outage_timer = None
+        self.outage.end()
 
     @property
     def accepting(self) -> bool:

@@ -73,17 +73,19 @@ class PayloadPolicy:
     charger that sends none costs nothing).
     """
 
-    __slots__ = ("_checker", "_version", "_identity", "_effects", "logged")
+    __slots__ = ("_checker", "_version", "_identity", "_effects", "_stats", "logged")
 
     def __init__(self, checker: PayloadChecker, version: OcppVersion, identity: str,
-                 effects) -> None:
+                 effects, stats) -> None:
         """
         @param effects: the session's L{ocppgw.session.SessionEffects}.
+        @param stats: the session's frame counters.
         """
         self._checker = checker
         self._version = version
         self._identity = identity
         self._effects = effects
+        self._stats = stats
         #: (direction, action) pairs logged already on this connection
         self.logged: set[tuple[str, str]] = set()
 
@@ -136,6 +138,33 @@ class PayloadPolicy:
                 description=framing.truncate_for_log(violation.description),
             )
         return refused
+
+    def refuse_call_result(self, frame: Frame, message_id: str, action: str,
+                           violation: Violation) -> bytes:
+        """
+        Enforce mode: the charger's CALLRESULT to the CSMS CALL
+        C{message_id} breaks the response schema. 2.1 refuses it with a
+        CALLRESULTERROR (2.1 Part 4 §4.2.3); every version reports it to
+        the back end as a CALLERROR in place of the answer, so the command
+        completes and no worker reads the invalid payload as an answer.
+
+        @return: that CALLERROR, for the session to publish as the answer.
+        """
+        version = self._version
+        if version.has_send:
+            self._stats.frame_out(framing.CALLRESULTERROR, action)
+            self._effects.send_to_charger(
+                framing.encode_call_result_error(
+                    version, frame.message_id, violation.kind, violation.description
+                )
+            )
+        return framing.encode_call_error(
+            version,
+            message_id,
+            violation.kind,
+            f"Invalid CALLRESULT from the charge point: {violation.description}",
+            {"reason": "validation"},
+        )
 
     def refuse_command(self, delivery: Delivery, frame: Frame, violation: Violation) -> None:
         """

@@ -200,22 +200,9 @@ class ChargerSession:
     """
 
     __slots__ = (
-        "identity",
-        "version",
-        "_effects",
-        "_clock",
-        "_call_timeout",
-        "_max_bad_frames",
-        "_bad_frames",
-        "_open_charger_calls",
-        "_outstanding",
-        "_held",
-        "_ended",
-        "_answers",
-        "_checker",
-        "_payloads",
-        "_stats",
-        "_max_id",
+        "identity", "version", "_effects", "_clock", "_call_timeout", "_max_bad_frames",
+        "_bad_frames", "_open_charger_calls", "_outstanding", "_held", "_ended", "_answers",
+        "_checker", "_payloads", "_stats", "_max_id",
     )
 
     def __init__(
@@ -502,39 +489,12 @@ class ChargerSession:
                 payloads = self._payload_policy()
                 headers = payloads.headers(violation)
                 if payloads.refuses(FROM_CHARGER, outstanding.action, violation):
-                    self._invalid_call_result(outstanding, frame, violation, headers)
+                    body = payloads.refuse_call_result(
+                        frame, outstanding.message_id, outstanding.action, violation
+                    )
+                    self._finish_outstanding(outstanding, topology.KIND_ERROR, body, headers)
                     return
         self._finish_outstanding(outstanding, topology.KIND_CONFIRMATION, data, headers)
-
-    def _invalid_call_result(
-        self,
-        outstanding: _OutstandingCall,
-        frame: Frame,
-        violation: Violation,
-        headers: dict,
-    ) -> None:
-        """
-        Enforce mode: the charger's CALLRESULT breaks the response schema.
-        2.1 refuses it with a CALLRESULTERROR (2.1 Part 4 §4.2.3); every
-        version reports it to the back end as a CALLERROR in place of the
-        answer, so the command completes and no worker reads the invalid
-        payload as an answer.
-        """
-        if self.version.has_send:
-            self._stats.frame_out(framing.CALLRESULTERROR, outstanding.action)
-            self._effects.send_to_charger(
-                framing.encode_call_result_error(
-                    self.version, frame.message_id, violation.kind, violation.description
-                )
-            )
-        body = framing.encode_call_error(
-            self.version,
-            outstanding.message_id,
-            violation.kind,
-            f"Invalid CALLRESULT from the charge point: {violation.description}",
-            {"reason": "validation"},
-        )
-        self._finish_outstanding(outstanding, topology.KIND_ERROR, body, headers)
 
     def _publish_unmatched_answer(self, frame: Frame, data: bytes) -> None:
         kind = (topology.KIND_CONFIRMATION if frame.message_type == framing.CALLRESULT
@@ -561,7 +521,7 @@ class ChargerSession:
         payloads = self._payloads
         if payloads is None:
             payloads = self._payloads = PayloadPolicy(
-                self._checker, self.version, self.identity, self._effects
+                self._checker, self.version, self.identity, self._effects, self._stats
             )
         return payloads
 
