@@ -35,9 +35,9 @@ the moves are few and low-frequency -- a handshake, an open, a broker
 loss, a close -- so the check costs nothing that matters. A frame never
 moves the machine: the per-frame path reads no state here.
 
-L{ChargerLink} implements the session's L{SessionEffects} on top of the
-AMQP bridge; L{ChargerSettings} is what every charger of one gateway is
-configured with.
+L{ChargerEffects} (which L{ChargerLink} extends) implements the
+session's L{SessionEffects} on top of the AMQP bridge; L{ChargerSettings}
+is what every charger of one gateway is configured with.
 """
 
 from __future__ import annotations
@@ -159,108 +159,24 @@ class ChargerSettings:
         return self.validation.checker_for(identity, version)
 
 
-class ChargerLink:
+class ChargerEffects:
     """
-    One charger from its handshake on: its edge protocol, session and
-    consumer, and where it is in its life (L{ChargerState}).
-
-    Implements L{SessionEffects} for the session.
-
-    @ivar consumer: its consumer while it has one (acks and requeues go
-        through it).
-    @ivar starting: the consumer being started, until it is up or given up.
+    The session's L{SessionEffects} over the AMQP bridge and the charger's
+    edge: what L{ChargerLink} does when its session asks. Kept apart from
+    the lifecycle so that each reads on its own; the attributes are the
+    link's.
     """
 
-    __slots__ = (
-        "settings", "bridge", "audit", "on_state", "edge", "identity", "version",
-        "session", "consumer", "starting", "headers", "connected_at", "state",
-        "rate_limit", "listener", "peer", "stats",
-    )
+    __slots__ = ()
 
-    def __init__(self, edge, settings: ChargerSettings, bridge, clock, *, audit=None,
-                 metrics=None, on_state: Optional[Callable[["ChargerLink"], None]] = None,
-                 ) -> None:
-        """
-        A handshake claims an identity: the link starts L{CLAIMED}.
-
-        @param edge: the charger's L{ocppgw.edge.ChargerProtocol}; its
-            C{identity} and C{version} are those of the handshake.
-        @param bridge: the L{ocppgw.amqp.AmqpBridge}.
-        @param audit: an L{ocppgw.audit.AuditTrail}, or C{None}.
-        @param metrics: an L{ocppgw.metrics.Metrics}, or C{None}.
-        @param on_state: called with the link after each of its moves.
-        """
-        self.settings = settings
-        self.bridge = bridge
-        self.audit = audit
-        self.on_state = on_state
-        self.edge = edge
-        self.identity: str = edge.identity
-        self.version: OcppVersion = edge.version
-        # The same table for every publish of this charger, encoded once.
-        self.headers = FixedHeaders({
-            topology.HEADER_IDENTITY: self.identity,
-            topology.HEADER_VERSION: self.version.subprotocol,
-            topology.HEADER_NODE: settings.node,
-        })
-        self.listener: str = getattr(edge.factory, "listener", "ws")
-        self.peer: str = edge.peer
-        self.stats = ChargerStats(metrics, self.version.routing_prefix)
-        self.session = ChargerSession(
-            self.identity,
-            self.version,
-            self,
-            clock,
-            call_timeout=settings.call_timeout,
-            max_bad_frames=settings.max_bad_frames,
-            max_message_id_length=settings.max_message_id_length,
-            stats=self.stats,
-            checker=settings.checker(self.identity, self.version),
-        )
-        self.consumer = None
-        self.starting: Optional[defer.Deferred] = None
-        self.connected_at = 0.0
-        self.state = ChargerState.CLAIMED
-        self.rate_limit = settings.rate_limit(clock)
-
-    @property
-    def detached(self) -> bool:
-        """Whether the charger is replaced or closed (its session ended)."""
-        return self.state is ChargerState.REPLACED or self.state is ChargerState.CLOSED
-
-    def _goto(self, new: ChargerState) -> None:
-        check_transition(CHARGER_TRANSITIONS, self.state, new, f"charger {self.identity!r}")
-        self.state = new
-        if self.on_state is not None:
-            self.on_state(self)
-
-    # -- the handshake -----------------------------------------------------------
-
-    def declaring(self) -> None:
-        """
-        Its queue is being declared. (A claim a newer handshake took over
-        meanwhile stays L{REPLACED}; its handshake is refused once the
-        declare is done.)
-        """
-        if self.state is ChargerState.CLAIMED:
-            self._goto(ChargerState.DECLARING)
-
-    def superseded(self) -> None:
-        """A newer handshake claimed the identity before this one opened."""
-        if self.state in HANDSHAKING:
-            self._goto(ChargerState.REPLACED)
-
-    def refused(self) -> None:
-        """Its handshake failed, or the connection went before it opened."""
-        if self.state in HANDSHAKING:
-            self._goto(ChargerState.CLOSED)
-
-    def attach(self, now: float) -> None:
-        """The WebSocket is open (the 101 was sent at C{now})."""
-        self.connected_at = now
-        self._goto(ChargerState.ATTACHED)
-
-    # -- SessionEffects ------------------------------------------------------
+    settings: ChargerSettings
+    bridge: object
+    audit: object
+    edge: object
+    identity: str
+    version: OcppVersion
+    headers: FixedHeaders
+    consumer: object
 
     def send_to_charger(self, frame: bytes) -> None:
         audit = self.audit
@@ -353,6 +269,115 @@ class ChargerLink:
 
     def close(self, code: int, reason: str) -> None:
         self.edge.close(code, reason)
+
+
+
+class ChargerLink(ChargerEffects):
+    """
+    One charger from its handshake on: its edge protocol, session and
+    consumer, and where it is in its life (L{ChargerState}).
+
+    @ivar consumer: its consumer while it has one (acks and requeues go
+        through it).
+    @ivar starting: the consumer being started, until it is up or given up.
+    """
+
+    __slots__ = (
+        "settings", "bridge", "audit", "on_state", "edge", "identity", "version",
+        "session", "consumer", "starting", "headers", "connected_at", "state",
+        "rate_limit", "stats",
+    )
+
+    def __init__(self, edge, settings: ChargerSettings, bridge, clock, *, audit=None,
+                 metrics=None, on_state: Optional[Callable[["ChargerLink"], None]] = None,
+                 ) -> None:
+        """
+        A handshake claims an identity: the link starts L{CLAIMED}.
+
+        @param edge: the charger's L{ocppgw.edge.ChargerProtocol}; its
+            C{identity} and C{version} are those of the handshake.
+        @param bridge: the L{ocppgw.amqp.AmqpBridge}.
+        @param audit: an L{ocppgw.audit.AuditTrail}, or C{None}.
+        @param metrics: an L{ocppgw.metrics.Metrics}, or C{None}.
+        @param on_state: called with the link after each of its moves.
+        """
+        self.settings = settings
+        self.bridge = bridge
+        self.audit = audit
+        self.on_state = on_state
+        self.edge = edge
+        self.identity: str = edge.identity
+        self.version: OcppVersion = edge.version
+        # The same table for every publish of this charger, encoded once.
+        self.headers = FixedHeaders({
+            topology.HEADER_IDENTITY: self.identity,
+            topology.HEADER_VERSION: self.version.subprotocol,
+            topology.HEADER_NODE: settings.node,
+        })
+        self.stats = ChargerStats(metrics, self.version.routing_prefix)
+        self.session = ChargerSession(
+            self.identity,
+            self.version,
+            self,
+            clock,
+            call_timeout=settings.call_timeout,
+            max_bad_frames=settings.max_bad_frames,
+            max_message_id_length=settings.max_message_id_length,
+            stats=self.stats,
+            checker=settings.checker(self.identity, self.version),
+        )
+        self.consumer = None
+        self.starting: Optional[defer.Deferred] = None
+        self.connected_at = 0.0
+        self.state = ChargerState.CLAIMED
+        self.rate_limit = settings.rate_limit(clock)
+
+    @property
+    def listener(self) -> str:
+        """The name of the listener the charger came in on."""
+        return getattr(self.edge.factory, "listener", "ws")
+
+    @property
+    def peer(self) -> str:
+        """The charger's address, as the edge tells it."""
+        return self.edge.peer
+
+    @property
+    def detached(self) -> bool:
+        """Whether the charger is replaced or closed (its session ended)."""
+        return self.state is ChargerState.REPLACED or self.state is ChargerState.CLOSED
+
+    def _goto(self, new: ChargerState) -> None:
+        check_transition(CHARGER_TRANSITIONS, self.state, new, f"charger {self.identity!r}")
+        self.state = new
+        if self.on_state is not None:
+            self.on_state(self)
+
+    # -- the handshake -----------------------------------------------------------
+
+    def declaring(self) -> None:
+        """
+        Its queue is being declared. (A claim a newer handshake took over
+        meanwhile stays L{REPLACED}; its handshake is refused once the
+        declare is done.)
+        """
+        if self.state is ChargerState.CLAIMED:
+            self._goto(ChargerState.DECLARING)
+
+    def superseded(self) -> None:
+        """A newer handshake claimed the identity before this one opened."""
+        if self.state in HANDSHAKING:
+            self._goto(ChargerState.REPLACED)
+
+    def refused(self) -> None:
+        """Its handshake failed, or the connection went before it opened."""
+        if self.state in HANDSHAKING:
+            self._goto(ChargerState.CLOSED)
+
+    def attach(self, now: float) -> None:
+        """The WebSocket is open (the 101 was sent at C{now})."""
+        self.connected_at = now
+        self._goto(ChargerState.ATTACHED)
 
     # -- over the rate -----------------------------------------------------------
 

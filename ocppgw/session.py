@@ -191,7 +191,149 @@ class _OutstandingCall:
         self.sent_at = sent_at
 
 
-class ChargerSession:
+class FrameFaults:
+    """
+    What a session does with the charger's frames that break the rules:
+    a malformed frame is answered as its version asks and counted (the
+    connection is closed with 1002 after C{max_bad_frames}), except a
+    malformed answer to the outstanding CSMS CALL, which is that CALL's
+    answer all the same (see the module docstring); a frame over the
+    charger's message rate is answered or dropped.
+
+    The base of L{ChargerSession}, kept apart so that the session reads as
+    the flow of well-formed frames; the attributes are the session's.
+    """
+
+    __slots__ = ()
+
+    identity: str
+    version: OcppVersion
+    _effects: SessionEffects
+    _clock: object
+    _stats: object
+    _ended: bool
+    _bad_frames: int
+    _max_bad_frames: int
+    _max_id: int
+
+    # the session's call flow
+    def _outstanding_call_for(self, message_id) -> Optional[_OutstandingCall]:
+        raise NotImplementedError
+
+    def _charger_answer(self, frame: Frame, data: bytes,
+                        outstanding: Optional[_OutstandingCall]) -> None:
+        raise NotImplementedError
+
+    def _finish_outstanding(self, outstanding: _OutstandingCall, kind: str, body: bytes,
+                            extra_headers: Optional[dict]) -> None:
+        raise NotImplementedError
+
+    def stop_reading(self) -> None:
+        """
+        Ignore the charger's further frames (its connection is being closed
+        for misbehaving); what the session holds is handed back by L{end}.
+        """
+        self._ended = True
+
+    def rate_limited(self, data: bytes) -> None:
+        """
+        The charger sent a frame over its message rate limit.
+
+        A CALL is answered with a CALLERROR and not published (the charger
+        may retry it later); the answer to the CSMS's outstanding CALL still
+        goes through, since there is at most one; anything else is dropped.
+        """
+        frame = self._parse(data)
+        if frame is None:
+            return
+        kind = frame.message_type
+        if kind == framing.CALL:
+            self._effects.send_to_charger(
+                framing.encode_call_error(
+                    self.version,
+                    frame.message_id,
+                    ErrorKind.GENERIC_ERROR,
+                    "Too many messages; slow down and retry later",
+                    {"reason": "rate-limit"},
+                )
+            )
+        elif kind == framing.CALLRESULT or kind == framing.CALLERROR:
+            answered = self._outstanding_call_for(frame.message_id)
+            if answered is not None:
+                self._charger_answer(frame, data, answered)
+
+    def _parse(self, data: bytes) -> Optional[Frame]:
+        """
+        The charger's frame, or C{None} when there is nothing to do with it:
+        the session has ended, or the frame is malformed (then it is
+        answered as the version asks and counted towards C{max_bad_frames}).
+        """
+        if self._ended:
+            return None
+        try:
+            return framing.parse_frame(data, self.version, self._max_id)
+        except BadFrame as bad:
+            answered = (
+                self._outstanding_call_for(bad.message_id)
+                if bad.message_id != framing.UNKNOWN_MESSAGE_ID
+                and bad.message_type in (framing.CALLRESULT, framing.CALLERROR)
+                else None
+            )
+            if answered is not None:
+                self._malformed_answer(answered, bad, data)
+            else:
+                self._bad_frame(bad)
+            return None
+
+    def _malformed_answer(self, outstanding: _OutstandingCall, bad: BadFrame,
+                          data: bytes) -> None:
+        """
+        A malformed CALLRESULT or CALLERROR that answers the outstanding
+        CALL: it is that CALL's answer (see the module docstring). Whatever
+        the version asks to send back for it (a 2.1 CALLRESULTERROR) is
+        still sent.
+        """
+        _log.info(
+            "Malformed answer from {identity} to {action} ({code}: {description}); "
+            "published as its answer, marked malformed",
+            identity=self.identity,
+            action=outstanding.action,
+            code=bad.code,
+            description=bad.description,
+        )
+        stats = self._stats
+        stats.frame_in(bad.message_type, outstanding.action)
+        stats.csms_call(self._clock.seconds() - outstanding.sent_at, False, outstanding.action)
+        if bad.reply is not None:
+            stats.frame_out(framing.CALLRESULTERROR, outstanding.action)
+            self._effects.send_to_charger(bad.reply)
+        kind = (
+            topology.KIND_ERROR
+            if bad.message_type == framing.CALLERROR
+            else topology.KIND_CONFIRMATION
+        )
+        self._finish_outstanding(
+            outstanding, kind, data, {topology.HEADER_MALFORMED: bad.description}
+        )
+
+    def _bad_frame(self, bad: BadFrame) -> None:
+        self._bad_frames += 1
+        _log.info(
+            "Bad frame from {identity}: {code}: {description}",
+            identity=self.identity,
+            code=bad.code,
+            description=bad.description,
+        )
+        self._stats.bad_frame(bad.code)
+        if bad.reply is not None:
+            self._stats.frame_out(framing.CALLERROR, None)
+            self._effects.send_to_charger(bad.reply)
+        if self._bad_frames >= self._max_bad_frames:
+            self._ended = True
+            self._effects.close(1002, "Too many malformed frames")
+
+
+class ChargerSession(FrameFaults):
     """
     The state of one connected charger, driven by events.
 
@@ -302,110 +444,6 @@ class ChargerSession:
             self._charger_call(frame, data)
         else:
             self._charger_send(frame, data)
-
-    def stop_reading(self) -> None:
-        """
-        Ignore the charger's further frames (its connection is being closed
-        for misbehaving); what the session holds is handed back by L{end}.
-        """
-        self._ended = True
-
-    def rate_limited(self, data: bytes) -> None:
-        """
-        The charger sent a frame over its message rate limit.
-
-        A CALL is answered with a CALLERROR and not published (the charger
-        may retry it later); the answer to the CSMS's outstanding CALL still
-        goes through, since there is at most one; anything else is dropped.
-        """
-        frame = self._parse(data)
-        if frame is None:
-            return
-        kind = frame.message_type
-        if kind == framing.CALL:
-            self._effects.send_to_charger(
-                framing.encode_call_error(
-                    self.version,
-                    frame.message_id,
-                    ErrorKind.GENERIC_ERROR,
-                    "Too many messages; slow down and retry later",
-                    {"reason": "rate-limit"},
-                )
-            )
-        elif kind == framing.CALLRESULT or kind == framing.CALLERROR:
-            answered = self._outstanding_call_for(frame.message_id)
-            if answered is not None:
-                self._charger_answer(frame, data, answered)
-
-    def _parse(self, data: bytes) -> Optional[Frame]:
-        """
-        The charger's frame, or C{None} when there is nothing to do with it:
-        the session has ended, or the frame is malformed (then it is
-        answered as the version asks and counted towards C{max_bad_frames}).
-        """
-        if self._ended:
-            return None
-        try:
-            return framing.parse_frame(data, self.version, self._max_id)
-        except BadFrame as bad:
-            answered = (
-                self._outstanding_call_for(bad.message_id)
-                if bad.message_id != framing.UNKNOWN_MESSAGE_ID
-                and bad.message_type in (framing.CALLRESULT, framing.CALLERROR)
-                else None
-            )
-            if answered is not None:
-                self._malformed_answer(answered, bad, data)
-            else:
-                self._bad_frame(bad)
-            return None
-
-    def _malformed_answer(self, outstanding: _OutstandingCall, bad: BadFrame,
-                          data: bytes) -> None:
-        """
-        A malformed CALLRESULT or CALLERROR that answers the outstanding
-        CALL: it is that CALL's answer (see the module docstring). Whatever
-        the version asks to send back for it (a 2.1 CALLRESULTERROR) is
-        still sent.
-        """
-        _log.info(
-            "Malformed answer from {identity} to {action} ({code}: {description}); "
-            "published as its answer, marked malformed",
-            identity=self.identity,
-            action=outstanding.action,
-            code=bad.code,
-            description=bad.description,
-        )
-        stats = self._stats
-        stats.frame_in(bad.message_type, outstanding.action)
-        stats.csms_call(self._clock.seconds() - outstanding.sent_at, False, outstanding.action)
-        if bad.reply is not None:
-            stats.frame_out(framing.CALLRESULTERROR, outstanding.action)
-            self._effects.send_to_charger(bad.reply)
-        kind = (
-            topology.KIND_ERROR
-            if bad.message_type == framing.CALLERROR
-            else topology.KIND_CONFIRMATION
-        )
-        self._finish_outstanding(
-            outstanding, kind, data, {topology.HEADER_MALFORMED: bad.description}
-        )
-
-    def _bad_frame(self, bad: BadFrame) -> None:
-        self._bad_frames += 1
-        _log.info(
-            "Bad frame from {identity}: {code}: {description}",
-            identity=self.identity,
-            code=bad.code,
-            description=bad.description,
-        )
-        self._stats.bad_frame(bad.code)
-        if bad.reply is not None:
-            self._stats.frame_out(framing.CALLERROR, None)
-            self._effects.send_to_charger(bad.reply)
-        if self._bad_frames >= self._max_bad_frames:
-            self._ended = True
-            self._effects.close(1002, "Too many malformed frames")
 
     def _charger_call(self, frame: Frame, data: bytes) -> None:
         message_id = frame.message_id
