@@ -308,10 +308,9 @@ class ChargerProtocol(WebSocketServerProtocol):
 
     identity: Optional[str] = None
     version: Optional[OcppVersion] = None
-    #: set by the hub when the charger is attached, for its own use
+    #: the hub's object for this charger, set by the hub when the
+    #: handshake claims the identity and cleared when it is done with it
     link = None
-    #: open CALLs taken over from a replaced connection, for the hub
-    inherited_calls = None
     #: seconds for the Retry-After of a 503 answer
     _retry_after = None
     #: flow control: not reading from the charger now
