@@ -33,8 +33,15 @@ exclude_patterns = ["_build", "tools", "_ext", "README.md"]
 myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence"]
 
+# Blocks without a language are diagrams, logs and program output: shown
+# as they are, not guessed at by a lexer.
+highlight_language = "none"
+
 html_theme = "alabaster"
 html_title = f"ocppgw {release}"
-html_static_path: list = []
+# the configuration and contract tables need the room
+html_theme_options = {"page_width": "1240px", "sidebar_width": "250px"}
+html_static_path = ["_static"]
+html_css_files = ["ocppgw.css"]
 # The AsyncAPI description is published beside the pages, as it is.
 html_extra_path = ["asyncapi.yaml"]
