@@ -1,20 +1,30 @@
 """
-Shared fixtures for tests that run a real gateway against the real broker.
+Shared fixtures: a real gateway against the real broker
+(L{GatewayTestCase}), and a gateway in memory on a fake broker
+(L{InMemoryGateway}).
 """
 
 from __future__ import annotations
 
 import socket
+from typing import Optional
 from urllib.parse import quote
 
+import orjson
+from autobahn.twisted.testing import create_memory_agent
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import defer, reactor
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from ocppgw.amqp import BackEndClient
+from ocppgw.broker import Bridge
 from ocppgw.config import settings_from_dict
+from ocppgw.edge import ChargerFactory
+from ocppgw.gateway import Gateway
 from ocppgw.service import GatewayService
-from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
+from ocppgw.testing import FakeBackEnd, FakeBridge, FakeCharger, amqp_url, unique_name
 
 
 def free_port() -> int:
@@ -171,3 +181,147 @@ class GatewayTestCase(unittest.TestCase):
         if not charger.closed.called:
             return charger.drop()
         return None
+
+
+# -- a gateway in memory -------------------------------------------------------------
+
+
+class MemoryCharger(WebSocketClientProtocol):
+    """
+    A charger's WebSocket client connected to an L{InMemoryGateway} over
+    in-memory transports: what it received, and how it was refused or
+    closed.
+
+    @ivar received: every frame the gateway sent, decoded, in order.
+    @ivar code: the close code once closed (1006 for a refused handshake).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list = []
+        self.opened = False
+        self.code = None
+        self.reason = None
+
+    def onOpen(self) -> None:
+        self.opened = True
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.append(orjson.loads(payload))
+
+    def onClose(self, wasClean: bool, code, reason) -> None:
+        self.code, self.reason = code, reason
+
+    @property
+    def closed(self) -> bool:
+        return self.code is not None
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of the gateway's answer to the opening handshake."""
+        return int(self.http_status_line.split()[1])
+
+    @property
+    def response_headers(self) -> dict:
+        return self.http_headers
+
+    def send(self, frame) -> None:
+        """Send a frame: a list (encoded as JSON) or text as it is."""
+        if isinstance(frame, (list, tuple)):
+            frame = orjson.dumps(list(frame))
+        elif isinstance(frame, str):
+            frame = frame.encode("utf-8")
+        self.sendMessage(frame, False)
+
+
+class _Pumps:
+    """
+    Moves the bytes of every in-memory connection at once, when told
+    (autobahn's own pumper polls on the global reactor instead, which a
+    L{SynchronousTestCase} does not run).
+    """
+
+    def __init__(self) -> None:
+        self._pumps: list = []
+
+    def add(self, pump) -> None:
+        self._pumps.append(pump)
+
+    def flush(self) -> None:
+        for pump in list(self._pumps):
+            pump.flush()
+            if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                self._pumps.remove(pump)
+
+
+def protocol_only(implementation, protocol: type):
+    """
+    A view of C{implementation} with nothing but the members C{protocol}
+    declares, so that code given it cannot come to depend on more.
+    """
+    members = {name for name in vars(protocol) if not name.startswith("_")}
+
+    class View:
+        def __getattr__(self, name):
+            if name not in members:
+                raise AttributeError(f"{name!r} is not part of {protocol.__name__}")
+            return getattr(implementation, name)
+
+    return View()
+
+
+class InMemoryGateway:
+    """
+    A L{Gateway} on a L{FakeBridge}, with its WebSocket edge (a real
+    L{ChargerFactory}) and its chargers (real autobahn clients) connected
+    by autobahn's in-memory agent: no broker, no sockets, time on a
+    C{MemoryReactorClock}. Everything runs synchronously; L{flush} (done
+    by every helper here) moves the bytes.
+    """
+
+    def __init__(self, gateway_options: Optional[dict] = None,
+                 factory_options: Optional[dict] = None,
+                 bridge: Optional[FakeBridge] = None) -> None:
+        self.clock = MemoryReactorClock()
+        self.bridge = bridge if bridge is not None else FakeBridge()
+        # the gateway sees only what the Bridge protocol promises
+        self.gateway = Gateway(self.clock, protocol_only(self.bridge, Bridge), node="node-1",
+                               queue_arguments={"x-queue-type": "classic"},
+                               **(gateway_options or {}))
+        self.factory = ChargerFactory(self.gateway, self.clock, **(factory_options or {}))
+        self._pumps = _Pumps()
+        self._agent = create_memory_agent(
+            self.clock, self._pumps, lambda: self.factory.buildProtocol(None)
+        )
+
+    def flush(self) -> None:
+        """Run what is due now (a reactor turn) and move the bytes."""
+        self.clock.advance(0)
+        self._pumps.flush()
+
+    def advance(self, seconds: float) -> None:
+        """Let C{seconds} pass, moving the bytes that makes flow."""
+        self.clock.advance(seconds)
+        self._pumps.flush()
+
+    def connect(self, identity: str, subprotocols=("ocpp1.6",), headers=None,
+                path: str = "/ocpp/") -> MemoryCharger:
+        """
+        A charger opening its WebSocket, as far as the gateway lets it
+        (check C{opened}, or C{status} and C{code} for a refusal).
+        """
+        options = {"protocols": list(subprotocols)}
+        if headers:
+            options["headers"] = headers
+        # the agent's Deferred fires only once open: keep the charger as
+        # it is made, to tell how it was refused
+        made: list = []
+
+        def make() -> MemoryCharger:
+            made.append(MemoryCharger())
+            return made[-1]
+
+        self._agent.open(f"ws://gateway.test{path}{identity}", options, make)
+        charger = made[0]
+        self.flush()
+        return charger
