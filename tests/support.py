@@ -281,8 +281,9 @@ class InMemoryGateway:
 
     def __init__(self, gateway_options: Optional[dict] = None,
                  factory_options: Optional[dict] = None,
-                 bridge: Optional[FakeBridge] = None) -> None:
-        self.clock = MemoryReactorClock()
+                 bridge: Optional[FakeBridge] = None,
+                 clock: Optional[MemoryReactorClock] = None) -> None:
+        self.clock = clock if clock is not None else MemoryReactorClock()
         self.bridge = bridge if bridge is not None else FakeBridge()
         # the gateway sees only what the Bridge protocol promises
         self.gateway = Gateway(self.clock, protocol_only(self.bridge, Bridge), node="node-1",
