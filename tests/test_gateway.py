@@ -15,8 +15,6 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from ocppgw.amqp import BrokerUnavailable, DeclareFailed
-from ocppgw.gateway import CHARGER_TRANSITIONS, ChargerState
-from ocppgw.states import InvalidTransition, check_transition
 from tests.support import InMemoryGateway
 
 _RESET = [2, "c1", "Reset", {"type": "Soft"}]
@@ -387,8 +385,8 @@ class DrainTests(_GatewayTestCase):
 
 class LifecycleTests(_GatewayTestCase):
     """
-    A charger's link to its queue through the states of
-    L{CHARGER_TRANSITIONS}, seen from outside.
+    A charger's link to its queue through the states of its lifecycle,
+    seen from outside.
     """
 
     def test_consume_refused_closes_1011(self):
@@ -461,14 +459,3 @@ class LifecycleTests(_GatewayTestCase):
         self.bridge.pending_of("declare")[0].fail(BrokerUnavailable("gone"))
         self.memory.flush()
         self.assertEqual(charger.status, 503)
-
-    def test_transition_table(self):
-        """Every live state can be lost to the broker and can end; the ends are final."""
-        live = set(ChargerState) - {ChargerState.REPLACED, ChargerState.CLOSED}
-        for state in live:
-            self.assertTrue({ChargerState.REPLACED, ChargerState.CLOSED}
-                            <= CHARGER_TRANSITIONS[state], state)
-        for state in (ChargerState.REPLACED, ChargerState.CLOSED):
-            for new in ChargerState:
-                self.assertRaises(InvalidTransition, check_transition,
-                                  CHARGER_TRANSITIONS, state, new, "charger")
