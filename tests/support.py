@@ -1,23 +1,37 @@
 """
-Shared fixtures: a real gateway against the real broker
-(L{GatewayTestCase}), and a gateway in memory on a fake broker
-(L{InMemoryGateway}).
+Fixtures that several test modules share: a real gateway against the
+real broker (L{GatewayTestCase}, L{SecurityTestCase}), a gateway in memory
+on a fake broker (L{InMemoryGateway}), a charger's session alone
+(L{RecordingEffects}), and helpers for the broker, the admin listener,
+processes, logs and hand-written handshakes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import gc
+import hashlib
+import json
+import os
 import socket
+import subprocess
 from typing import Optional
 from urllib.parse import quote
 
 import orjson
 from autobahn.twisted.testing import create_memory_agent
 from autobahn.twisted.websocket import WebSocketClientProtocol
-from twisted.internet import defer, reactor
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
 
+from ocppgw import cli
 from ocppgw.amqp import BackEndClient
 from ocppgw.broker import Bridge
 from ocppgw.config import settings_from_dict
@@ -25,6 +39,8 @@ from ocppgw.edge import ChargerFactory
 from ocppgw.gateway import Gateway
 from ocppgw.service import GatewayService
 from ocppgw.testing import FakeBackEnd, FakeBridge, FakeCharger, amqp_url, unique_name
+from tests.certs import ThrowAwayPKI
+from tests.rawhttp import WEBSOCKET_GUID, raw_request, upgrade_request, websocket_key
 
 
 def free_port() -> int:
@@ -183,7 +199,7 @@ class GatewayTestCase(unittest.TestCase):
         return None
 
 
-# -- a gateway in memory -------------------------------------------------------------
+# -- a gateway in memory ------------------------------------------------------
 
 
 class MemoryCharger(WebSocketClientProtocol):
@@ -326,3 +342,371 @@ class InMemoryGateway:
         charger = made[0]
         self.flush()
         return charger
+
+
+# -- the real broker ----------------------------------------------------------
+
+
+def close_broker_connections(connection_name: str) -> defer.Deferred:
+    """
+    Close, from the broker's side, every connection named C{connection_name}.
+    """
+
+    def close():
+        # The plain listing (not JSON) prints pids the way
+        # close_connection accepts them.
+        listing = subprocess.run(
+            ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        closed = 0
+        for line in listing.splitlines():
+            pid, _, properties = line.partition("\t")
+            if pid.startswith("<") and connection_name in properties:
+                subprocess.run(
+                    ["rabbitmqctl", "-q", "close_connection", pid, "closed by test"],
+                    check=True, capture_output=True,
+                )
+                closed += 1
+        return closed
+
+    return threads.deferToThread(close)
+
+
+# -- the admin listener and its metrics ---------------------------------------
+
+
+@defer.inlineCallbacks
+def http(port: int, path: str, method: bytes = b"GET", headers: dict | None = None):
+    """
+    One request to the admin listener: (status, headers, body bytes).
+    """
+    agent = Agent(reactor)
+    response = yield agent.request(
+        method,
+        f"http://127.0.0.1:{port}{path}".encode("ascii"),
+        Headers({k: [v] for k, v in (headers or {}).items()}),
+    )
+    body = yield readBody(response)
+    return response.code, response.headers, body
+
+
+def samples(text: bytes) -> dict:
+    """
+    The scraped samples as {(name, ((label, value), ...)): value}.
+    """
+    found = {}
+    for family in text_string_to_metric_families(text.decode("utf-8")):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(scraped: dict, name: str, **labels) -> float:
+    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+# -- a charger's session without a gateway ------------------------------------
+
+
+class RecordingEffects:
+    """
+    A L{SessionEffects} that records what the session asks for.
+    """
+
+    def __init__(self):
+        self.sent = []
+        self.published = []
+        self.replies = []
+        self.acked = []
+        self.rejected = []
+        self.requeued = []
+        self.closed = []
+        #: tags of deliveries whose broker connection is gone
+        self.lost = set()
+
+    def send_to_charger(self, frame):
+        self.sent.append(json.loads(frame))
+
+    def publish(
+        self,
+        routing_key,
+        body,
+        correlation_id,
+        action,
+        mandatory,
+        on_outcome,
+        extra_headers=None,
+    ):
+        self.published.append(
+            dict(
+                routing_key=routing_key,
+                body=body,
+                correlation_id=correlation_id,
+                action=action,
+                mandatory=mandatory,
+                on_outcome=on_outcome,
+                extra_headers=extra_headers,
+            )
+        )
+
+    def publish_reply(
+        self, reply_to, correlation_id, body, on_outcome, extra_headers=None
+    ):
+        self.replies.append(
+            dict(
+                reply_to=reply_to,
+                correlation_id=correlation_id,
+                body=body,
+                on_outcome=on_outcome,
+            )
+        )
+
+    def ack(self, delivery):
+        self.acked.append(delivery.tag)
+
+    def reject(self, delivery, reason):
+        self.rejected.append((delivery.tag, reason))
+
+    def requeue(self, delivery):
+        self.requeued.append(delivery.tag)
+
+    def current(self, delivery):
+        return delivery.tag not in self.lost
+
+    def close(self, code, reason):
+        self.closed.append(code)
+
+
+def frame(*elements) -> bytes:
+    return json.dumps(list(elements)).encode()
+
+
+# -- processes ----------------------------------------------------------------
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ProcessOutput(protocol.ProcessProtocol):
+    """
+    Collects a child's output (stdout and stderr together); C{ready} fires
+    when C{marker} is printed, L{wait_for} when any other text is.
+    """
+
+    def __init__(self, marker: bytes | None):
+        self.output = b""
+        self.marker = marker
+        self.ready: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
+        self._waiting: list[tuple[bytes, int, defer.Deferred]] = []
+        if marker is not None:
+            self._waiting.append((marker, 0, self.ready))
+
+    def wait_for(self, text: bytes) -> defer.Deferred:
+        """Fires once C{text} appears in output printed from now on."""
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((text, len(self.output), d))
+        self._check()
+        return d
+
+    def _check(self) -> None:
+        for entry in list(self._waiting):
+            text, since, d = entry
+            if text in self.output[since:]:
+                self._waiting.remove(entry)
+                d.callback(None)
+
+    def outReceived(self, data):
+        self.output += data
+        self._check()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        waiting, self._waiting = self._waiting, []
+        for text, _since, d in waiting:
+            d.errback(RuntimeError(
+                f"ended before {text!r} was printed:\n" + self.output.decode(errors="replace")
+            ))
+        self.ended.callback(reason.value)
+
+
+# -- asyncio clients ----------------------------------------------------------
+
+
+#: Bound on every asyncio step, well inside the test timeout.
+STEP_TIMEOUT = 10.0
+
+
+def as_deferred(coro, timeout: float = STEP_TIMEOUT) -> defer.Deferred:
+    """
+    Run a coroutine on the asyncio loop the reactor runs on, bounded by
+    C{timeout}, as a Deferred.
+    """
+    return defer.Deferred.fromFuture(
+        asyncio.ensure_future(asyncio.wait_for(coro, timeout))
+    )
+
+
+# -- logs ---------------------------------------------------------------------
+
+
+class LogCapture:
+    """Events logged while a test runs."""
+
+    def __init__(self, testcase) -> None:
+        self.events: list = []
+        globalLogPublisher.addObserver(self.events.append)
+        testcase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def with_event(self, event: str) -> list:
+        return [e for e in self.events if e.get("event") == event]
+
+
+# -- security profiles and TLS ------------------------------------------------
+
+
+SERVER_NAME = "localhost"
+
+
+def add_password(path: str, identity: str, password: bytes, *, hex_: bool = False) -> None:
+    import io
+    import sys
+
+    stdin = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO((password.hex() if hex_ else password.decode())
+                                            .encode() + b"\n"))
+    stdout = sys.stdout
+    sys.stdout = io.StringIO()
+    try:
+        argv = ["passwd", path, identity, "--stdin"] + (["--hex"] if hex_ else [])
+        if cli.main(argv) != 0:
+            raise AssertionError("ocppgw passwd failed")
+    finally:
+        sys.stdin, sys.stdout = stdin, stdout
+
+
+class SecurityTestCase(GatewayTestCase):
+    """
+    A gateway whose settings are made per test (files in a temporary
+    directory): override L{security_settings}.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.pki = ThrowAwayPKI(os.path.join(self.directory, "pki"))
+        self._identities = []
+        self.settings = self.security_settings()
+        early = self._identities
+        yield super().setUp()
+        # the base class starts a new list; keep the settings' identities
+        # in it so their queues are deleted too
+        self._identities.extend(early)
+
+    def security_settings(self) -> dict:
+        raise NotImplementedError
+
+    def port_of(self, kind: str) -> int:
+        return self.gateway_service.listening_ports[kind].getHost().port
+
+    def path(self, identity: str) -> str:
+        return "/ocpp/" + quote(identity, safe="")
+
+    def wss_url(self, identity: str) -> str:
+        return f"wss://localhost:{self.port_of('ssl')}{self.path(identity)}"
+
+    def client_tls(self, issued=None, pki=None):
+        trust = Certificate.loadPEM(open(self.pki.cafile).read())
+        client = None
+        if issued is not None:
+            client = PrivateCertificate.loadPEM(
+                open(issued.certfile).read() + open(issued.keyfile).read()
+            )
+        return optionsForClientTLS(SERVER_NAME, trustRoot=trust, clientCertificate=client)
+
+    @defer.inlineCallbacks
+    def connect_wss(self, identity, issued=None, headers=None, subprotocols=("ocpp1.6",)):
+        charger = yield FakeCharger.connect(
+            reactor, self.wss_url(identity), subprotocols, headers=headers,
+            tls=self.client_tls(issued),
+        )
+        self.addCleanup(self._close_charger, charger)
+        return charger
+
+
+# -- hand-written handshakes -------------------------------------------------
+
+
+class RawHandshakeMixin:
+    """
+    Raw handshake helpers for a L{GatewayTestCase}.
+    """
+
+    def setUp(self):
+        # A failure inside autobahn's handshake callbacks is logged when its
+        # Deferred is garbage-collected; collect once the gateway is gone
+        # (this cleanup runs after GatewayTestCase's) so that it is blamed
+        # on the test that caused it.
+        self.addCleanup(gc.collect)
+        return super().setUp()
+
+    def handshake(self, path: str, protocols: Optional[str] = "ocpp1.6", **kw):
+        return raw_request(self.port, upgrade_request(self.port, path, protocols, **kw))
+
+    @defer.inlineCallbacks
+    def assertRefused(self, path: str, status: int = 400, protocols="ocpp1.6"):
+        """
+        The handshake for C{path} is answered with C{status} and no upgrade.
+        """
+        response = yield self.handshake(path, protocols)
+        self.assertEqual(
+            response.status, status, f"{path!r} offering {protocols!r}: {response!r}"
+        )
+        self.assertIsNone(response.header("sec-websocket-accept"))
+        return response
+
+    @defer.inlineCallbacks
+    def assertUpgraded(self, path: str, protocols="ocpp1.6"):
+        """
+        The handshake for C{path} is answered with 101 and a correct accept
+        key; returns the response.
+        """
+        key = websocket_key()
+        response = yield self.handshake(path, protocols, key=key)
+        self.assertEqual(
+            response.status, 101, f"{path!r} offering {protocols!r}: {response!r}"
+        )
+        expected = base64.b64encode(
+            hashlib.sha1(key.encode("ascii") + WEBSOCKET_GUID).digest()
+        ).decode("ascii")
+        self.assertEqual(response.header("sec-websocket-accept"), expected)
+        return response
+
+    def own(self, identity: str) -> str:
+        """Have the queue of a hand-made identity deleted after the test."""
+        self._identities.append(identity)
+        return identity
+
+
+class SilentClient(protocol.Protocol):
+    """
+    Connects, sends half a request, and waits to be dropped.
+    """
+
+    def __init__(self) -> None:
+        self.lost: defer.Deferred = defer.Deferred()
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"GET /ocpp/CP1 HTTP/1.1\r\nHost: x\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(None)

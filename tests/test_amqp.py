@@ -5,9 +5,7 @@ declares, and a connection the broker closes.
 
 from __future__ import annotations
 
-import subprocess
-
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from ocppgw.amqp import AmqpBridge, BackEndClient, BrokerUnavailable, DeclareFailed
@@ -15,33 +13,7 @@ from ocppgw.amqp import LinkState
 from ocppgw.amqp.channels import NackWatch
 from ocppgw.session import PublishOutcome
 from ocppgw.testing import amqp_url, unique_name
-from tests.support import GatewayTestCase
-
-
-def close_broker_connections(connection_name: str) -> defer.Deferred:
-    """
-    Close, from the broker's side, every connection named C{connection_name}.
-    """
-
-    def close():
-        # The plain listing (not JSON) prints pids the way
-        # close_connection accepts them.
-        listing = subprocess.run(
-            ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        closed = 0
-        for line in listing.splitlines():
-            pid, _, properties = line.partition("\t")
-            if pid.startswith("<") and connection_name in properties:
-                subprocess.run(
-                    ["rabbitmqctl", "-q", "close_connection", pid, "closed by test"],
-                    check=True, capture_output=True,
-                )
-                closed += 1
-        return closed
-
-    return threads.deferToThread(close)
+from tests.support import GatewayTestCase, close_broker_connections
 
 
 class BridgeTestCase(unittest.TestCase):

@@ -14,9 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from ocppgw.framing import OCPP16
 from ocppgw.limits import Admission, TokenBucket
 from ocppgw.session import ChargerSession, Delivery, PublishOutcome
-from tests.support import GatewayTestCase
-from tests.test_handshake import RawHandshakeMixin
-from tests.test_session import RecordingEffects, frame
+from tests.support import GatewayTestCase, RawHandshakeMixin, RecordingEffects, frame
 
 
 class TokenBucketTests(SynchronousTestCase):
