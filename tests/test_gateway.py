@@ -1,21 +1,26 @@
 """
 The gateway's rules for chargers coming, going and outliving the broker
-link, in memory: a real WebSocket edge and real autobahn clients over
-in-memory transports, a L{FakeBridge} for the broker, time on a clock.
+link.
 
+Most run in memory: a real WebSocket edge and real autobahn clients over
+in-memory transports, a L{FakeBridge} for the broker, time on a clock.
 What is checked is what a charger sees (frames, close codes, HTTP
 answers) and what the broker sees (declares, consumers, publishes, acks
 and requeues), never the gateway's own bookkeeping, so that these tests
-hold however that is arranged. The same rules are proved against the
-real broker by the contract, close and fault tests.
+hold however that is arranged. The last ones run against the real
+broker, as do the contract, close and fault tests, which prove the same
+rules end to end.
 """
 
 from __future__ import annotations
 
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
-from ocppgw.amqp import BrokerUnavailable, DeclareFailed
-from tests.support import InMemoryGateway
+from ocppgw.amqp import AmqpBridge, BrokerUnavailable, DeclareFailed
+from ocppgw.testing import amqp_url, unique_name
+from tests.support import GatewayTestCase, InMemoryGateway, close_broker_connections
 
 _RESET = [2, "c1", "Reset", {"type": "Soft"}]
 _ACCEPTED = {"status": "Accepted"}
@@ -459,3 +464,117 @@ class LifecycleTests(_GatewayTestCase):
         self.bridge.pending_of("declare")[0].fail(BrokerUnavailable("gone"))
         self.memory.flush()
         self.assertEqual(charger.status, 503)
+
+
+# -- against the real broker ----------------------------------------------------
+
+
+class BrokerClosesConnectionTests(GatewayTestCase):
+    timeout = 40
+
+    def reconnected(self) -> defer.Deferred:
+        """
+        Fires once the gateway's bridge is connected again.
+        """
+        bridge = self.gateway_service.bridge
+        d: defer.Deferred = defer.Deferred()
+
+        def observe(connected, why):
+            if connected and not d.called:
+                d.callback(None)
+
+        bridge.add_observer(observe)
+        return d
+
+    @defer.inlineCallbacks
+    def test_connection_closed_by_broker(self):
+        """
+        When the broker closes the gateway's connection, connected chargers
+        stay (within the outage grace period), their consumers are restored
+        after the reconnect, and a command that was in flight reaches the
+        charger once: its redelivery is matched to the outstanding CALL.
+        A held command that was never sent is delivered after the answer.
+        """
+        identity = self.identity()
+        charger = yield self.connect(identity)
+        yield self.backend.send_to_charger(identity, [2, "c1", "Reset", {"type": "Soft"}])
+        yield self.backend.send_to_charger(identity, [2, "c2", "Reset", {"type": "Hard"}])
+        first = yield charger.next_call()
+        self.assertEqual(first[1], "c1")
+        reconnected = self.reconnected()
+        closed = yield close_broker_connections(f"ocppgw {self.gateway_service.node}")
+        self.assertEqual(closed, 1)
+        yield reconnected
+        self.assertFalse(charger.closed.called)
+        # the broker requeued c1 and c2; c1 comes back and is not re-sent
+        charger.answer(first, {"status": "Accepted"})
+        answer = yield self.backend.next_message("ocpp16.Reset.conf")
+        self.assertEqual(answer.correlation_id, "c1")
+        second = yield charger.next_call()
+        self.assertEqual(second[1], "c2")
+        charger.answer(second, {"status": "Accepted"})
+        answer = yield self.backend.next_message("ocpp16.Reset.conf")
+        self.assertEqual(answer.correlation_id, "c2")
+        # and the charger's own CALLs reach the back end again
+        self.backend.handle(
+            "Heartbeat", lambda m, p: {"currentTime": "2026-01-01T00:00:00Z"}
+        )
+        reply = yield charger.call("Heartbeat", {})
+        self.assertEqual(reply[0], 3)
+        # nothing was sent to the charger twice
+        self.assertEqual(charger.received_call_ids, ["c1", "c2"])
+
+    @defer.inlineCallbacks
+    def test_chargers_closed_1012_after_grace(self):
+        """
+        With no grace period, chargers are closed with 1012 as soon as the
+        broker connection is lost, and are served again after reconnecting.
+        """
+        self.gateway_service.gateway.outage_grace = 0
+        identity = self.identity()
+        charger = yield self.connect(identity)
+        reconnected = self.reconnected()
+        yield close_broker_connections(f"ocppgw {self.gateway_service.node}")
+        code, _ = yield charger.closed
+        self.assertEqual(code, 1012)
+        yield reconnected
+        self.backend.handle(
+            "Heartbeat", lambda m, p: {"currentTime": "2026-01-01T00:00:00Z"}
+        )
+        again = yield self.connect(identity)
+        answer = yield again.call("Heartbeat", {})
+        self.assertEqual(answer[0], 3)
+
+
+class UnconfirmedCallTests(GatewayTestCase):
+    @defer.inlineCallbacks
+    def test_nacked_call_answered_internal_error(self):
+        """
+        A charger CALL the broker refuses to take is answered with
+        CALLERROR InternalError, so the charger retries.
+        """
+        queue = unique_name("full")
+        yield self.backend.client.declare_queue(
+            queue, ["ocpp16.MeterValues.req"], exclusive=True,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        charger = yield self.connect(self.identity())
+        answer = yield charger.call("MeterValues", {"connectorId": 1, "meterValue": []})
+        self.assertEqual(answer[2], "InternalError")
+
+
+class BrokerDownTests(unittest.TestCase):
+    def test_refused_when_not_connected(self):
+        """
+        While the bridge is not connected, a charger is refused with 503
+        before the upgrade.
+        """
+        from ocppgw.edge import Refused
+        from ocppgw.framing import OCPP16
+        from ocppgw.gateway import Gateway
+
+        bridge = AmqpBridge(reactor, amqp_url(), "ocpp", "n")
+        gateway = Gateway(reactor, bridge, node="n", queue_arguments={})
+        d = defer.ensureDeferred(gateway.charger_connecting(None, "CP", OCPP16))
+        failure = self.failureResultOf(d, Refused)
+        self.assertEqual(failure.value.status, 503)
