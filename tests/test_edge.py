@@ -1,8 +1,10 @@
 """
 The WebSocket edge in memory: its pure helpers (subprotocol choice, the
 completion of upgrade requests without C{Connection: Upgrade}, the
-permessage-deflate terms), and the answers a charger's opening handshake
-gets from a real L{ChargerFactory} over in-memory transports.
+permessage-deflate terms), the answers a charger's opening handshake
+gets from a real L{ChargerFactory} over in-memory transports, and its
+timers on a clock (a pong timeout while reading is paused, the abort
+after a graceful close the charger does not let go of).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 from autobahn.websocket.compress import PerMessageDeflate, PerMessageDeflateOffer
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from ocppgw.amqp import DeclareFailed
 from ocppgw.auth import ChargerAuthenticator
-from ocppgw.edge import accept_deflate, add_connection_upgrade, choose_subprotocol
+from ocppgw.edge import ChargerFactory, accept_deflate, add_connection_upgrade, choose_subprotocol
 from ocppgw.limits import Admission
 from ocppgw.testing import basic_auth
 from tests.support import InMemoryGateway
@@ -292,3 +296,86 @@ class AfterTheUpgradeTests(_HandshakeTestCase):
         self.memory.flush()
         self.assertEqual(charger.code, 1009)
         self.assertEqual(self.bridge.published_to("ocpp16.DataTransfer.req"), [])
+
+
+class PausedPingTimeoutTests(SynchronousTestCase):
+    """
+    While reading is paused (flow control) a pong timeout does not drop
+    the charger; it is re-armed when reading resumes.
+    """
+
+    def test_timeout_deferred_until_resume(self):
+        clock = Clock()
+        factory = ChargerFactory(hub=None, reactor=clock, ping_interval=10, ping_timeout=2)
+        edge = factory.protocol()
+        edge.factory = factory
+        edge.transport = None
+        dropped = []
+        edge.dropConnection = lambda abort=False: dropped.append(abort)
+        edge.autoPingPending = b"ping"
+        edge.pause_reading()
+        edge.onAutoPingTimeout()
+        self.assertEqual(dropped, [])
+        edge.resume_reading()
+        clock.advance(1.9)
+        self.assertEqual(dropped, [])
+        clock.advance(0.5)
+        self.assertEqual(dropped, [True])
+
+
+class _Hub:
+    def __init__(self):
+        self.closed = []
+
+    def charger_closed(self, edge, code, reason):
+        self.closed.append(code)
+
+
+class _StuckTransport(StringTransport):
+    """A transport whose graceful close never completes (nothing is read)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+class CloseFallbackTests(unittest.SynchronousTestCase):
+    """
+    In memory: a graceful close the charger does not let go of is aborted
+    after the close timeout, and not before.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.factory = ChargerFactory(_Hub(), self.clock, close_timeout=5.0)
+        self.protocol = self.factory.buildProtocol(None)
+        self.transport = _StuckTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def test_abortAfterCloseTimeout(self):
+        self.protocol.wasClean = True
+        self.protocol.dropConnection(abort=True)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(4.9)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(0.4)
+        self.assertTrue(self.transport.aborted)
+
+    def test_noAbortOnceClosed(self):
+        self.protocol.wasClean = True
+        self.protocol.dropConnection(abort=True)
+        self.protocol.connectionLost()
+        self.clock.advance(10)
+        self.assertFalse(self.transport.aborted)
+
+    def test_uncleanDropAbortsAtOnce(self):
+        """Anything else that aborts (a ping timeout) still does."""
+        self.protocol.dropConnection(abort=True)
+        self.assertTrue(self.transport.aborted)

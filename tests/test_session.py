@@ -417,3 +417,100 @@ class LongMessageIdTests(SessionTestsMixin, SynchronousTestCase):
         self.assertEqual(self.effects.sent[0][:2], [4, "-1"])
         self.session.delivery(Delivery(1, frame(2, "c" * 101, "Reset", {"type": "Soft"})))
         self.assertEqual([tag for tag, _ in self.effects.rejected], [1])
+
+
+class RedeliveryTests(SynchronousTestCase):
+    """
+    After a broker reconnect the unacknowledged commands come back with
+    C{redelivered}; the charger must not get them twice.
+    """
+
+    def setUp(self):
+        self.effects = RecordingEffects()
+        self.session = ChargerSession("CP", OCPP16, self.effects, Clock())
+
+    def call(self, message_id, tag, redelivered=False):
+        body = frame(2, message_id, "Reset", {"type": "Soft"})
+        self.session.delivery(Delivery(tag, body, redelivered=redelivered))
+
+    def test_outstanding_call_not_resent(self):
+        self.call("c1", 1)
+        self.call("c2", 2)
+        self.session.broker_lost()
+        self.call("c1", 11, redelivered=True)
+        self.call("c2", 12, redelivered=True)
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
+        # the answer settles the new delivery, then c2 goes out
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.effects.published[-1]["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(self.effects.acked, [11])
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1", "c2"])
+
+    def test_unconfirmed_answer_republished_not_resent(self):
+        self.call("c1", 1)
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.effects.published[-1]["on_outcome"](PublishOutcome.FAILED)
+        self.session.broker_lost()
+        self.call("c1", 11, redelivered=True)
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
+        republished = self.effects.published[-1]
+        self.assertEqual(republished["routing_key"], "ocpp16.Reset.conf")
+        self.assertEqual(json.loads(republished["body"]), [3, "c1", {"status": "Accepted"}])
+        republished["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(self.effects.acked, [11])
+
+    def test_confirmed_answer_just_acked(self):
+        self.call("c1", 1)
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.effects.published[-1]["on_outcome"](PublishOutcome.CONFIRMED)
+        published = len(self.effects.published)
+        self.call("c1", 11, redelivered=True)
+        self.assertEqual(self.effects.acked, [1, 11])
+        self.assertEqual(len(self.effects.published), published)
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
+
+    def test_not_redelivered_same_id_sent(self):
+        """
+        Without the broker's C{redelivered} flag a command is new, even
+        with a message id seen before.
+        """
+        self.call("c1", 1)
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.effects.published[-1]["on_outcome"](PublishOutcome.CONFIRMED)
+        self.call("c1", 2)
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1", "c1"])
+
+    def test_redelivery_while_answer_pending_waits_for_it(self):
+        """
+        A command redelivered while its answer's publish is in flight is
+        settled by that publish: no second copy of the answer.
+        """
+        self.call("c1", 1)
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        pending = self.effects.published[-1]
+        self.call("c1", 11, redelivered=True)
+        self.assertEqual(len(self.effects.published), 1)
+        pending["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(sorted(self.effects.acked), [1, 11])
+        self.assertEqual(len(self.effects.published), 1)
+
+
+class RateLimitedFrameTests(SynchronousTestCase):
+    def setUp(self):
+        self.effects = RecordingEffects()
+        self.session = ChargerSession("CP", OCPP16, self.effects, Clock())
+
+    def test_call_refused_not_published(self):
+        self.session.rate_limited(frame(2, "m1", "Heartbeat", {}))
+        self.assertEqual(self.effects.published, [])
+        [answer] = self.effects.sent
+        self.assertEqual(answer[:3], [4, "m1", "GenericError"])
+
+    def test_answer_to_outstanding_call_goes_through(self):
+        self.session.delivery(Delivery(1, frame(2, "c1", "Reset", {"type": "Soft"})))
+        self.session.rate_limited(frame(3, "c1", {"status": "Accepted"}))
+        self.assertEqual(self.effects.published[-1]["routing_key"], "ocpp16.Reset.conf")
+
+    def test_other_frames_dropped(self):
+        self.session.rate_limited(frame(3, "unknown", {}))
+        self.assertEqual((self.effects.published, self.effects.sent), ([], []))
