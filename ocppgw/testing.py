@@ -547,6 +547,9 @@ class FakeConsumer:
         return self.cancelled
 
     def _cancel_ok(self, _error) -> None:
+        # a cancel cannot fail: held, it completes with the link's loss
+        if self.cancelled.called:
+            return  # the link was lost meanwhile, which ended it
         self.active = False
         if self in self.queue.consumers:
             self.queue.consumers.remove(self)
@@ -703,10 +706,6 @@ class FakeBridge:
         self._connection += 1
         for observer in list(self._observers):
             observer(False, why)
-        for pending in list(self.pending):
-            pending.fail(BrokerUnavailable(why))
-        for publish in self.unsettled():
-            publish.fail()
         for queue in self.queues.values():
             for consumer in list(queue.consumers):
                 back = [consumer.unacked[tag] for tag in sorted(consumer.unacked)]
@@ -715,6 +714,10 @@ class FakeBridge:
                     message.redelivered = True
                     queue.ready.appendleft(message)
                 consumer._lose(why, connection_gone=True)
+        for pending in list(self.pending):
+            pending.fail(BrokerUnavailable(why))
+        for publish in self.unsettled():
+            publish.fail()
 
     def come_back(self, why: str = "reconnected") -> None:
         """The broker link is open again (a new connection)."""

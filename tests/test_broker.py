@@ -123,6 +123,19 @@ class FakeBridgeTests(SynchronousTestCase):
         # nobody consumes now: it waits in the queue
         self.assertEqual(len(self.bridge.queue_of("CP1").ready), 1)
 
+    def test_loss_during_a_cancel_ends_it_and_returns_the_command(self):
+        self.bridge.send_to_charger("CP1", [2, "c1", "Reset", {}])
+        [delivery] = self.deliveries
+        self.bridge.hold("cancel")
+        cancelled = self.consumer.cancel()
+        self.consumer.requeue(delivery)
+        self.bridge.lose()
+        self.successResultOf(cancelled)
+        self.assertEqual(self.bridge.pending, [])
+        [message] = self.bridge.queue_of("CP1").ready
+        self.assertTrue(message.redelivered)
+        self.assertEqual(self.bridge.requeued, [])  # the broker did it, not a nack
+
     def test_prefetch_bounds_what_is_unacked(self):
         bridge = FakeBridge(prefetch=2)
         bridge.declare_queue("ocpp.CP1", "CP1", {})
