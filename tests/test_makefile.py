@@ -12,7 +12,7 @@ import subprocess
 
 from twisted.trial import unittest
 
-from tests.test_service import REPO
+from tests.support import REPO
 
 
 class MakefileTests(unittest.SynchronousTestCase):

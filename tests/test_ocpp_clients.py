@@ -36,22 +36,10 @@ from ocpp.v201.enums import Action as Action201
 from twisted.internet import defer
 from websockets.asyncio.client import connect as ws_connect
 
-from tests.support import GatewayTestCase
+from tests.support import STEP_TIMEOUT, GatewayTestCase, as_deferred
 
-#: Bound on every asyncio step, well inside the test timeout.
-STEP_TIMEOUT = 10.0
 
 NOW = "2026-01-01T00:00:00Z"
-
-
-def as_deferred(coro, timeout: float = STEP_TIMEOUT) -> defer.Deferred:
-    """
-    Run a coroutine on the asyncio loop the reactor runs on, bounded by
-    C{timeout}, as a Deferred.
-    """
-    return defer.Deferred.fromFuture(
-        asyncio.ensure_future(asyncio.wait_for(coro, timeout))
-    )
 
 
 def record_sends(connection) -> list:

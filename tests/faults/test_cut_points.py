@@ -35,8 +35,7 @@ from twisted.trial import unittest
 from ocppgw.testing import ChargerClosed, FakeBackEnd, FakeCharger, amqp_url, unique_name
 from tests.faults import rawws
 from tests.faults.proxy import DOWN, UP, FaultProxy, method
-from tests.support import deep_merge, delete_from_broker, start_gateway
-from tests.test_admin import http
+from tests.support import deep_merge, delete_from_broker, http, start_gateway
 
 _TIME = {"currentTime": "2026-01-01T00:00:00Z"}
 _ACCEPTED = {"status": "Accepted"}
@@ -458,7 +457,7 @@ class BrokerClosesTests(CutTestCase):
     """
 
     def close_from_broker(self):
-        from tests.test_amqp import close_broker_connections
+        from tests.support import close_broker_connections
 
         return close_broker_connections(f"ocppgw {self.service.node}")
 

@@ -19,8 +19,7 @@ from twisted.trial import unittest
 
 from ocppgw.amqp import BackEndClient
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
-from tests.support import delete_exchange, free_port
-from tests.test_service import REPO, _Collect
+from tests.support import REPO, ProcessOutput, delete_exchange, free_port
 
 
 def peak_rss(pid: int) -> int:
@@ -72,7 +71,7 @@ class FleetTestCase(unittest.TestCase):
                 # the storm's queues go away by themselves
                 f"[queue]\nx-expires = 30000\n{extra}"
             )
-        child = _Collect(None)
+        child = ProcessOutput(None)
         reactor.spawnProcess(
             child, sys.executable,
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -240,7 +239,7 @@ class WorkersTests(FleetTestCase):
         backend = yield FakeBackEnd.start(reactor, amqp_url(), self.exchange,
                                           bindings=("ocppgw.connected",))
         self.addCleanup(backend.stop)
-        child = _Collect(None)
+        child = ProcessOutput(None)
         reactor.spawnProcess(
             child, sys.executable,
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",

@@ -189,7 +189,7 @@ class BrokerConnectionKilledTests(GatewaysTestCase):
         answered by the back end or refused with InternalError (retryable),
         never dropped.
         """
-        from tests.test_amqp import close_broker_connections
+        from tests.support import close_broker_connections
 
         service = yield self.gateway(amqp={"outage_grace": "30"})
         backend = yield self.backend()
