@@ -25,8 +25,8 @@ sees it, 2,650 B per connection with every trim on):
 
 and in RSS, with real sockets: the whole gateway holds about 9 KiB per
 idle charger including its AMQP consumer (C{python -m bench.idle
---targets gateway}); the smaller socket reads (L{READ_SIZE}) took that
-from 10.5 to 9.3 KiB. Two trims save CPU rather than memory: autobahn
+--targets gateway}), of which the smaller socket reads (L{READ_SIZE})
+save about 1.2 KiB. Two trims save CPU rather than memory: autobahn
 formats a debug line for every chunk it reads and every write, and builds
 a Deferred with callbacks for every message to fire its C{message} event,
 which nobody here observes.
@@ -152,7 +152,8 @@ TRAFFIC_SINK = TrafficStats()
 #: thousands of chargers those shrunken blocks scatter the long-lived
 #: objects over the heap so that freed memory cannot be returned. OCPP
 #: frames are mostly a few hundred bytes; a large one takes a few more
-#: reads.
+#: reads. With 10,000 idle chargers this saves about 1.2 KiB of RSS per
+#: charger (measured with bench.idle).
 READ_SIZE = 4096
 
 

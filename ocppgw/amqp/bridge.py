@@ -170,19 +170,12 @@ class AmqpBridge:
             self.link, exchange, confirm_window, self._replace_channel,
             self.exchanges.lost, self.exchanges.names,
         )
-        #: publish with confirms (see L{Publishing.publish}): the per-frame
-        #: path, so bound here rather than forwarded
-        self.publish = self.publishing.publish
         self.control = ControlPlane(
-            reactor, exchange, node, self.publish, lambda: self.connected)
+            reactor, exchange, node, self.publishing.publish, lambda: self.connected)
         self.queues = ChargerQueues(
             exchange, prefetch_count, lambda: self._channels, lambda: self.connected,
             self._replace_channel,
         )
-        #: declare and bind a charger's queue (see L{ChargerQueues.declare})
-        self.declare_queue = self.queues.declare
-        #: start consuming a charger's queue (see L{ChargerQueues.consume})
-        self.consume = self.queues.consume
         # the channels of a connection being set up
         self._next_channels: Optional[_Channels] = None
         self._observers: list[Callable[[bool, str], None]] = []
@@ -358,6 +351,28 @@ class AmqpBridge:
             yield self.exchanges.delete_sentinel(confirm_timeout)
         yield self.link.stop(self.publishing.drained, confirm_timeout)
         self._channels = None
+
+    # -- what the gateway asks of the broker ------------------------------------
+
+    def publish(self, exchange: Optional[str], routing_key: str, body: bytes,
+                **options) -> None:
+        """
+        Publish with confirms; C{on_outcome(PublishOutcome)} is called once.
+        See L{Publishing.publish} for the options.
+        """
+        self.publishing.publish(exchange, routing_key, body, **options)
+
+    def declare_queue(self, queue: str, binding_key: str, arguments: dict,
+                      retries: int = 5) -> defer.Deferred:
+        """
+        Declare a charger's durable queue and bind it to the exchange (see
+        L{ChargerQueues.declare}).
+        """
+        return self.queues.declare(queue, binding_key, arguments, retries)
+
+    def consume(self, queue: str, on_delivery, on_lost) -> defer.Deferred:
+        """Start consuming C{queue} (see L{ChargerQueues.consume})."""
+        return self.queues.consume(queue, on_delivery, on_lost)
 
     # -- exchanges and the control exchange ------------------------------------
 
