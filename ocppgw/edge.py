@@ -177,6 +177,12 @@ class ChargerProtocol(TrimmedWebSocket, ConnectionControl, WebSocketServerProtoc
     """
     One charger's WebSocket. Thin: it forwards to the hub.
 
+    The handshake is three steps (L{_check_request}, L{_admit},
+    L{_authenticate}); after it, frames go to the hub and the hub's
+    frames and closes come back. What it changes of autobahn itself is in
+    its two mixins: L{TrimmedWebSocket} (memory per connection) and
+    L{ConnectionControl} (closing, pausing reads).
+
     @ivar identity: the charger identity, once the handshake is accepted.
     @ivar version: the negotiated L{OcppVersion}.
     """
