@@ -469,7 +469,25 @@ def parse_frame(
     @raise BadFrame: the frame breaks OCPP-J for C{version}; nothing else is
         raised, whatever C{data} holds.
     """
-    message = _envelope(data, version, max_id_length)
+    try:
+        message = _loads(data)
+    except orjson.JSONDecodeError as exc:
+        # Built outside the except block: the decode error holds the whole
+        # document, which the BadFrame must not keep alive as its context.
+        position: Optional[int] = exc.pos
+    else:
+        position = None
+    if position is not None:
+        raise _refuse(
+            version,
+            ErrorKind.RPC_FRAMEWORK_ERROR,
+            UNKNOWN_MESSAGE_ID,
+            f"the frame is not valid UTF-8 JSON (position {position})",
+            CALLERROR,
+        )
+    # One test on the valid path; _bad_envelope tells which rule broke.
+    if type(message) is not list or not message or type(message[0]) is not int:
+        raise _bad_envelope(message, version, max_id_length)
     message_type = message[0]
     if message_type == CALL or (message_type == SEND and version.has_send):
         return _parse_request(message, message_type, version, max_id_length)
@@ -491,44 +509,32 @@ def parse_frame(
     )
 
 
-def _envelope(data: Union[bytes, str], version: OcppVersion, max_id: int) -> list[Any]:
+def _bad_envelope(message: Any, version: OcppVersion, max_id: int) -> BadFrame:
     """
-    The frame decoded: a non-empty JSON array whose first element, the
-    message type, is an integer.
+    Why decoded JSON is not an OCPP-J message: not a non-empty array, or
+    a message type that is not an integer.
     """
-    try:
-        message = _loads(data)
-    except orjson.JSONDecodeError as exc:
-        # Built outside the except block: the decode error holds the whole
-        # document, which the BadFrame must not keep alive as its context.
-        position: Optional[int] = exc.pos
-    else:
-        position = None
-    if position is not None:
-        raise _refuse(
-            version,
-            ErrorKind.RPC_FRAMEWORK_ERROR,
-            UNKNOWN_MESSAGE_ID,
-            f"the frame is not valid UTF-8 JSON (position {position})",
-            CALLERROR,
-        )
     if type(message) is not list or not message:
-        raise _refuse(
+        return _refuse(
             version,
             ErrorKind.RPC_FRAMEWORK_ERROR,
             UNKNOWN_MESSAGE_ID,
             "the frame is not a non-empty JSON array",
             CALLERROR,
         )
-    if type(message[0]) is not int:  # also refuses True/False
-        raise _refuse(
-            version,
-            ErrorKind.RPC_FRAMEWORK_ERROR,
-            _readable_id(message, max_id),
-            "the message type must be an integer",
-            CALLERROR,
-        )
-    return message
+    # the message type is not an integer (True and False included)
+    return _refuse(
+        version,
+        ErrorKind.RPC_FRAMEWORK_ERROR,
+        _readable_id(message, max_id),
+        "the message type must be an integer",
+        CALLERROR,
+    )
+
+
+# The three kinds repeat their length and id checks inline rather than
+# call a shared helper: these run for every frame, and a call costs about
+# as much as the checks themselves.
 
 
 def _parse_request(
@@ -536,7 +542,11 @@ def _parse_request(
 ) -> Frame:
     """A CALL (answered with a CALLERROR when broken) or a 2.1 SEND (never answered)."""
     answer = CALLERROR if message_type == CALL else None
-    message_id = _checked_id(message, 4, version, answer, message_type, max_id)
+    if len(message) != 4:
+        raise _wrong_length(message, 4, version, answer, message_type, max_id)
+    message_id = message[1]
+    if not _valid_id(message_id, max_id):
+        raise _bad_id(version, answer, message_type, max_id)
     action = message[2]
     if type(action) is not str:
         raise _refuse(
@@ -570,7 +580,11 @@ def _parse_request(
 def _parse_result(message: list[Any], version: OcppVersion, max_id: int) -> Frame:
     """A CALLRESULT: answered with a CALLRESULTERROR when broken, in 2.1 only."""
     answer = CALLRESULTERROR if version.has_send else None
-    message_id = _checked_id(message, 3, version, answer, CALLRESULT, max_id)
+    if len(message) != 3:
+        raise _wrong_length(message, 3, version, answer, CALLRESULT, max_id)
+    message_id = message[1]
+    if not _valid_id(message_id, max_id):
+        raise _bad_id(version, answer, CALLRESULT, max_id)
     payload = message[2]
     if type(payload) is not dict:
         raise _not_an_object(version, message_id, answer, CALLRESULT)
@@ -581,7 +595,11 @@ def _parse_error(
     message: list[Any], message_type: int, version: OcppVersion, max_id: int
 ) -> Frame:
     """A CALLERROR or a 2.1 CALLRESULTERROR: never answered (no error for an error)."""
-    message_id = _checked_id(message, 5, version, None, message_type, max_id)
+    if len(message) != 5:
+        raise _wrong_length(message, 5, version, None, message_type, max_id)
+    message_id = message[1]
+    if not _valid_id(message_id, max_id):
+        raise _bad_id(version, None, message_type, max_id)
     code, description, details = message[2], message[3], message[4]
     if type(code) is not str or type(description) is not str:
         raise _refuse(
@@ -602,23 +620,6 @@ def _parse_error(
             message_type,
         )
     return Frame(message_type, message_id, None, None, code, description, details)
-
-
-def _checked_id(
-    message: list[Any],
-    length: int,
-    version: OcppVersion,
-    answer: Optional[int],
-    message_type: int,
-    max_id: int,
-) -> str:
-    """The message id of a frame that must have C{length} elements."""
-    if len(message) != length:
-        raise _wrong_length(message, length, version, answer, message_type, max_id)
-    message_id = message[1]
-    if not _valid_id(message_id, max_id):
-        raise _bad_id(version, answer, message_type, max_id)
-    return message_id
 
 
 def _not_an_object(
