@@ -122,6 +122,19 @@ class Metrics:
             registry=registry,
         )
         self._tls_reasons: set[str] = set()
+        self._declare_charger_metrics(registry)
+        if process:
+            ProcessCollector(registry=registry)
+            registry.register(_MemoryLimitCollector())
+        #: (direction, version prefix, message type, action) -> frames
+        self._frame_counts: dict[tuple, int] = {}
+        self._actions: set[str] = set()
+        self._confirm = _Buckets(_CONFIRM_BUCKETS)
+        self.observe_confirm: Callable[[float], None] = self._confirm.observe
+        registry.register(_HotPathCollector(self))
+
+    def _declare_charger_metrics(self, registry: CollectorRegistry) -> None:
+        """What chargers do once connected: bad frames, disconnects, CSMS CALLs."""
         self._bad_frames = Counter(
             "ocppgw_bad_frames",
             "Malformed frames from chargers, by the OCPP error code they were answered with.",
@@ -149,15 +162,6 @@ class Metrics:
             ["version", "action"],
             registry=registry,
         )
-        if process:
-            ProcessCollector(registry=registry)
-            registry.register(_MemoryLimitCollector())
-        #: (direction, version prefix, message type, action) -> frames
-        self._frame_counts: dict[tuple, int] = {}
-        self._actions: set[str] = set()
-        self._confirm = _Buckets(_CONFIRM_BUCKETS)
-        self.observe_confirm: Callable[[float], None] = self._confirm.observe
-        registry.register(_HotPathCollector(self))
 
     # -- label helpers ---------------------------------------------------------
 
