@@ -207,12 +207,13 @@ class DrainTests(FleetTestCase):
                 if frame.method.message_count == 0:
                     break
                 yield task.deferLater(reactor, 0.05, lambda: None)
-        signalled = time.time()
         os.kill(child.transport.pid, signal.SIGTERM)
         closed = yield swarm.events.get()
         yield child.ended
         self.assertEqual(closed["codes"], {"1012": 500})
-        self.assertLess(closed["last"] - signalled, window + 1.5)
+        # that the last close is due by the end of the window is proven on
+        # a clock of its own (tests.test_gateway.DrainTests); here, on a
+        # busy machine, the wall clock can only show a lower bound:
         # spread out, not one wave
         self.assertGreater(closed["last"] - closed["first"], window * 0.6)
         for identity in holders:
