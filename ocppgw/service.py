@@ -38,7 +38,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from ocppgw import config as _config
-from ocppgw import logs
+from ocppgw import logs, openfiles
 from ocppgw.admin import AdminAPI
 from ocppgw.amqp import AmqpBridge
 from ocppgw.audit import AuditTrail
@@ -337,6 +337,7 @@ class GatewayService(service.MultiService, GatewayState):
                 path=self.settings.listener.ws_path,
                 profile=self.security.profile(kind),
             )
+        openfiles.announce(self.settings.listener.max_connections, _log)
         if self.admin_port is not None:
             admin = self.admin_port.getHost()
             _log.info(
