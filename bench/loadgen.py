@@ -197,6 +197,8 @@ class Runner:
         self.index = index
         self.source = source
         self.chargers: list[Charger] = []
+        #: the URL each charger connected to, for reconnect
+        self.urls: dict = {}
 
     async def _open(self, loop, factory, host: str, port: int, tls) -> None:
         """Connect one socket (from C{self.source} when set)."""
@@ -271,6 +273,7 @@ class Runner:
             charger.t_start = t_first
             connect_lat.append(charger.t_open - charger.t_start)
             self.chargers.append(charger)
+            self.urls[charger] = url
             if boot:
                 charger.on_answer = answered
                 charger.call(BOOT)
@@ -357,6 +360,16 @@ class Runner:
         return {"sent": sent, "answered": len(lat), "lost": lost, "lat": lat.tobytes(),
                 "cpu": time.process_time() - cpu0}
 
+    async def reconnect(self, retries=0):
+        """
+        Connect again (and boot) every charger whose connection was
+        closed, as a real charger does after its gateway went away.
+        """
+        gone = [c for c in self.chargers if not c.is_open]
+        self.chargers = [c for c in self.chargers if c.is_open]
+        urls = [self.urls.pop(c) for c in gone]
+        return await self.connect(urls, retries=retries)
+
     async def idle(self, seconds):
         cpu0 = time.process_time()
         pings0 = sum(c.pings for c in self.chargers)
@@ -378,6 +391,7 @@ class Runner:
         if closing:
             await asyncio.wait(closing, timeout=10)
         self.chargers = []
+        self.urls = {}
         return {"cpu": time.process_time()}
 
 
