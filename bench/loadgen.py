@@ -50,8 +50,8 @@ def encode(payload: bytes, opcode: int = 1) -> bytes:
 
 class Charger(asyncio.Protocol):
     __slots__ = ("host", "path", "transport", "buf", "is_open", "status", "retry_after",
-                 "opened", "closed", "pending", "seq", "on_answer", "t_start", "t_open", "pings",
-                 "commands")
+                 "opened", "closed", "pending", "seq", "on_answer", "on_lost", "t_start", "t_open",
+                 "pings", "commands")
 
     def __init__(self, path: str, opened: asyncio.Future) -> None:
         self.path = path
@@ -65,6 +65,7 @@ class Charger(asyncio.Protocol):
         self.pending: dict = {}
         self.seq = 0
         self.on_answer = None
+        self.on_lost = None
         self.t_start = time.perf_counter()
         self.t_open = None
         self.pings = 0
@@ -76,6 +77,9 @@ class Charger(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.is_open = False
+        if self.on_lost is not None:
+            self.on_lost(self)
+            self.on_lost = None
         if not self.opened.done():
             self.opened.set_result(False)
         if self.closed is not None and not self.closed.done():
@@ -241,7 +245,13 @@ class Runner:
         def answered(charger, _latency, _kind):
             boot_lat.append(time.perf_counter() - charger.t_start)
             charger.on_answer = None
+            charger.on_lost = None
             last[0] = time.time()
+            finished()
+
+        def lost_before_boot(_charger):
+            refused["closed before its boot was answered"] = \
+                refused.get("closed before its boot was answered", 0) + 1
             finished()
 
         async def one(url):
@@ -276,6 +286,7 @@ class Runner:
             self.urls[charger] = url
             if boot:
                 charger.on_answer = answered
+                charger.on_lost = lost_before_boot
                 charger.call(BOOT)
             else:
                 last[0] = time.time()
