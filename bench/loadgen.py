@@ -313,7 +313,10 @@ class Runner:
         """Every charger keeps one Heartbeat CALL outstanding for C{seconds}."""
         lat = array("d")
         stop = [False]
-        active = self.chargers if chargers is None else self.chargers[:chargers]
+        # spread over all of them (not the first to connect: with several
+        # gateway workers those may all be on the one that started first)
+        active = self.chargers if chargers is None \
+            else self.chargers[::max(1, len(self.chargers) // chargers)][:chargers]
 
         def answered(charger, latency, _kind):
             lat.append(latency)
