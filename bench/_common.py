@@ -197,7 +197,7 @@ def start_profile(pid: int, output: str) -> subprocess.Popen:
     """py-spy sampling C{pid} until L{stop_profile}, collapsed stacks to C{output}."""
     spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
     proc = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+        [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "250", "--nonblocking",
          "--format", "raw", "--output", output],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
