@@ -1,12 +1,14 @@
 """
 The gateway says how many chargers its open-files limit allows and warns
-when [listener] max_connections is above it.
+when [listener] max_connections is above it; its charger listeners take
+the longest accept backlog the kernel allows.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import subprocess
 import sys
 
 from twisted.internet import defer, reactor
@@ -14,8 +16,9 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 
 from ocppgw import openfiles
+from ocppgw import service as service_module
 from ocppgw.testing import amqp_url, unique_name
-from tests.support import delete_exchange
+from tests.support import delete_exchange, start_gateway
 from tests.test_service import REPO, _Collect, _config_file
 
 
@@ -140,3 +143,38 @@ class TwistdTests(unittest.TestCase):
         yield child.ended
         self.assertIn(b"Open-files limit 500 (", child.output)
         self.assertRegex(child.output.decode(), r"room for 4\d\d chargers in this process")
+
+
+def _listen_backlog(port: int):
+    """
+    The backlog of the socket listening on C{port}, as C{ss} shows it
+    (Send-Q of a listening socket), or C{None} without C{ss}.
+    """
+    try:
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return int(out.split()[2])
+
+
+class BacklogTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_charger_listener_backlog_as_long_as_the_kernel_allows(self):
+        """
+        A reconnection storm waits in the kernel's accept queue, not in
+        the chargers' SYN back-off: the charger listener asks for the
+        longest backlog (the kernel caps it at net.core.somaxconn).
+        """
+        exchange = unique_name("backlog")
+        self.addCleanup(delete_exchange, exchange)
+        service = yield start_gateway(self, {
+            "listener": {"tcp.port": "0"}, "admin": {"tcp.port": "0"},
+            "amqp": {"url": amqp_url(), "exchange": exchange},
+        })
+        backlog = _listen_backlog(service.listening_port.getHost().port)
+        if backlog is None:
+            raise unittest.SkipTest("ss (iproute2) is needed to read a backlog")
+        with open("/proc/sys/net/core/somaxconn") as f:
+            somaxconn = int(f.read())
+        self.assertEqual(backlog, min(service_module.CHARGER_BACKLOG, somaxconn))
