@@ -213,6 +213,10 @@ def bench_type(name: str, args) -> dict:
     return result
 
 
+def _refusals(refused: dict) -> str:
+    return json.dumps(refused) if refused else "none"
+
+
 def kib(value: float) -> str:
     return f"{value / 1024:.1f} KiB"
 
@@ -224,7 +228,8 @@ def report(results: list) -> None:
         rows = [
             ("chargers booted (new / returning)", f"{r['new']['booted']} / "
              f"{r['returning']['booted']}", f"charger queues on the broker: {r['queues']}",
-             "refused: " + (json.dumps(r["new"]["refused"]) if r["new"]["refused"] else "none")),
+             *(f"{storm} not connected: " + _refusals(r[storm]["refused"])
+               for storm in ("new", "returning"))),
             ("broker memory per charger, online", f"Erlang {kib(online['erlang'])}",
              f"RSS {kib(online['rss'])}"),
             ("  largest categories", ", ".join(f"{k} {kib(v)}" for k, v in top)),
