@@ -187,17 +187,18 @@ def bench_type(name: str, args) -> dict:
         broker.settle()
         offline = broker.snapshot()
 
-        cpu2, gw2 = broker.cpu(), sum(g.cpu() for g in gateways)
-        returning = connect_all(loadgen, urls)
-        cpu3, gw3 = broker.cpu(), sum(g.cpu() for g in gateways)
+        result["new"] = {**new, "broker_cpu": (cpu1 - cpu0) / max(1, booted),
+                         "gateway_cpu": (gw1 - gw0) / max(1, booted)}
+        if args.returning:
+            cpu2, gw2 = broker.cpu(), sum(g.cpu() for g in gateways)
+            returning = connect_all(loadgen, urls)
+            cpu3, gw3 = broker.cpu(), sum(g.cpu() for g in gateways)
+            loadgen.all("close")
+            result["returning"] = {
+                **returning, "broker_cpu": (cpu3 - cpu2) / max(1, returning["booted"]),
+                "gateway_cpu": (gw3 - gw2) / max(1, returning["booted"])}
         result["load_after"] = uptime()
-        loadgen.all("close")
         result.update({
-            "new": {**new, "broker_cpu": (cpu1 - cpu0) / max(1, booted),
-                    "gateway_cpu": (gw1 - gw0) / max(1, booted)},
-            "returning": {**returning,
-                          "broker_cpu": (cpu3 - cpu2) / max(1, returning["booted"]),
-                          "gateway_cpu": (gw3 - gw2) / max(1, returning["booted"])},
             "online": per_charger(before, online, booted),
             "offline": per_charger(before, offline, booted),
             "broker_before": before, "broker_online": online, "broker_offline": offline,
@@ -225,11 +226,12 @@ def report(results: list) -> None:
     for r in results:
         online, offline = r["online"], r["offline"]
         top = sorted(online["breakdown"].items(), key=lambda kv: -kv[1])[:5]
+        storms = [storm for storm in ("new", "returning") if storm in r]
         rows = [
-            ("chargers booted (new / returning)", f"{r['new']['booted']} / "
-             f"{r['returning']['booted']}", f"charger queues on the broker: {r['queues']}",
-             *(f"{storm} not connected: " + _refusals(r[storm]["refused"])
-               for storm in ("new", "returning"))),
+            (f"chargers booted ({' / '.join(storms)})",
+             " / ".join(str(r[storm]["booted"]) for storm in storms),
+             f"charger queues on the broker: {r['queues']}",
+             *(f"{storm} not connected: " + _refusals(r[storm]["refused"]) for storm in storms)),
             ("broker memory per charger, online", f"Erlang {kib(online['erlang'])}",
              f"RSS {kib(online['rss'])}"),
             ("  largest categories", ", ".join(f"{k} {kib(v)}" for k, v in top)),
@@ -238,11 +240,13 @@ def report(results: list) -> None:
             ("new chargers: all booted", f"{r['new']['seconds']:.1f} s",
              f"broker CPU {r['new']['broker_cpu'] * 1e6:.0f} us/charger",
              f"gateway CPU {r['new']['gateway_cpu'] * 1e6:.0f} us/charger"),
-            ("returning chargers: all booted", f"{r['returning']['seconds']:.1f} s",
-             f"broker CPU {r['returning']['broker_cpu'] * 1e6:.0f} us/charger",
-             f"gateway CPU {r['returning']['gateway_cpu'] * 1e6:.0f} us/charger"),
             ("machine", r["load_before"], r["load_online"], r["load_after"]),
         ]
+        if "returning" in r:
+            rows.insert(-1, (
+                "returning chargers: all booted", f"{r['returning']['seconds']:.1f} s",
+                f"broker CPU {r['returning']['broker_cpu'] * 1e6:.0f} us/charger",
+                f"gateway CPU {r['returning']['gateway_cpu'] * 1e6:.0f} us/charger"))
         print_table(f"queues: {r['type']} {r['arguments']}, {r['chargers']} chargers, "
                     f"{r['nodes']} node(s)", rows)
 
@@ -256,6 +260,8 @@ def main(argv=None):
     parser.add_argument("--per-gateway", type=int, default=16000,
                         help="chargers per gateway process")
     parser.add_argument("--procs", type=int, default=4, help="load-generator processes")
+    parser.add_argument("--no-returning", dest="returning", action="store_false",
+                        help="skip the storm of returning chargers (queues exist)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="another gateway setting")
     parser.add_argument("--json")
