@@ -251,6 +251,37 @@ def report(results: list) -> None:
                     f"{r['nodes']} node(s)", rows)
 
 
+def markdown(results: list) -> str:
+    """One table row per run, for bench/README.md (``--markdown FILE...``)."""
+    lines = [
+        "| queue type | nodes | chargers | broker memory per charger online: Erlang / RSS "
+        "| offline: Erlang / RSS | largest categories online | new: all booted, broker / "
+        "gateway CPU each | returning: all booted, broker / gateway CPU each | load average |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        online, offline = r["online"], r["offline"]
+        top = sorted(online["breakdown"].items(), key=lambda kv: -kv[1])[:3]
+        storms = []
+        for storm in ("new", "returning"):
+            if storm not in r:
+                storms.append("–")
+                continue
+            x = r[storm]
+            missing = r["chargers"] - x["booted"]
+            storms.append(f"{x['seconds']:.1f} s, {x['broker_cpu'] * 1e6:,.0f} / "
+                          f"{x['gateway_cpu'] * 1e6:,.0f} µs"
+                          + (f" ({missing:,} not connected)" if missing else ""))
+        lines.append(
+            f"| {r['type']} | {r['nodes']} | {r['chargers']:,} "
+            f"| {kib(online['erlang'])} / {kib(online['rss'])} "
+            f"| {kib(offline['erlang'])} / {kib(offline['rss'])} "
+            f"| {', '.join(f'{k} {kib(v)}' for k, v in top)} "
+            f"| {storms[0]} | {storms[1]} "
+            f"| {r['load_before'].split()[-3]} → {r['load_after'].split()[-3]} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--chargers", type=int, default=10000)
@@ -265,7 +296,16 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="another gateway setting")
     parser.add_argument("--json")
+    parser.add_argument("--markdown", nargs="+", metavar="JSON",
+                        help="print the table of earlier runs' JSON files and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        results = []
+        for path in args.markdown:
+            with open(path) as f:
+                results += json.load(f)["results"]
+        print(markdown(results))
+        return results
     from tests.faults.cluster import cluster_unavailable
 
     reason = cluster_unavailable()
