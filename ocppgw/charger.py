@@ -271,7 +271,6 @@ class ChargerEffects:
         self.edge.close(code, reason)
 
 
-
 class ChargerLink(ChargerEffects):
     """
     One charger from its handshake on: its edge protocol, session and
