@@ -1,7 +1,8 @@
 """
 The gateway: where the WebSocket edge, the sessions and the AMQP bridge meet.
 
-The edge and the bridge do not know each other (DESIGN §1). This module
+The edge and the bridge do not know each other (docs/architecture.md,
+"Shape"). This module
 implements the edge's L{ChargerHub} and, per charger, the session's
 L{SessionEffects} on top of the bridge. It also owns the registry of
 connected chargers, which is what makes "last connection wins" work:

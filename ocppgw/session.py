@@ -7,7 +7,7 @@ charger's queue, the outcome of a publish, a timer -- and answers through a
 small L{SessionEffects} interface that the gateway implements with the real
 edge and bridge (and that the tests implement with a recorder).
 
-The rules it keeps (DESIGN §3):
+The rules it keeps (docs/architecture.md, "The rules the session keeps"):
 
 - A charger's CALL is published to C{<version>.<Action>.req}; if no queue is
   bound for it the charger gets CALLERROR C{NotImplemented}, if the broker

@@ -25,7 +25,7 @@ from ocppgw.validation import (
     compile_schemas,
     package_schema_dir,
 )
-from tests.test_session import RecordingEffects
+from tests.support import RecordingEffects
 
 VALIDATION_ERROR = "x-ocppgw-validation-error"
 VALIDATION_CODE = "x-ocppgw-validation-code"

@@ -19,8 +19,7 @@ from twisted.trial import unittest
 
 from ocppgw.amqp import BackEndClient
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
-from tests.support import delete_exchange, free_port
-from tests.test_service import REPO, _Collect
+from tests.support import REPO, ProcessOutput, delete_exchange, free_port
 
 
 def peak_rss(pid: int) -> int:
@@ -72,7 +71,7 @@ class FleetTestCase(unittest.TestCase):
                 # the storm's queues go away by themselves
                 f"[queue]\nx-expires = 30000\n{extra}"
             )
-        child = _Collect(None)
+        child = ProcessOutput(None)
         reactor.spawnProcess(
             child, sys.executable,
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -163,9 +162,11 @@ class StormTests(FleetTestCase):
         self.assertGreater(refused, 0)
         self.assertEqual(set(statuses), {"503"})
         self.assertTrue(all(1 <= r["retry_after_max"] <= 4 for r in results))
-        # the heartbeat goes through the broker, busy declaring the storm's
-        # queues (observed at most 1.4 s on a shared 2-core machine)
-        self.assertLess(max(latencies), 3.0, latencies)
+        # the probe was answered all through the storm, not only after it:
+        # 2,000 connects at 300/s take at least 6.6 s, and the probe asks
+        # every 0.2 s after its last answer (how fast it was answered is a
+        # figure for the benchmarks, printed above)
+        self.assertGreaterEqual(len(latencies), 5, latencies)
         # every queue of the storm is there: declared before each 101
         admin = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
         try:
@@ -238,7 +239,7 @@ class WorkersTests(FleetTestCase):
         backend = yield FakeBackEnd.start(reactor, amqp_url(), self.exchange,
                                           bindings=("ocppgw.connected",))
         self.addCleanup(backend.stop)
-        child = _Collect(None)
+        child = ProcessOutput(None)
         reactor.spawnProcess(
             child, sys.executable,
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
