@@ -1,6 +1,7 @@
 """
 One charger's life in the gateway: from the handshake that claims its
-identity to the close, as a state machine over a small table.
+identity to the close, as a state machine over a small table
+(docs/architecture.md, "A charger's lifecycle").
 
 ::
 
