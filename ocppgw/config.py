@@ -5,8 +5,9 @@ Everything about an option lives in one row of :data:`SECTIONS`: its key, how
 its value is read and checked (its *kind*), its default and a one-line
 description.  That table drives parsing, the defaults, the error messages,
 the shipped ``etc/ocppgw.ini`` (``python -m ocppgw.config --ini``) and the
-README's reference table (``--markdown``), so the documentation cannot drift
-from the code.  Adding a key is one :class:`Option` row plus one field on its
+configuration reference of the documentation (``--markdown``, put into
+``docs/configuration.md`` when the site is built), so the documentation
+cannot drift from the code.  Adding a key is one :class:`Option` row plus one field on its
 section's dataclass; adding a section is one dataclass, one :class:`Section`
 row and one field on :class:`Settings`.
 
@@ -1004,7 +1005,7 @@ class Option:
     :ivar kind: reads and checks the value.
     :ivar default: the default *as INI text*, so that it is validated like
         any value and printed exactly as an operator would write it.
-    :ivar doc: one line for the shipped INI file and the README.
+    :ivar doc: one line for the shipped INI file and the documentation.
     """
 
     key: str
@@ -1531,7 +1532,7 @@ def _markdown(text: str) -> str:
 
 
 def render_markdown() -> str:
-    """The README's reference table, one table per section."""
+    """The documentation's reference tables, one table per section."""
     parts = []
     for section in SECTIONS:
         parts.append(f"### `[{section.name}]`\n\n{_markdown(section.doc)}\n\n")
@@ -1548,7 +1549,7 @@ def render_markdown() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """
-    ``python -m ocppgw.config``: print the INI file or the README table
+    ``python -m ocppgw.config``: print the INI file or the reference tables
     generated from :data:`SECTIONS` (``ocppgw check-config`` checks a file).
 
     :return: the exit status.

@@ -5,7 +5,7 @@ running gateway with the real broker behind it.
 Each quirk is sent as the bytes such a charger sends (a hand-written
 opening handshake where a WebSocket library would refuse to produce it,
 see L{tests.rawcharger}); the source that shows a charger doing it is
-named in the README's "Field compatibility" table. Each class also shows
+named in the table of docs/field-compatibility.md. Each class also shows
 that the quirk changes nothing about who a charger is: no identity
 taken over, no authentication skipped, no wildcard reached.
 """

@@ -1,5 +1,5 @@
 """
-The charger side of the contract (DESIGN §2), over real TCP against a
+The charger side of the contract (docs/connecting.md), over real TCP against a
 running gateway.
 
 Exact HTTP statuses and headers are checked with a hand-written HTTP/1.1
@@ -34,7 +34,8 @@ def _heartbeat_answer(message, payload):
 class IdentityTests(RawHandshakeMixin, GatewayTestCase):
     """
     The identity is the last path segment, percent-decoded, and is refused
-    with 400 before the upgrade when it could break routing (DESIGN §2).
+    with 400 before the upgrade when it could break routing
+    (docs/connecting.md).
     """
 
     timeout = 20
@@ -161,7 +162,8 @@ class IdentityTests(RawHandshakeMixin, GatewayTestCase):
     def test_reason_never_echoes_identity(self):
         """
         A refused identity is never echoed: a decoded C{%0D%0A} in the
-        status line would inject headers (PITFALLS, autobahn).
+        status line would inject headers (docs/architecture.md, "autobahn
+        and Twisted").
         """
         response = yield self.assertRefused("/ocpp/EVIL%0D%0AX-Injected:%20yes")
         self.assertNotIn(b"X-Injected", response.raw)
@@ -179,7 +181,7 @@ class IdentityTests(RawHandshakeMixin, GatewayTestCase):
 class SubprotocolTests(RawHandshakeMixin, GatewayTestCase):
     """
     The subprotocol is the first the charger offers that is enabled; no
-    acceptable one is a 400 before the upgrade (DESIGN §2).
+    acceptable one is a 400 before the upgrade (docs/connecting.md).
     """
 
     timeout = 20
@@ -278,7 +280,7 @@ class DisabledSubprotocolTests(RawHandshakeMixin, GatewayTestCase):
 class HttpTests(RawHandshakeMixin, GatewayTestCase):
     """
     Plain HTTP gets 426, and no response names the server software
-    (DESIGN §2, PITFALLS autobahn).
+    (docs/connecting.md; docs/architecture.md, "autobahn and Twisted").
     """
 
     timeout = 20
@@ -359,7 +361,8 @@ class _FrameTestsBase(GatewayTestCase):
 class MessageSizeTests(_FrameTestsBase):
     """
     A message over C{ws_opts.max_frame_size} closes the connection with
-    1009, not a TCP drop (DESIGN §2 limits, PITFALLS failByDrop).
+    1009, not a TCP drop (docs/connecting.md; docs/architecture.md on
+    C{failByDrop}).
     """
 
     settings = {"websocket": {"ws_opts.max_frame_size": "2048"}}
@@ -394,7 +397,7 @@ class MessageSizeTests(_FrameTestsBase):
 
 
 class BinaryFrameTests(_FrameTestsBase):
-    """OCPP-J is text only: a binary message closes with 1003 (DESIGN §2)."""
+    """OCPP-J is text only: a binary message closes with 1003 (docs/connecting.md)."""
 
     @defer.inlineCallbacks
     def test_binary_frame_closes_1003(self):
@@ -407,7 +410,8 @@ class BinaryFrameTests(_FrameTestsBase):
 class BadFrameTests(_FrameTestsBase):
     """
     A malformed frame is answered with a CALLERROR spelled for the version,
-    never published; C{max_bad_frames} of them close with 1002 (DESIGN §2).
+    never published; C{max_bad_frames} of them close with 1002
+    (docs/connecting.md).
     """
 
     settings = {"websocket": {"max_bad_frames": "3"}}
@@ -571,7 +575,7 @@ class PingTestsMixin:
     """
     The server pings every C{idle_timeout}; a charger that answers stays
     connected however silent it is, one that does not is dropped after
-    C{ping_timeout} (DESIGN §2 limits).
+    C{ping_timeout} (docs/connecting.md).
     """
 
     #: ws_opts.idle_timeout and ping_timeout of the class, in seconds

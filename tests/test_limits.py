@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from ocppgw.limits import Admission, TokenBucket
+from ocppgw.limits import OVER, TOO_MANY, WITHIN, Admission, MessageRateLimit, TokenBucket
 from tests.support import GatewayTestCase, RawHandshakeMixin
 
 
@@ -25,6 +25,39 @@ class TokenBucketTests(SynchronousTestCase):
     def test_zero_rate_is_unlimited(self):
         bucket = TokenBucket(Clock(), rate=0, burst=1)
         self.assertTrue(all(bucket.take() for _ in range(1000)))
+
+
+class MessageRateLimitTests(SynchronousTestCase):
+    """
+    One charger's message rate: a token bucket and the streak of frames
+    over it.
+    """
+
+    def test_streak_ends_in_too_many(self):
+        clock = Clock()
+        limit = MessageRateLimit(clock, rate=1, burst=2, max_violations=3)
+        self.assertEqual([limit.check() for _ in range(5)],
+                         [WITHIN, WITHIN, OVER, OVER, TOO_MANY])
+        self.assertEqual(limit.violations, 3)
+        self.assertEqual(limit.check(), TOO_MANY)
+
+    def test_a_second_within_the_rate_ends_the_streak(self):
+        clock = Clock()
+        limit = MessageRateLimit(clock, rate=1, burst=1, max_violations=3)
+        self.assertEqual([limit.check(), limit.check(), limit.check()],
+                         [WITHIN, OVER, OVER])
+        clock.advance(1.0)  # a token back, but not a second since the last excess
+        self.assertEqual(limit.check(), WITHIN)
+        self.assertEqual(limit.violations, 2)
+        clock.advance(1.5)
+        self.assertEqual(limit.check(), WITHIN)
+        self.assertEqual(limit.violations, 0)
+        self.assertEqual([limit.check(), limit.check()], [OVER, OVER])
+
+    def test_within_tests_false(self):
+        limit = MessageRateLimit(Clock(), rate=5, burst=5, max_violations=1)
+        self.assertFalse(limit.check())
+        self.assertEqual(limit.last_violation, 0.0)
 
 
 class AdmissionTests(SynchronousTestCase):

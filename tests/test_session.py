@@ -419,6 +419,34 @@ class LongMessageIdTests(SessionTestsMixin, SynchronousTestCase):
         self.assertEqual([tag for tag, _ in self.effects.rejected], [1])
 
 
+class SessionPartsTests(SynchronousTestCase):
+    """The session's small parts: its open CALLs and its null stats."""
+
+    def test_open_calls_bounded_oldest_first(self):
+        from ocppgw.session import MAX_OPEN_CHARGER_CALLS, OpenCalls
+
+        calls = OpenCalls()
+        self.assertFalse(hasattr(calls, "__dict__"))
+        for number in range(MAX_OPEN_CHARGER_CALLS + 2):
+            calls.remember(f"m{number}", "Heartbeat")
+        self.assertEqual(len(calls), MAX_OPEN_CHARGER_CALLS)
+        self.assertNotIn("m0", calls)
+        calls.remember("m2", "DataTransfer")  # again: now the newest
+        self.assertEqual(list(calls)[-1], "m2")
+        calls.adopt({"m2": "Reset", "x": "Authorize"})
+        self.assertEqual((calls["m2"], calls["x"]), ("DataTransfer", "Authorize"))
+
+    def test_without_stats_nothing_is_counted(self):
+        from ocppgw.session import NO_STATS
+
+        effects = RecordingEffects()
+        session = ChargerSession("CP", OCPP16, effects, Clock())
+        self.assertIs(session._stats, NO_STATS)
+        session.charger_frame(b'[3,"nobody","x"]')  # a bad frame: counted nowhere
+        session.charger_frame(frame(2, "m1", "Heartbeat", {}))
+        self.assertEqual(len(effects.published), 1)
+
+
 class RedeliveryTests(SynchronousTestCase):
     """
     After a broker reconnect the unacknowledged commands come back with
