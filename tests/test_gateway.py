@@ -19,7 +19,6 @@ from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from ocppgw.amqp import AmqpBridge, BrokerUnavailable, DeclareFailed
-from ocppgw.gateway import CHARGER_TRANSITIONS, ChargerState
 from ocppgw.testing import amqp_url, unique_name
 from tests.support import GatewayTestCase, InMemoryGateway, close_broker_connections
 
@@ -510,21 +509,6 @@ class OperatorTests(_GatewayTestCase):
 
     def test_disconnect_unknown_charger(self):
         self.assertFalse(self.gateway.disconnect("CP9"))
-
-
-class ChargerTransitionTableTests(SynchronousTestCase):
-    """The charger lifecycle's table, as data."""
-
-    def test_every_state_has_a_row(self):
-        self.assertEqual(set(CHARGER_TRANSITIONS), set(ChargerState))
-
-    def test_a_broker_loss_can_catch_a_charger_in_any_live_state(self):
-        for state in (ChargerState.ATTACHED, ChargerState.CONSUMING, ChargerState.RESTORING):
-            self.assertIn(ChargerState.BROKER_LOST, CHARGER_TRANSITIONS[state])
-        for state in ChargerState:
-            if state not in (ChargerState.REPLACED, ChargerState.CLOSED):
-                self.assertIn(ChargerState.CLOSED, CHARGER_TRANSITIONS[state])
-        self.assertEqual(CHARGER_TRANSITIONS[ChargerState.CLOSED], frozenset())
 
 
 # -- against the real broker ----------------------------------------------------
