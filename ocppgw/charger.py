@@ -1,6 +1,7 @@
 """
 One charger's life in the gateway: from the handshake that claims its
-identity to the close, as a state machine over a small table.
+identity to the close, as a state machine over a small table
+(docs/architecture.md, "A charger's lifecycle").
 
 ::
 
@@ -269,7 +270,6 @@ class ChargerEffects:
 
     def close(self, code: int, reason: str) -> None:
         self.edge.close(code, reason)
-
 
 
 class ChargerLink(ChargerEffects):

@@ -199,6 +199,8 @@ class QueueSettings:
     """Arguments of the per-charger queues (see :meth:`Settings.queue_arguments`)."""
 
     x_queue_type: str
+    x_queue_version: int
+    x_queue_mode: str
     x_message_ttl: int
     x_expires: int
     x_dead_letter_exchange: str
@@ -452,7 +454,7 @@ class Choice:
 
     @property
     def allowed(self) -> str:
-        return "one of " + ", ".join(self.choices)
+        return "one of " + ", ".join(choice or "empty" for choice in self.choices)
 
     def __call__(self, value: object) -> str:
         text = _text(value, self)
@@ -846,6 +848,7 @@ def _consistency(settings: Settings) -> list[str]:
         problems += _tls_listener_problems(listener)
     problems += _proxy_problems(listener)
     problems += _password_problems(listener, settings.auth)
+    problems += _queue_problems(settings.queue)
     return problems
 
 
@@ -938,6 +941,20 @@ def _password_problems(listener, auth) -> list[str]:
                             "a password file (see `ocppgw passwd`)")
         if auth.checker == "http" and not auth.http_url:
             problems.append("auth.http.url: checker = http needs the URL to POST to")
+    return problems
+
+
+def _queue_problems(queue) -> list[str]:
+    """Queue arguments the chosen queue type does not take."""
+    problems = []
+    if queue.x_queue_type != "classic":
+        # RabbitMQ refuses these arguments for other queue types, and would
+        # refuse every charger's declare: say so once, at start.
+        for key, value in (("x-queue-version", queue.x_queue_version),
+                           ("x-queue-mode", queue.x_queue_mode)):
+            if value not in (0, ""):
+                problems.append(f"queue.{key}: applies to classic queues only, not to "
+                                f"x-queue-type = {queue.x_queue_type} (leave it empty or 0)")
     return problems
 
 
@@ -1248,7 +1265,18 @@ SECTIONS: tuple[Section, ...] = (
             "to redeclare an existing queue with other arguments: change them for "
             "existing queues with a policy.", (
         Option("x-queue-type", Choice(("classic", "quorum")), "classic",
-               "Type of the charger queues."),
+               "Type of the charger queues: classic (one Erlang process per queue, on one "
+               "node) or quorum (a Raft group per queue, replicated; it costs several "
+               "times the broker memory of a classic queue, see docs/capacity.md)."),
+        Option("x-queue-version", Integer(0, 2), "0",
+               "Storage version of classic charger queues (RabbitMQ 3.10+): 1, or 2, the "
+               "newer format (faster with messages; an empty charger queue costs the same "
+               "in both); 0 = the broker's default (1 before RabbitMQ 3.13, 2 from then on, "
+               "the only one in 4.x). Classic queues only."),
+        Option("x-queue-mode", Choice(("", "default", "lazy")), "",
+               "lazy = classic charger queues keep their messages on disk rather than in "
+               "memory (RabbitMQ 3.12 and later ignore it: every classic queue is lazy "
+               "then); empty = not set. Classic queues only."),
         # RabbitMQ refuses timer values above 2^32-1 ms (MAX_EXPIRY_TIMER).
         Option("x-message-ttl", Integer(0, 2**32 - 1), "300000",
                "Milliseconds a command waits in a charger's queue (0 = no TTL)."),

@@ -2,13 +2,14 @@
 The gateway: where the WebSocket edge, the sessions and the AMQP bridge meet.
 
 The edge and the bridge do not know each other (docs/architecture.md,
-"Shape"). This module
-implements the edge's L{ChargerHub} and, per charger, the session's
-L{SessionEffects} on top of the bridge. It also owns the registry of
-connected chargers, which is what makes "last connection wins" work:
+"Shape"). This module implements the edge's L{ChargerHub}; per charger, a
+L{ChargerLink} implements the session's L{SessionEffects} on top of the
+bridge. It also owns the registry of connected chargers, which is what
+makes "last connection wins" work:
 
 1. a charger's handshake claims its identity (a later handshake for the
-   same identity takes the claim over);
+   same identity takes the claim over); from then on the charger is a
+   L{ChargerLink}, whose states and moves are in L{ocppgw.charger};
 2. an existing connection with that identity is detached -- its session
    ended, its consumer cancelled, its unanswered commands requeued after the
    cancel-ok -- and closed, and announces no offline status;

@@ -130,6 +130,7 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from ocppgw.auth import PasswordFileError
+    from ocppgw.openfiles import raise_soft_limit
     from ocppgw.service import GatewayService
     from ocppgw.tls import TLSConfigError
     from ocppgw.tuning import HeapTrimmer, tune_gc
@@ -152,6 +153,7 @@ def makeService(options: Options):
         settings = dataclasses.replace(settings, amqp=amqp, admin=admin)
         reuse_port = True
     tune_gc()
+    raise_soft_limit()
     try:
         gateway = GatewayService(
             settings, reactor, exit_on_startup_failure=True, reload_signal=True,

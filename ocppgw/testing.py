@@ -586,15 +586,22 @@ class FakeBridge:
     and consumers, and the acks, rejects and requeues of commands. A test
     plays the broker and the CSMS with it::
 
+        clock = MemoryReactorClock()  # twisted.internet.testing
         bridge = FakeBridge()
         gateway = Gateway(clock, bridge, node="n1", queue_arguments={})
-        ... a charger connects (see ocppgw.edge) ...
+        factory = ChargerFactory(gateway, clock)
+        # ... charger "CP1" connects to factory, e.g. an autobahn client
+        # over autobahn.twisted.testing.create_memory_agent ...
         bridge.send_to_charger("CP1", [2, "c1", "Reset", {"type": "Soft"}])
-        ... the charger answers ...
+        # ... the charger got it, and answers ...
         [answer] = bridge.published_to("ocpp16.Reset.conf")
-        answer.confirm()              # the command is acked
+        answer.confirm()              # now the command is acked
         bridge.lose()                 # the broker link breaks
-        bridge.come_back()            # ... and is open again
+        clock.advance(10)             # within [amqp] outage_grace
+        bridge.come_back()            # the link is open again
+
+    (This repository's C{tests/support.py} has such a harness,
+    C{InMemoryGateway}, and C{tests/test_gateway.py} uses it.)
 
     Declares, consumes and cancels are answered at once, as a quick broker
     would, unless the test holds them (L{hold}): then they wait in

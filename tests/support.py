@@ -488,6 +488,14 @@ def frame(*elements) -> bytes:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def config_file(testcase, text: str) -> str:
+    """A configuration file with C{text} in C{testcase}'s temporary directory."""
+    path = os.path.abspath(testcase.mktemp())
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 class ProcessOutput(protocol.ProcessProtocol):
     """
     Collects a child's output (stdout and stderr together); C{ready} fires

@@ -13,7 +13,6 @@ import sys
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer, reactor
 from twisted.plugin import getPlugins
-from twisted.python import usage
 from twisted.trial import unittest
 
 import ocppgw
@@ -21,7 +20,7 @@ from ocppgw.amqp import BackEndClient
 from ocppgw.service import GatewayService
 from ocppgw.tap import Options
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
-from tests.support import REPO, ProcessOutput, free_port
+from tests.support import REPO, ProcessOutput, config_file, free_port
 
 
 class PluginTests(unittest.TestCase):
@@ -146,13 +145,6 @@ class MakeServiceTests(unittest.TestCase):
         self.assertIsNone(service.listening_port)
 
 
-def _config_file(testcase: unittest.TestCase, text: str) -> str:
-    path = os.path.abspath(testcase.mktemp())
-    with open(path, "w") as f:
-        f.write(text)
-    return path
-
-
 class TwistdTests(unittest.TestCase):
     """
     C{twistd -n ocppgw} as a real process.
@@ -161,7 +153,7 @@ class TwistdTests(unittest.TestCase):
     timeout = 60
 
     def twistd(self, config_text: str, marker: bytes | None = None) -> ProcessOutput:
-        path = _config_file(self, config_text)
+        path = config_file(self, config_text)
         collect = ProcessOutput(marker)
         reactor.spawnProcess(
             collect,
@@ -332,7 +324,7 @@ class RunTests(unittest.TestCase):
         """
         port = free_port()
         exchange = unique_name("run-test")
-        path = _config_file(
+        path = config_file(
             self,
             f"[listener]\ntcp.port = {port}\ndrain_window = 0.5\n[admin]\ntcp.port = 0\n"
             f"[amqp]\nurl = {amqp_url()}\nexchange = {exchange}\n",
@@ -369,7 +361,7 @@ class RunTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_bad_config(self):
-        path = _config_file(self, "[listener]\ntcp.prot = 1\n")
+        path = config_file(self, "[listener]\ntcp.prot = 1\n")
         child = self.ocppgw("run", "--config", path)
         ended = yield child.ended
         self.assertEqual(ended.exitCode, 1)
