@@ -35,7 +35,6 @@ from twisted.internet.endpoints import clientFromString, connectProtocol, wrapCl
 
 from ocppgw import topology
 from ocppgw.amqp import BackEndClient, Message
-from ocppgw import topology
 from ocppgw.amqp.errors import BrokerUnavailable, ChannelGone
 from ocppgw.closecodes import CloseCode
 from ocppgw.outcome import Delivery, PublishOutcome

@@ -129,7 +129,11 @@ class ChargerQueues:
         declarer = min(declarers, key=lambda c: len(c.in_flight))
         declarer.declare_and_bind(queue, arguments, self.exchange, binding_key, d)
 
-    def declarer_opened(self, channels: _Channels) -> None:
+    def declarer_opened(self, channels) -> None:
+        """
+        A declare channel of the bridge's current channel set C{channels}
+        is open: the declares that waited for one go out.
+        """
         waiting, channels.waiting_declares = channels.waiting_declares, []
         for queue, binding_key, arguments, d in waiting:
             self._declare(queue, binding_key, arguments, d)
