@@ -52,6 +52,7 @@ from twisted.logger import Logger
 from ocppgw import framing, limits, topology
 from ocppgw.amqp import BrokerUnavailable, FixedHeaders
 from ocppgw.audit import OUT as AUDIT_OUT
+from ocppgw.closecodes import CloseCode
 from ocppgw.framing import MAX_MESSAGE_ID_LENGTH, OcppVersion
 from ocppgw.metrics import ChargerStats
 from ocppgw.outcome import Delivery
@@ -61,11 +62,10 @@ from ocppgw.states import check_transition
 # The gateway's namespace: operators filter the charger lines on it.
 _log = Logger(namespace="ocppgw.gateway")
 
-#: Close code for chargers whose broker side broke (RFC 6455: 1011).
-CLOSE_INTERNAL = 1011
-#: Close code for a charger that keeps sending over its rate limit
-#: (RFC 6455: 1008 "Policy Violation").
-CLOSE_POLICY = 1008
+#: Close code for chargers whose broker side broke.
+CLOSE_INTERNAL = CloseCode.INTERNAL_ERROR
+#: Close code for a charger that keeps sending over its rate limit.
+CLOSE_POLICY = CloseCode.POLICY_VIOLATION
 
 
 class ChargerState(enum.Enum):
@@ -210,7 +210,7 @@ class ChargerEffects:
         # The default exchange routes by queue name, which is also how
         # RabbitMQ's direct reply-to pseudo-queue is addressed.
         self.bridge.publish(
-            "",
+            topology.DEFAULT_EXCHANGE,
             reply_to,
             body,
             correlation_id=correlation_id,

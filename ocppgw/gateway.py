@@ -58,9 +58,11 @@ from ocppgw.charger import (
     ChargerSettings,
     ChargerState,
 )
-from ocppgw.edge import ChargerProtocol, Refused
+from ocppgw.edge import ChargerProtocol
+from ocppgw.refusals import Refused
 from ocppgw.announce import Announcer
 from ocppgw.audit import IN as AUDIT_IN
+from ocppgw.closecodes import CloseCode
 from ocppgw.framing import OcppVersion
 from ocppgw.outage import BrokerOutage
 from ocppgw.presence import Presence
@@ -68,12 +70,11 @@ from ocppgw.presence import Presence
 _log = Logger()
 
 #: Close code and reason for a connection replaced by a newer one.
-CLOSE_REPLACED = (1000, "Replaced by a new connection")
-#: Close code when the gateway shuts down (RFC 6455 "going away").
-CLOSE_GOING_AWAY = 1001
-#: Close code for a drain or a broker outage: come back (elsewhere) later
-#: (IANA WebSocket registry: 1012 "Service Restart").
-CLOSE_SERVICE_RESTART = 1012
+CLOSE_REPLACED = (CloseCode.NORMAL, "Replaced by a new connection")
+#: Close code when the gateway shuts down.
+CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
+#: Close code for a drain or a broker outage: come back (elsewhere) later.
+CLOSE_SERVICE_RESTART = CloseCode.SERVICE_RESTART
 #: Control message type announcing that a process took a charger over.
 CONTROL_TAKEOVER = "takeover"
 
@@ -433,7 +434,7 @@ class Gateway:
         """False once the gateway is shutting down (draining)."""
         return self._accepting
 
-    def disconnect(self, identity: str, code: int = 1000,
+    def disconnect(self, identity: str, code: int = CloseCode.NORMAL,
                    reason: str = "Disconnected by the operator") -> bool:
         """
         Close one charger's connection (the admin API's DELETE).

@@ -27,15 +27,10 @@ from typing import Optional
 from ocppgw import framing, topology
 from ocppgw.framing import ErrorKind, Frame, OcppVersion
 from ocppgw.outcome import Delivery, PublishOutcome
-from ocppgw.validation import PayloadChecker, Violation
+from ocppgw.validation import NO_SCHEMA_ACTION, PayloadChecker, Violation
 
 # The session's namespace: these lines are the session's.
 _log = Logger(namespace="ocppgw.session")
-
-#: What L{ocppgw.validation.ValidationStats} counts actions without a
-#: schema under (an action name has only letters and digits, so no real
-#: action is spelled like this).
-UNKNOWN_ACTION = "(unknown)"
 
 #: Direction words of L{ocppgw.validation.ValidationStats}.
 FROM_CHARGER = "charger"
@@ -121,7 +116,7 @@ class PayloadPolicy:
         # Actions without a schema are counted and logged under one name:
         # a peer can make up any number of action names, and neither the
         # counters nor this memory may grow with them.
-        known = action if violation.kind is not ErrorKind.NOT_IMPLEMENTED else UNKNOWN_ACTION
+        known = action if violation.kind is not ErrorKind.NOT_IMPLEMENTED else NO_SCHEMA_ACTION
         checker.count(direction, known, refused)
         if (direction, known) not in self.logged:
             self.logged.add((direction, known))
@@ -256,4 +251,4 @@ class SettleRefusal:
             self._effects.ack(self._delivery)
 
 
-__all__ = ["FROM_BACKEND", "FROM_CHARGER", "UNKNOWN_ACTION", "PayloadPolicy", "SettleRefusal"]
+__all__ = ["FROM_BACKEND", "FROM_CHARGER", "PayloadPolicy", "SettleRefusal"]

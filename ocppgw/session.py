@@ -55,6 +55,7 @@ from twisted.logger import Logger
 
 from ocppgw import framing, topology
 from ocppgw.answers import AnswerMemory
+from ocppgw.closecodes import CloseCode
 from ocppgw.framing import BadFrame, ErrorKind, Frame, OcppVersion
 from ocppgw.outcome import Delivery, OutcomeCallback, PublishOutcome
 from ocppgw.payloads import FROM_BACKEND, FROM_CHARGER, PayloadPolicy, command_violation
@@ -330,7 +331,7 @@ class FrameFaults:
             self._effects.send_to_charger(bad.reply)
         if self._bad_frames >= self._max_bad_frames:
             self._ended = True
-            self._effects.close(1002, "Too many malformed frames")
+            self._effects.close(CloseCode.PROTOCOL_ERROR, "Too many malformed frames")
 
 
 class ChargerSession(FrameFaults):

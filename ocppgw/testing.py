@@ -36,6 +36,7 @@ from twisted.internet.endpoints import clientFromString, connectProtocol, wrapCl
 from ocppgw import topology
 from ocppgw.amqp import BackEndClient, Message
 from ocppgw.amqp.errors import BrokerUnavailable, ChannelGone
+from ocppgw.closecodes import CloseCode
 from ocppgw.outcome import Delivery, PublishOutcome
 
 #: The broker the test suites use; override with OCPPGW_TEST_AMQP_URL.
@@ -237,7 +238,7 @@ class FakeCharger:
     def answer_error(self, call_frame: list, code: str, description: str = "") -> None:
         self.send([4, call_frame[1], code, description, {}])
 
-    def close(self, code: int = 1000) -> defer.Deferred:
+    def close(self, code: int = int(CloseCode.NORMAL)) -> defer.Deferred:
         if self.protocol is not None:
             self.protocol.sendClose(code)
         return self.closed
@@ -298,7 +299,7 @@ class FakeBackEnd:
             handler is not None
             and message.routing_key.endswith(".req")
             # the gateway's own offline StatusNotification expects no answer
-            and not message.headers.get("x-ocppgw-synthetic")
+            and not message.headers.get(topology.HEADER_SYNTHETIC)
         ):
             frame = orjson.loads(message.body)
             payload = handler(message, frame[3])
@@ -584,15 +585,22 @@ class FakeBridge:
     and consumers, and the acks, rejects and requeues of commands. A test
     plays the broker and the CSMS with it::
 
+        clock = MemoryReactorClock()  # twisted.internet.testing
         bridge = FakeBridge()
         gateway = Gateway(clock, bridge, node="n1", queue_arguments={})
-        ... a charger connects (see ocppgw.edge) ...
+        factory = ChargerFactory(gateway, clock)
+        # ... charger "CP1" connects to factory, e.g. an autobahn client
+        # over autobahn.twisted.testing.create_memory_agent ...
         bridge.send_to_charger("CP1", [2, "c1", "Reset", {"type": "Soft"}])
-        ... the charger answers ...
+        # ... the charger got it, and answers ...
         [answer] = bridge.published_to("ocpp16.Reset.conf")
-        answer.confirm()              # the command is acked
+        answer.confirm()              # now the command is acked
         bridge.lose()                 # the broker link breaks
-        bridge.come_back()            # ... and is open again
+        clock.advance(10)             # within [amqp] outage_grace
+        bridge.come_back()            # the link is open again
+
+    (This repository's C{tests/support.py} has such a harness,
+    C{InMemoryGateway}, and C{tests/test_gateway.py} uses it.)
 
     Declares, consumes and cancels are answered at once, as a quick broker
     would, unless the test holds them (L{hold}): then they wait in

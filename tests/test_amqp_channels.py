@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
-from ocppgw.amqp.channels import Consumer, NackWatch, _ConsumerChannel
+from ocppgw.amqp.channels import Consumer, ConsumerChannel, NackWatch
 
 
 class _Channel:
@@ -60,7 +60,7 @@ class _Connection:
 class CancelTests(unittest.TestCase):
     def test_each_cancel_waits_for_its_own_cancel_ok(self):
         channel = _Channel()
-        cc = _ConsumerChannel(_Connection(), channel, lambda *_: None)
+        cc = ConsumerChannel(_Connection(), channel, lambda *_: None)
         consumers = []
         for n in range(3):
             consumer = Consumer(cc, lambda delivery: None, lambda why: None)

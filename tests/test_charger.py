@@ -20,7 +20,7 @@ from ocppgw.charger import (
     ChargerSettings,
     ChargerState,
 )
-from ocppgw.edge import Refused
+from ocppgw.refusals import Refused
 from ocppgw.framing import OCPP16
 from ocppgw.gateway import CLOSE_REPLACED, Gateway
 from ocppgw.outcome import Delivery
@@ -322,3 +322,18 @@ class ClaimTests(SynchronousTestCase):
         self.gateway.charger_closed(edge, 1000, "")
         self.successResultOf(restored)
         self.assertEqual(self.gateway.awaiting_broker, set())
+
+
+class ChargerTransitionTableTests(SynchronousTestCase):
+    """The charger lifecycle's table, as data."""
+
+    def test_every_state_has_a_row(self):
+        self.assertEqual(set(CHARGER_TRANSITIONS), set(ChargerState))
+
+    def test_a_broker_loss_can_catch_a_charger_in_any_live_state(self):
+        for state in (ChargerState.ATTACHED, ChargerState.CONSUMING, ChargerState.RESTORING):
+            self.assertIn(ChargerState.BROKER_LOST, CHARGER_TRANSITIONS[state])
+        for state in ChargerState:
+            if state not in (ChargerState.REPLACED, ChargerState.CLOSED):
+                self.assertIn(ChargerState.CLOSED, CHARGER_TRANSITIONS[state])
+        self.assertEqual(CHARGER_TRANSITIONS[ChargerState.CLOSED], frozenset())

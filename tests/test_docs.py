@@ -146,3 +146,21 @@ class SelfContainedTests(SynchronousTestCase):
                 if self.OUTSIDE.search(line)
             ]
         self.assertEqual(offenders, [])
+
+
+class ExampleTests(SynchronousTestCase):
+    """The worked examples of the docs run as they are written."""
+
+    def test_fakeBridgeExampleRuns(self) -> None:
+        text = (DOCS / "testing.md").read_text(encoding="utf-8")
+        section = text.split("## Testing without a broker", 1)[1]
+        code = section.split("```python\n", 1)[1].split("```", 1)[0]
+        directory = Path(os.path.abspath(self.mktemp()))
+        directory.mkdir(parents=True)
+        (directory / "test_fakebridge_example.py").write_text(code, encoding="utf-8")
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted.trial", "test_fakebridge_example"],
+            cwd=directory, capture_output=True, text=True, timeout=120,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("PASSED (successes=2)", result.stdout)

@@ -19,7 +19,6 @@ from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from ocppgw.amqp import AmqpBridge, BrokerUnavailable, DeclareFailed
-from ocppgw.gateway import CHARGER_TRANSITIONS, ChargerState
 from ocppgw.testing import amqp_url, unique_name
 from tests.support import GatewayTestCase, InMemoryGateway, close_broker_connections
 
@@ -467,19 +466,49 @@ class LifecycleTests(_GatewayTestCase):
         self.assertEqual(charger.status, 503)
 
 
-class ChargerTransitionTableTests(SynchronousTestCase):
-    """The charger lifecycle's table, as data."""
+class RateLimitTests(_GatewayTestCase):
+    gateway_options = {"max_message_rate": 1.0, "message_burst": 2, "max_rate_violations": 3}
 
-    def test_every_state_has_a_row(self):
-        self.assertEqual(set(CHARGER_TRANSITIONS), set(ChargerState))
+    def test_over_the_rate_refused_then_closed_1008_neighbour_served(self):
+        flooder = self.connect("CP1")
+        neighbour = self.connect("CP2")
+        for n in range(4):
+            flooder.send([2, f"m{n}", "Heartbeat", {}])
+        self.memory.flush()
+        self.assertEqual(len(self.bridge.published_to("ocpp16.Heartbeat.req")), 2)
+        self.assertEqual([frame[:3] for frame in flooder.received],
+                         [[4, "m2", "GenericError"], [4, "m3", "GenericError"]])
+        self.assertFalse(flooder.closed)
+        flooder.send([2, "m4", "Heartbeat", {}])
+        self.memory.flush()
+        self.assertEqual((flooder.code, flooder.reason), (1008, "Message rate limit exceeded"))
+        neighbour.send([2, "n1", "Heartbeat", {}])
+        self.memory.flush()
+        self.assertEqual(len(self.bridge.published_to("ocpp16.Heartbeat.req")), 3)
+        self.assertFalse(neighbour.closed)
 
-    def test_a_broker_loss_can_catch_a_charger_in_any_live_state(self):
-        for state in (ChargerState.ATTACHED, ChargerState.CONSUMING, ChargerState.RESTORING):
-            self.assertIn(ChargerState.BROKER_LOST, CHARGER_TRANSITIONS[state])
-        for state in ChargerState:
-            if state not in (ChargerState.REPLACED, ChargerState.CLOSED):
-                self.assertIn(ChargerState.CLOSED, CHARGER_TRANSITIONS[state])
-        self.assertEqual(CHARGER_TRANSITIONS[ChargerState.CLOSED], frozenset())
+    def test_a_quiet_second_ends_the_streak(self):
+        charger = self.connect()
+        for n in range(4):
+            charger.send([2, f"m{n}", "Heartbeat", {}])
+        self.memory.flush()
+        self.memory.advance(2.5)
+        for n in range(4, 7):
+            charger.send([2, f"m{n}", "Heartbeat", {}])
+        self.memory.flush()
+        self.assertFalse(charger.closed)
+
+
+class OperatorTests(_GatewayTestCase):
+    def test_disconnect_closes_the_charger_announced_offline(self):
+        charger = self.connect()
+        self.assertTrue(self.gateway.disconnect("CP1"))
+        self.memory.flush()
+        self.assertEqual((charger.code, charger.reason), (1000, "Disconnected by the operator"))
+        self.assertOfflineAnnounced()
+
+    def test_disconnect_unknown_charger(self):
+        self.assertFalse(self.gateway.disconnect("CP9"))
 
 
 # -- against the real broker ----------------------------------------------------
@@ -585,7 +614,7 @@ class BrokerDownTests(unittest.TestCase):
         While the bridge is not connected, a charger is refused with 503
         before the upgrade.
         """
-        from ocppgw.edge import Refused
+        from ocppgw.refusals import Refused
         from ocppgw.framing import OCPP16
         from ocppgw.gateway import Gateway
 

@@ -16,12 +16,11 @@ from ocppgw.outcome import Delivery, PublishOutcome
 from ocppgw.payloads import (
     FROM_BACKEND,
     FROM_CHARGER,
-    UNKNOWN_ACTION,
     PayloadPolicy,
     command_violation,
 )
 from ocppgw.session import NO_STATS
-from ocppgw.validation import ENFORCE, WARN, Validation, Violation
+from ocppgw.validation import ENFORCE, NO_SCHEMA_ACTION, WARN, Validation, Violation
 from tests.test_validation import Effects as DeadLetterEffects
 
 BAD_BOOT = {"chargePointVendor": "V"}  # chargePointModel is required (1.6)
@@ -73,7 +72,7 @@ class PolicyTests(SynchronousTestCase):
         for number in range(20):
             action = f"Made{number}Up"
             payloads.passes(action, checker.request(action, {}))
-        self.assertEqual(payloads.logged, {(FROM_CHARGER, UNKNOWN_ACTION)})
+        self.assertEqual(payloads.logged, {(FROM_CHARGER, NO_SCHEMA_ACTION)})
 
     def test_invalid_call_result_in_21_is_refused_to_the_charger_too(self):
         stats = CountingStats()
