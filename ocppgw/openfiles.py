@@ -13,8 +13,8 @@ C{max_connections} is above it.
 The limit is per process: with C{[listener] workers = N} each worker has
 its own, and the host holds about N times the figure each worker logs.
 Raise it where the process is started (systemd C{LimitNOFILE=}, the
-container runtime's C{nofile} ulimit, C{ulimit -n}); the README's
-operations section says how.
+container runtime's C{nofile} ulimit, C{ulimit -n}); docs/resilience.md
+("Open files") says how.
 
 The module reads the limit and counts descriptors; it decides nothing
 about connections itself.
