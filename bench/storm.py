@@ -9,6 +9,10 @@ server's peak RSS and the CPU each process spent per charger.
 
     python -m bench.storm                     # 10,000 chargers, gateway
     python -m bench.storm -n 2000 --targets gateway,bridge,echo
+    python -m bench.storm -n 50000 --set listener.workers=3 --own-broker
+
+A charger refused with 503 tries again after its Retry-After (--retries
+times): a refusal counts only when it was final.
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ import time
 
 from bench._common import (
     add_settings_argument, apply_settings,
-    start_profile, stop_profile, LoadGen, broker_pid, delete_amqp, free_port, merge_samples, ms, percentiles,
+    start_profile, stop_profile, loadgen_processes, LoadGen, broker_pid, delete_amqp, free_port, merge_samples, ms, percentiles,
     print_table, split, start_target, start_worker, unique, write_json, ws_url,
 )
 from bench.roundtrip import WORKER_KEYS, Meter
 
 
-def one_storm(loadgen, urls, meter) -> dict:
+def one_storm(loadgen, urls, meter, retries: int = 0) -> dict:
     before = meter.snapshot()
-    runs = loadgen.send([("connect", {"urls": part}) for part in split(urls, len(loadgen))])
+    runs = loadgen.send([("connect", {"urls": part, "retries": retries})
+                         for part in split(urls, len(loadgen))])
     after = meter.snapshot()
     errors = [r["error"] for r in runs if "error" in r]
     if errors:
@@ -41,6 +46,7 @@ def one_storm(loadgen, urls, meter) -> dict:
     delta = Meter.delta(before, after)
     return {
         "chargers": len(urls), "booted": booted, "refused": refused,
+        "retried": sum(r.get("retried", 0) for r in runs),
         "seconds": last - start,
         "connect": percentiles(merge_samples(runs, "connect")),
         "boot": percentiles(merge_samples(runs, "boot")),
@@ -55,19 +61,19 @@ def bench_target(target: str, args) -> dict:
     urls = [ws_url(port, i) for i in identities]
     server = start_target(target, port, exchange, ping=60, expires_ms=args.expires_ms)
     worker = start_worker(exchange, WORKER_KEYS) if target != "echo" else None
-    loadgen = LoadGen(args.procs)
+    loadgen = LoadGen(loadgen_processes(args.chargers, args.procs))
     meter = Meter(server, worker, loadgen, broker_pid())
     result: dict = {"target": target}
     try:
         spy = start_profile(server.pid, args.profile) if args.profile and target == "gateway" else None
-        result["new"] = one_storm(loadgen, urls, meter)
+        result["new"] = one_storm(loadgen, urls, meter, args.retries)
         stop_profile(spy)
         result["new"]["peak_rss"] = server.memory()["hwm"]
         loadgen.all("close")
         time.sleep(args.pause)
         spy = start_profile(server.pid, args.profile_returning) \
             if args.profile_returning and target == "gateway" else None
-        result["returning"] = one_storm(loadgen, urls, meter)
+        result["returning"] = one_storm(loadgen, urls, meter, args.retries)
         stop_profile(spy)
         result["returning"]["peak_rss"] = server.memory()["hwm"]
         loadgen.all("close")
@@ -92,7 +98,8 @@ def report(results, args) -> None:
             cpu = ", ".join(f"{k} {v:.0f} µs" for k, v in s["cpu_per_charger_us"].items())
             rows += [
                 (f"{phase}: all booted", f"{s['seconds']:.2f} s",
-                 f"{s['booted']} of {s['chargers']}", f"refused {s['refused'] or 0}"),
+                 f"{s['booted']} of {s['chargers']}", f"refused {s['refused'] or 0}",
+                 f"retried after 503: {s['retried']}"),
                 ("  connect latency", *(f"{k} {ms(v)}" for k, v in s["connect"].items())),
                 ("  boot latency", *(f"{k} {ms(v)}" for k, v in s["boot"].items())),
                 ("  CPU per charger", cpu),
@@ -114,6 +121,8 @@ def main(argv=None):
     parser.add_argument("-n", "--chargers", type=int, default=10000)
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--targets", default="gateway")
+    parser.add_argument("--retries", type=int, default=5,
+                        help="times a charger refused with 503 tries again after Retry-After")
     parser.add_argument("--pause", type=float, default=5.0,
                         help="seconds between the two storms (old connections close)")
     parser.add_argument("--expires-ms", type=int, default=600000,

@@ -1,5 +1,5 @@
 """
-The AMQP contract of DESIGN §3, end to end: real gateway, real broker,
+The AMQP contract (docs/amqp-contract.md), end to end: real gateway, real broker,
 real WebSocket chargers (L{FakeCharger}), a back end on a real queue.
 """
 
