@@ -14,6 +14,8 @@ can show that the load generator was not the bottleneck.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import ssl
 import time
 from array import array
 
@@ -22,7 +24,7 @@ import orjson
 _HANDSHAKE = (
     "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ocpp1.6\r\n\r\n"
+    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ocpp1.6\r\n{extra}\r\n"
 )
 _MASK = b"\0\0\0\0"
 
@@ -42,11 +44,13 @@ def encode(payload: bytes, opcode: int = 1) -> bytes:
 
 
 class Charger(asyncio.Protocol):
-    __slots__ = ("host", "path", "transport", "buf", "is_open", "status", "opened", "closed",
-                 "pending", "seq", "on_answer", "t_start", "t_open", "pings", "commands")
+    __slots__ = ("host", "path", "extra", "transport", "buf", "is_open", "status", "opened",
+                 "closed", "pending", "seq", "on_answer", "t_start", "t_open", "pings", "commands")
 
-    def __init__(self, path: str, opened: asyncio.Future) -> None:
+    def __init__(self, path: str, opened: asyncio.Future, extra: str = "") -> None:
         self.path = path
+        #: more request header lines (each ending in CRLF), e.g. Basic auth
+        self.extra = extra
         self.transport = None
         self.buf = b""
         self.is_open = False
@@ -63,7 +67,7 @@ class Charger(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        transport.write(_HANDSHAKE.format(path=self.path).encode())
+        transport.write(_HANDSHAKE.format(path=self.path, extra=self.extra).encode())
 
     def connection_lost(self, exc) -> None:
         self.is_open = False
@@ -142,19 +146,43 @@ class Charger(asyncio.Protocol):
         self.transport.close()
 
 
-_TLS = None
+#: the TLS session a charger offers, read by L{_ResumingContext} when
+#: asyncio wraps the charger's socket (inside the charger's own task)
+_OFFER: contextvars.ContextVar = contextvars.ContextVar("offer", default=None)
 
 
-def _client_tls():
-    """One TLS context for every charger: the bench's certificate is self-signed."""
-    global _TLS
-    if _TLS is None:
-        import ssl
+class _ResumingContext(ssl.SSLContext):
+    """
+    A client context whose connections offer the session in L{_OFFER}:
+    asyncio's C{create_connection} has no argument for a session to resume.
+    """
 
-        _TLS = ssl.create_default_context()
-        _TLS.check_hostname = False
-        _TLS.verify_mode = ssl.CERT_NONE
-    return _TLS
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None,
+                 session=None):
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname,
+                                session or _OFFER.get())
+
+
+def _client_tls(certfile: str = "") -> ssl.SSLContext:
+    """
+    A charger's TLS context (the bench's server certificate is
+    self-signed: not verified); with C{certfile} (certificate and key),
+    for profile 3.
+    """
+    context = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if certfile:
+        context.load_cert_chain(certfile)
+    return context
+
+
+def _basic(identity: str) -> str:
+    """The Authorization header of profile 2: the bench's password is the identity."""
+    import base64
+
+    token = base64.b64encode(f"{identity}:{identity}".encode()).decode()
+    return f"Authorization: Basic {token}\r\n"
 
 
 async def _drained(chargers, timeout: float) -> None:
@@ -169,13 +197,51 @@ class Runner:
     def __init__(self, index: int) -> None:
         self.index = index
         self.chargers: list[Charger] = []
+        #: wss: URL -> the charger's TLS context, and its last session
+        self.tls: dict = {}
+        self.sessions: dict = {}
+        self._shared_tls = None
 
-    async def connect(self, urls, boot=True, spread=0.0):
-        """Connect every URL at once; each sends BootNotification when open."""
+    def _tls_for(self, url: str) -> ssl.SSLContext:
+        context = self.tls.get(url)
+        if context is None:
+            if self._shared_tls is None:
+                self._shared_tls = _client_tls()
+            context = self._shared_tls
+        return context
+
+    async def prepare_tls(self, urls, certdir=""):
+        """
+        Make each wss charger's TLS context now (not during a storm); with
+        C{certdir}, each loads its client certificate C{<identity>.pem}.
+        """
+        for url in urls:
+            identity = url.rsplit("/", 1)[1]
+            self.tls[url] = (_client_tls(f"{certdir}/{identity}.pem") if certdir
+                             else self._tls_for(url))
+        self.sessions.clear()
+        return {"cpu": time.process_time()}
+
+    async def forget_sessions(self):
+        self.sessions.clear()
+        return {"cpu": time.process_time()}
+
+    async def connect(self, urls, boot=True, spread=0.0, source="", basic=False):
+        """
+        Connect every URL at once; each sends BootNotification when open.
+
+        wss chargers offer the TLS session they kept from their last
+        connection, as a charger does after a blip.
+
+        @param source: the local address to connect from (127.0.0.2 ...:
+            each address has its own ephemeral ports).
+        @param basic: send Basic credentials (profile 2).
+        """
         loop = asyncio.get_running_loop()
         connect_lat = array("d")
         boot_lat = array("d")
         refused: dict = {}
+        resumed = [0]
         done = loop.create_future()
         remaining = [len(urls)]
         last = [0.0]
@@ -196,12 +262,17 @@ class Runner:
             host_port, path = rest.split("/", 1)
             host, port = host_port.split(":")
             opened = loop.create_future()
-            charger = Charger("/" + path, opened)
+            identity = path.rsplit("/", 1)[1]
+            charger = Charger("/" + path, opened, _basic(identity) if basic else "")
+            context = None
+            if scheme == "wss":
+                context = self._tls_for(url)
+                _OFFER.set(self.sessions.get(url))
             try:
                 await loop.create_connection(
-                    lambda: charger, host, int(port),
-                    ssl=_client_tls() if scheme == "wss" else None)
-            except OSError as error:
+                    lambda: charger, host, int(port), ssl=context,
+                    local_addr=(source, 0) if source else None)
+            except (OSError, ssl.SSLError) as error:
                 refused[type(error).__name__] = refused.get(type(error).__name__, 0) + 1
                 finished()
                 return
@@ -211,6 +282,11 @@ class Runner:
                 finished()
                 return
             connect_lat.append(charger.t_open - charger.t_start)
+            if context is not None:
+                # read after the 101: TLS 1.3 tickets have arrived by then
+                tls = charger.transport.get_extra_info("ssl_object")
+                self.sessions[url] = tls.session
+                resumed[0] += tls.session_reused
             self.chargers.append(charger)
             if boot:
                 charger.on_answer = answered
@@ -230,6 +306,7 @@ class Runner:
             await done
         return {
             "connected": len(connect_lat), "booted": len(boot_lat), "refused": refused,
+            "resumed": resumed[0],
             "started": started, "last": last[0],
             "connect": connect_lat.tobytes(), "boot": boot_lat.tobytes(),
             "cpu": time.process_time() - cpu0,
