@@ -163,6 +163,10 @@ class _ResumingContext(ssl.SSLContext):
                                 session or _OFFER.get())
 
 
+#: the newest TLS version the chargers offer (L{Runner.prepare_tls})
+_TLS_VERSION = [ssl.TLSVersion.MAXIMUM_SUPPORTED]
+
+
 def _client_tls(certfile: str = "") -> ssl.SSLContext:
     """
     A charger's TLS context (the bench's server certificate is
@@ -172,6 +176,7 @@ def _client_tls(certfile: str = "") -> ssl.SSLContext:
     context = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = _TLS_VERSION[0]
     if certfile:
         context.load_cert_chain(certfile)
     return context
@@ -210,11 +215,16 @@ class Runner:
             context = self._shared_tls
         return context
 
-    async def prepare_tls(self, urls, certdir=""):
+    async def prepare_tls(self, urls, certdir="", version=""):
         """
         Make each wss charger's TLS context now (not during a storm); with
         C{certdir}, each loads its client certificate C{<identity>.pem}.
+
+        @param version: the newest TLS version offered (C{"1.2"}, C{"1.3"}).
         """
+        if version:
+            _TLS_VERSION[0] = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[version]
+        self._shared_tls = None
         for url in urls:
             identity = url.rsplit("/", 1)[1]
             self.tls[url] = (_client_tls(f"{certdir}/{identity}.pem") if certdir

@@ -16,7 +16,7 @@ CPU seconds of the two returning storms give what resumption saves.
 
     python -m bench.storm                     # 10,000 chargers, gateway
     python -m bench.storm -n 2000 --targets gateway,bridge,echo
-    python -m bench.storm --tls --security 3 --key rsa
+    python -m bench.storm --tls --security 3 --key rsa --tls-version 1.2
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ def bench_target(target: str, args) -> dict:
     basic = args.tls and args.security == 2
     try:
         if args.tls:
-            loadgen.send([("prepare_tls", {"urls": part, "certdir": certdir})
+            loadgen.send([("prepare_tls", {"urls": part, "certdir": certdir,
+                                           "version": args.tls_version})
                           for part in split(urls, len(loadgen))])
         spy = start_profile(server.pid, args.profile) if args.profile and target == "gateway" else None
         result["new"] = one_storm(loadgen, urls, meter, basic)
@@ -209,7 +210,8 @@ def report(results, args) -> None:
             resumed = r["returning"]["cpu_seconds"]["server"]
             rows.append(("returning: server CPU, full / resumed handshakes",
                          f"{full:.2f} s / {resumed:.2f} s = {full / max(resumed, 1e-9):.2f}x"))
-        over = (f"wss, profile {args.security}, {args.key} server key, " if args.tls else "")
+        over = (f"wss (TLS {args.tls_version}), profile {args.security}, {args.key} server key, "
+                if args.tls else "")
         print_table(f"storm: {r['target']}, {over}{args.procs} load processes", rows)
 
 
@@ -224,6 +226,8 @@ def main(argv=None):
                         help="with --tls: security profile (2 = Basic, 3 = client certificates)")
     parser.add_argument("--key", choices=("ec", "rsa"), default="ec",
                         help="with --tls: the server key, ECDSA P-256 or RSA-2048")
+    parser.add_argument("--tls-version", choices=("1.2", "1.3"), default="1.3",
+                        help="with --tls: the newest TLS version the chargers offer")
     parser.add_argument("--pause", type=float, default=5.0,
                         help="seconds between the two storms (old connections close)")
     parser.add_argument("--expires-ms", type=int, default=600000,

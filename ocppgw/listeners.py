@@ -53,7 +53,7 @@ class Security:
         self.tls: Optional[ServerTLS] = None
         self.certificate_identity: Optional[CertificateIdentity] = None
         if listener.ssl_enabled:
-            self.tls = ServerTLS(TLSFiles.from_listener(listener))
+            self.tls = ServerTLS(TLSFiles.from_listener(listener), reactor)
         if 3 in [self.profile(kind) for kind in self.listener_kinds()]:
             self.certificate_identity = CertificateIdentity(
                 listener.ssl_identity, listener.ssl_organization, listener.ssl_identity_map

@@ -36,15 +36,16 @@ a random ticket key for each TLS context. So:
   (the kernel picks one per connection) makes a full handshake, and so
   does every charger after a restart of the gateway;
 - SIGHUP builds a new context (new certificates, CA bundle, CRL), which
-  rotates the key. L{ResumingTLSProtocol} keeps the previous context and reads
-  the ticket a ClientHello offers (its first 16 bytes name the key that
-  encrypted it) before OpenSSL sees it, so a ticket issued before the
-  reload is resumed in the context that issued it, under the trust
-  material its client certificate was verified with. A ticket two
-  reloads old names no kept key: a full handshake. When a reload changes
-  the CA bundle or the CRL of a listener that verifies client
-  certificates, the previous context is dropped instead: sessions
-  verified under the old trust are not resumed.
+  rotates the key. L{ocppgw.tls.ServerTLS} keeps the previous context for
+  C{ssl.session_timeout}, and L{ResumingTLSProtocol} reads the ticket a
+  ClientHello offers (its first 16 bytes name the key that encrypted it)
+  before OpenSSL sees it, so a ticket issued before the reload is resumed
+  in the context that issued it, under the trust material its client
+  certificate was verified with. A ticket two reloads old names no kept
+  key: a full handshake. When a reload changes the CA bundle or the CRL
+  of a listener that verifies client certificates, the previous context
+  is dropped instead: sessions verified under the old trust are not
+  resumed.
 - the key of a context is learnt once, when the context is built, from a
   ticket it issues to a client in memory (L{ticket_key_name}).
 """

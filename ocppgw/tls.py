@@ -42,6 +42,7 @@ it issued (see L{ocppgw.resumption}).
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -268,13 +269,18 @@ class ServerTLS:
     C{SSL.Connection} on the context current at that moment.
     """
 
-    def __init__(self, files: TLSFiles) -> None:
+    def __init__(self, files: TLSFiles, clock=None) -> None:
+        """
+        @param clock: what says the time (C{seconds()}, the reactor); by
+            default the monotonic clock.
+        """
         self.files = files
+        self._seconds = clock.seconds if clock is not None else time.monotonic
         self._context = build_context(files)
         self._trust = _trust_digest(files)
         self._key_name = self._ticket_key_name(self._context)
-        #: (key name, context) of the material before the last reload,
-        #: kept so that the tickets it issued still resume
+        #: (key name, context, until when) of the material before the last
+        #: reload, kept so that the tickets it issued still resume
         self._previous: Optional[tuple] = None
         if files.legacy:
             _log.warn(
@@ -309,6 +315,9 @@ class ServerTLS:
         """
         if self._previous is None or key_name != self._previous[0]:
             return None
+        if self._seconds() >= self._previous[2]:
+            self._previous = None
+            return None
         connection = SSL.Connection(self._previous[1], None)
         connection.set_accept_state()
         return connection
@@ -327,10 +336,16 @@ class ServerTLS:
                        error=str(error))
             return False
         # Tickets of the old context resume there, unless the trust its
-        # client certificates were verified with has changed.
+        # client certificates were verified with has changed. Only for
+        # ssl.session_timeout: by then the tickets it issued before the
+        # reload have expired, and a charger whose ticket it refuses makes
+        # its full handshake there, with the certificate the reload
+        # retired (pyOpenSSL cannot change a context once it has been
+        # used, nor give one connection a certificate chain of its own).
         same_trust = trust == self._trust
         self._previous = (
-            (self._key_name, self._context) if self._key_name and same_trust else None
+            (self._key_name, self._context, self._seconds() + self.files.session_timeout)
+            if self._key_name and same_trust else None
         )
         self._context, self._trust = context, trust
         self._key_name = self._ticket_key_name(context)

@@ -11,7 +11,7 @@ import os
 import ssl
 
 from OpenSSL import SSL
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from ocppgw.config import ConfigError, settings_from_dict
@@ -47,15 +47,14 @@ def _client_hello(issued=None) -> bytes:
     return outgoing.read()
 
 
-def _issued(server: ServerTLS, version: ssl.TLSVersion) -> tuple:
+def _handshake(peer: SSL.Connection, version: ssl.TLSVersion) -> tuple:
     """
-    A client context and a session (with its ticket) that C{server}'s
-    current context issued to it, in memory.
+    A client's handshake with the server connection C{peer}, in memory:
+    the client's context and its C{SSLObject}.
     """
     context = _client_context(version)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = context.wrap_bio(incoming, outgoing)
-    peer = server.serverConnectionForTLS(None)
     peer.set_accept_state()
     for _ in range(8):
         try:
@@ -77,6 +76,15 @@ def _issued(server: ServerTLS, version: ssl.TLSVersion) -> tuple:
         client.read(1)  # TLS 1.3 tickets follow the handshake
     except ssl.SSLWantReadError:
         pass
+    return context, client
+
+
+def _issued(server: ServerTLS, version: ssl.TLSVersion) -> tuple:
+    """
+    A client context and a session (with its ticket) that C{server}'s
+    current context issued to it.
+    """
+    context, client = _handshake(server.serverConnectionForTLS(None), version)
     return context, client.session
 
 
@@ -133,6 +141,22 @@ class OfferedTicketTests(SynchronousTestCase):
         self.assertEqual(len(first), KEY_NAME_LENGTH)
         self.assertTrue(self.tls.reload())
         self.assertNotEqual(self.tls.ticket_key_name, first)
+
+    def test_previousKeyForSessionTimeout(self):
+        """
+        The context before a reload serves the tickets it issued for
+        C{ssl.session_timeout} (when they have all expired), no longer.
+        """
+        clock = task.Clock()
+        tls = ServerTLS(TLSFiles(certfile=self.tls.files.certfile,
+                                 keyfile=self.tls.files.keyfile, session_timeout=60), clock)
+        before = tls.ticket_key_name
+        self.assertTrue(tls.reload())
+        self.assertIsNone(tls.connection_for(tls.ticket_key_name))
+        clock.advance(59)
+        self.assertIsInstance(tls.connection_for(before), SSL.Connection)
+        clock.advance(1)
+        self.assertIsNone(tls.connection_for(before))
 
     def test_noTicketsNoKey(self):
         tls = ServerTLS(TLSFiles(certfile=self.tls.files.certfile,
