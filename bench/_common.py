@@ -267,6 +267,8 @@ def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int =
         "websocket": {"ws_opts.idle_timeout": f"{ping:g}", "handshake_timeout": "60"},
         "amqp": {"url": AMQP_URL, "exchange": exchange, "node": unique("bench")},
         "queue": {"x-expires": str(expires_ms)},
+        # a free port: another gateway on this host may hold 9100
+        "admin": {"tcp.port": "0"},
     }
     if tls:
         certfile, keyfile = make_certificate(key)
