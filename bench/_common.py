@@ -93,14 +93,41 @@ def self_cpu() -> float:
     return time.process_time()
 
 
+#: the RabbitMQ node of this run when it started its own (L{use_own_broker})
+_OWN_BROKER = None
+
+
+def use_own_broker() -> str:
+    """
+    Start a RabbitMQ node of this run's own (tests/faults/cluster.py: own
+    name, ports, data directory and cookie; stopped and removed at exit)
+    and point the run at it: other runs' queues on the shared broker do
+    not disturb its CPU and memory figures. Returns its AMQP URL.
+    """
+    global AMQP_URL, _OWN_BROKER
+    from tests.faults.cluster import RabbitCluster
+
+    _OWN_BROKER = RabbitCluster(1)
+    _OWN_BROKER.start()
+    AMQP_URL = _OWN_BROKER.url(0)
+    os.environ["OCPPGW_BENCH_AMQP_URL"] = AMQP_URL
+    return AMQP_URL
+
+
+def _broker_status() -> dict:
+    if _OWN_BROKER is not None:
+        return json.loads(_OWN_BROKER.ctl(0, "status", "--formatter", "json").stdout)
+    out = subprocess.run(
+        ["rabbitmqctl", "status", "--formatter", "json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    return json.loads(out)
+
+
 def broker_memory() -> Optional[int]:
     """The broker's Erlang-allocated memory in bytes (rabbitmqctl status)."""
     try:
-        out = subprocess.run(
-            ["rabbitmqctl", "status", "--formatter", "json"],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout
-        return int(json.loads(out)["memory"]["total"]["erlang"])
+        return int(_broker_status()["memory"]["total"]["erlang"])
     except Exception as error:  # a benchmark without this figure still runs
         print(f"  (broker memory unavailable: {error})", file=sys.stderr)
         return None
@@ -108,11 +135,7 @@ def broker_memory() -> Optional[int]:
 
 def broker_pid() -> Optional[int]:
     try:
-        out = subprocess.run(
-            ["rabbitmqctl", "status", "--formatter", "json"],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout
-        return int(json.loads(out)["pid"])
+        return int(_broker_status()["pid"])
     except Exception:
         return None
 
@@ -174,7 +197,7 @@ def start_profile(pid: int, output: str) -> subprocess.Popen:
     """py-spy sampling C{pid} until L{stop_profile}, collapsed stacks to C{output}."""
     spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
     proc = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+        [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "250", "--nonblocking",
          "--format", "raw", "--output", output],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
@@ -220,10 +243,16 @@ def add_settings_argument(parser) -> None:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="a gateway setting for this run, e.g. --set amqp.consumer_channels=16",
     )
+    parser.add_argument(
+        "--own-broker", action="store_true",
+        help="start a RabbitMQ node of this run's own instead of using the shared one",
+    )
 
 
 def apply_settings(args) -> None:
     GATEWAY_SETTINGS[:] = args.set
+    if getattr(args, "own_broker", False):
+        print(f"own RabbitMQ node: {use_own_broker()}", flush=True)
 
 
 #: server key types: openssl req's -newkey arguments
@@ -267,7 +296,7 @@ def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int =
         "websocket": {"ws_opts.idle_timeout": f"{ping:g}", "handshake_timeout": "60"},
         "amqp": {"url": AMQP_URL, "exchange": exchange, "node": unique("bench")},
         "queue": {"x-expires": str(expires_ms)},
-        # a free port: another gateway on this host may hold 9100
+        # the default admin port (9100) may be taken by another run
         "admin": {"tcp.port": "0"},
     }
     if tls:
@@ -325,12 +354,13 @@ def start_target(target: str, port: int, exchange: str, *, ping: float = 60,
     return proc
 
 
-def start_worker(exchange: str, keys: list, name: str = "worker", queue: str = "") -> Proc:
+def start_worker(exchange: str, keys: list, name: str = "worker", queue: str = "",
+                 url: str = AMQP_URL) -> Proc:
     """
-    The CSMS worker that answers charger CALLs (bench/worker.py); workers
-    given the same C{queue} share it.
+    The CSMS worker that answers charger CALLs (bench/worker.py) on the
+    broker at C{url}; workers given the same C{queue} share it.
     """
-    argv = [sys.executable, os.path.join(HERE, "worker.py"), AMQP_URL, exchange,
+    argv = [sys.executable, os.path.join(HERE, "worker.py"), url, exchange,
             queue or "-", *keys]
     proc = Proc(name, argv)
     wait_line(proc, "worker ready")
@@ -338,10 +368,16 @@ def start_worker(exchange: str, keys: list, name: str = "worker", queue: str = "
 
 
 def delete_amqp(exchange: Optional[str], queues: list) -> float:
-    """Delete a run's queues and exchange; returns the seconds it took."""
+    """
+    Delete a run's queues and exchange; returns the seconds it took. On a
+    node of the run's own (L{use_own_broker}) nothing is deleted: the
+    node goes at exit with everything in it.
+    """
     import pika
 
     started = time.monotonic()
+    if _OWN_BROKER is not None:
+        return 0.0
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     channel = connection.channel()
     for queue in queues:
@@ -367,10 +403,33 @@ def ms(value) -> str:
 # -- the load-generator pool ---------------------------------------------------
 
 
+#: Sockets one load-generator process is given at most: every process here
+#: may open 20,000 files (a hard limit), and it needs a few for itself.
+SOCKETS_PER_PROCESS = 15000
+
+
+def loadgen_processes(chargers: int, asked: int) -> int:
+    """
+    At least C{asked} load-generator processes, and enough that none holds
+    more than L{SOCKETS_PER_PROCESS} chargers.
+    """
+    return max(asked, -(-chargers // SOCKETS_PER_PROCESS))
+
+
+def source_address(index: int) -> str:
+    """
+    The loopback source address of load-generator process C{index}:
+    127.0.0.2, 127.0.0.3, ... Each (source, gateway port) pair has its own
+    ephemeral port range, so the range does not cap the chargers.
+    """
+    return f"127.0.0.{2 + index}"
+
+
 class LoadGen:
     """
     Several load-generator processes (bench/loadgen.py), driven in lock-step:
-    every command goes to all of them and their answers are gathered.
+    every command goes to all of them and their answers are gathered. Each
+    connects from its own loopback address (L{source_address}).
     """
 
     def __init__(self, procs: int) -> None:
@@ -381,7 +440,8 @@ class LoadGen:
         self.procs = []
         for index in range(procs):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=loadgen.main, args=(child, index), daemon=True)
+            p = ctx.Process(target=loadgen.main, args=(child, index, source_address(index)),
+                            daemon=True)
             p.start()
             self.pipes.append(parent)
             self.procs.append(p)

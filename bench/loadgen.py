@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import socket
 import ssl
 import time
 from array import array
+from typing import Optional
 
 import orjson
 
@@ -30,6 +32,11 @@ _MASK = b"\0\0\0\0"
 
 BOOT = b',"BootNotification",{"chargePointVendor":"bench","chargePointModel":"m1"}]'
 HEARTBEAT = b',"Heartbeat",{}]'
+METER_VALUES = (b',"MeterValues",{"connectorId":1,"meterValue":[{"timestamp":'
+                b'"2026-12-05T12:00:00Z","sampledValue":[{"value":"12345.6",'
+                b'"measurand":"Energy.Active.Import.Register","unit":"Wh"}]}]}]')
+#: what open_loop can send, by name
+CALLS = {"Heartbeat": HEARTBEAT, "MeterValues": METER_VALUES}
 
 
 def encode(payload: bytes, opcode: int = 1) -> bytes:
@@ -44,8 +51,9 @@ def encode(payload: bytes, opcode: int = 1) -> bytes:
 
 
 class Charger(asyncio.Protocol):
-    __slots__ = ("host", "path", "extra", "transport", "buf", "is_open", "status", "opened",
-                 "closed", "pending", "seq", "on_answer", "t_start", "t_open", "pings", "commands")
+    __slots__ = ("host", "path", "extra", "transport", "buf", "is_open", "status",
+                 "retry_after", "opened", "closed", "pending", "seq", "on_answer", "on_lost",
+                 "t_start", "t_open", "pings", "commands")
 
     def __init__(self, path: str, opened: asyncio.Future, extra: str = "") -> None:
         self.path = path
@@ -55,11 +63,13 @@ class Charger(asyncio.Protocol):
         self.buf = b""
         self.is_open = False
         self.status = None
+        self.retry_after = None
         self.opened = opened
         self.closed = None
         self.pending: dict = {}
         self.seq = 0
         self.on_answer = None
+        self.on_lost = None
         self.t_start = time.perf_counter()
         self.t_open = None
         self.pings = 0
@@ -71,6 +81,9 @@ class Charger(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.is_open = False
+        if self.on_lost is not None:
+            self.on_lost(self)
+            self.on_lost = None
         if not self.opened.done():
             self.opened.set_result(False)
         if self.closed is not None and not self.closed.done():
@@ -84,6 +97,10 @@ class Charger(asyncio.Protocol):
                 self.buf = buf
                 return
             self.status = int(buf[9:12])
+            if self.status != 101:
+                for line in buf[:end].split(b"\r\n"):
+                    if line.lower().startswith(b"retry-after:"):
+                        self.retry_after = float(line.split(b":", 1)[1])
             buf = buf[end + 4:]
             if self.status != 101:
                 self.transport.close()
@@ -198,10 +215,27 @@ async def _drained(chargers, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
+#: Linux's IP_BIND_ADDRESS_NO_PORT: bind() to a source address without
+#: taking a port yet; connect() picks one that is free for that peer, so
+#: one source address serves the whole ephemeral range per gateway port.
+_BIND_ADDRESS_NO_PORT = 24
+
+
 class Runner:
-    def __init__(self, index: int) -> None:
+    """
+    The chargers of one load-generator process. With a C{source} address
+    (127.0.0.2, ...) its sockets connect from there instead of 127.0.0.1:
+    every (source, destination) pair has its own ephemeral port range
+    (about 28,000 ports here), so several processes with several sources
+    hold more chargers than one address could.
+    """
+
+    def __init__(self, index: int, source: Optional[str] = None) -> None:
         self.index = index
+        self.source = source
         self.chargers: list[Charger] = []
+        #: the URL each charger connected to, for reconnect
+        self.urls: dict = {}
         #: wss: URL -> the charger's TLS context, and its last session
         self.tls: dict = {}
         self.sessions: dict = {}
@@ -236,21 +270,41 @@ class Runner:
         self.sessions.clear()
         return {"cpu": time.process_time()}
 
-    async def connect(self, urls, boot=True, spread=0.0, source="", basic=False):
+    async def _open(self, loop, factory, host: str, port: int, tls) -> None:
+        """Connect one socket (from C{self.source} when set)."""
+        if self.source is None:
+            await loop.create_connection(factory, host, port, ssl=tls)
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.source, 0))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        await loop.create_connection(factory, sock=sock, ssl=tls,
+                                     server_hostname="localhost" if tls else None)
+
+    async def connect(self, urls, boot=True, spread=0.0, retries=0, basic=False):
         """
         Connect every URL at once; each sends BootNotification when open.
+        A charger refused with 503 tries again after its Retry-After, up to
+        C{retries} times (a real charger does, and a storm may be answered
+        503 + Retry-After by design); C{retried} counts those retries.
 
         wss chargers offer the TLS session they kept from their last
-        connection, as a charger does after a blip.
+        connection, as a charger does after a blip; C{resumed} counts the
+        handshakes that resumed one.
 
-        @param source: the local address to connect from (127.0.0.2 ...:
-            each address has its own ephemeral ports).
         @param basic: send Basic credentials (profile 2).
         """
         loop = asyncio.get_running_loop()
         connect_lat = array("d")
         boot_lat = array("d")
         refused: dict = {}
+        retried = [0]
         resumed = [0]
         done = loop.create_future()
         remaining = [len(urls)]
@@ -264,33 +318,46 @@ class Runner:
         def answered(charger, _latency, _kind):
             boot_lat.append(time.perf_counter() - charger.t_start)
             charger.on_answer = None
+            charger.on_lost = None
             last[0] = time.time()
+            finished()
+
+        def lost_before_boot(_charger):
+            refused["closed before its boot was answered"] = \
+                refused.get("closed before its boot was answered", 0) + 1
             finished()
 
         async def one(url):
             scheme, rest = url.split("://", 1)
             host_port, path = rest.split("/", 1)
             host, port = host_port.split(":")
-            opened = loop.create_future()
             identity = path.rsplit("/", 1)[1]
-            charger = Charger("/" + path, opened, _basic(identity) if basic else "")
             context = None
             if scheme == "wss":
                 context = self._tls_for(url)
                 _OFFER.set(self.sessions.get(url))
-            try:
-                await loop.create_connection(
-                    lambda: charger, host, int(port), ssl=context,
-                    local_addr=(source, 0) if source else None)
-            except (OSError, ssl.SSLError) as error:
-                refused[type(error).__name__] = refused.get(type(error).__name__, 0) + 1
-                finished()
-                return
-            if not await opened:
+            t_first = time.perf_counter()
+            for attempt in range(retries + 1):
+                opened = loop.create_future()
+                charger = Charger("/" + path, opened, _basic(identity) if basic else "")
+                try:
+                    await self._open(loop, lambda: charger, host, int(port), context)
+                except OSError as error:
+                    refused[type(error).__name__] = refused.get(type(error).__name__, 0) + 1
+                    finished()
+                    return
+                if await opened:
+                    break
+                if charger.status == 503 and attempt < retries:
+                    retried[0] += 1
+                    await asyncio.sleep(charger.retry_after or 1.0)
+                    continue
                 key = str(charger.status or "dropped")
                 refused[key] = refused.get(key, 0) + 1
                 finished()
                 return
+            # latencies from the first attempt: a retry is part of the wait
+            charger.t_start = t_first
             connect_lat.append(charger.t_open - charger.t_start)
             if context is not None:
                 # read after the 101: TLS 1.3 tickets have arrived by then
@@ -298,8 +365,10 @@ class Runner:
                 self.sessions[url] = tls.session
                 resumed[0] += tls.session_reused
             self.chargers.append(charger)
+            self.urls[charger] = url
             if boot:
                 charger.on_answer = answered
+                charger.on_lost = lost_before_boot
                 charger.call(BOOT)
             else:
                 last[0] = time.time()
@@ -316,7 +385,7 @@ class Runner:
             await done
         return {
             "connected": len(connect_lat), "booted": len(boot_lat), "refused": refused,
-            "resumed": resumed[0],
+            "retried": retried[0], "resumed": resumed[0],
             "started": started, "last": last[0],
             "connect": connect_lat.tobytes(), "boot": boot_lat.tobytes(),
             "cpu": time.process_time() - cpu0,
@@ -326,7 +395,10 @@ class Runner:
         """Every charger keeps one Heartbeat CALL outstanding for C{seconds}."""
         lat = array("d")
         stop = [False]
-        active = self.chargers if chargers is None else self.chargers[:chargers]
+        # spread over all of them (not the first to connect: with several
+        # gateway workers those may all be on the one that started first)
+        active = self.chargers if chargers is None \
+            else self.chargers[::max(1, len(self.chargers) // chargers)][:chargers]
 
         def answered(charger, latency, _kind):
             lat.append(latency)
@@ -348,8 +420,11 @@ class Runner:
             charger.pending.clear()
         return {"count": count, "lat": lat.tobytes(), "cpu": time.process_time() - cpu0}
 
-    async def open_loop(self, rate, seconds):
-        """Offer C{rate} CALLs/s spread over the chargers for C{seconds}."""
+    async def open_loop(self, rate, seconds, mix=("Heartbeat",)):
+        """
+        Offer C{rate} CALLs/s spread over the chargers for C{seconds}, the
+        actions of C{mix} (names in L{CALLS}) in turn.
+        """
         loop = asyncio.get_running_loop()
         lat = array("d")
         chargers = [c for c in self.chargers if c.is_open]
@@ -364,10 +439,12 @@ class Runner:
         sent = 0
         i = 0
         total = int(rate * seconds)
+        tails = [CALLS[name] for name in mix]
         while sent < total:
             due = int((loop.time() - start) * rate) + 1
             while sent < min(due, total):
-                chargers[i].call(HEARTBEAT)
+                # each charger in turn gets one of each: rounds of the mix
+                chargers[i].call(tails[(sent // len(chargers)) % len(tails)])
                 i = (i + 1) % len(chargers)
                 sent += 1
             await asyncio.sleep(0.001)
@@ -378,6 +455,16 @@ class Runner:
             charger.pending.clear()
         return {"sent": sent, "answered": len(lat), "lost": lost, "lat": lat.tobytes(),
                 "cpu": time.process_time() - cpu0}
+
+    async def reconnect(self, retries=0):
+        """
+        Connect again (and boot) every charger whose connection was
+        closed, as a real charger does after its gateway went away.
+        """
+        gone = [c for c in self.chargers if not c.is_open]
+        self.chargers = [c for c in self.chargers if c.is_open]
+        urls = [self.urls.pop(c) for c in gone]
+        return await self.connect(urls, retries=retries)
 
     async def idle(self, seconds):
         cpu0 = time.process_time()
@@ -400,12 +487,13 @@ class Runner:
         if closing:
             await asyncio.wait(closing, timeout=10)
         self.chargers = []
+        self.urls = {}
         return {"cpu": time.process_time()}
 
 
-async def _serve(pipe, index: int) -> None:
+async def _serve(pipe, index: int, source: Optional[str]) -> None:
     loop = asyncio.get_running_loop()
-    runner = Runner(index)
+    runner = Runner(index, source)
     while True:
         name, kwargs = await loop.run_in_executor(None, pipe.recv)
         if name == "exit":
@@ -417,9 +505,9 @@ async def _serve(pipe, index: int) -> None:
         pipe.send(result)
 
 
-def main(pipe, index: int) -> None:
+def main(pipe, index: int, source: Optional[str] = None) -> None:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    asyncio.run(_serve(pipe, index))
+    asyncio.run(_serve(pipe, index, source))

@@ -23,9 +23,10 @@ import subprocess
 import sys
 import time
 
+from bench import _common
 from bench._common import (
     add_settings_argument, apply_settings,
-    AMQP_URL, HERE, LoadGen, broker_pid, cpu_seconds, delete_amqp, merge_samples, ms,
+    HERE, LoadGen, broker_pid, cpu_seconds, delete_amqp, process_tree, merge_samples, ms,
     percentiles, print_table, split, start_target, start_worker, unique, free_port,
     ws_url, write_json,
 )
@@ -53,9 +54,19 @@ class Meter:
         if broker:
             self.pids["broker"] = [broker]
         self.loadgen = loadgen
+        #: pid of each gateway worker seen -> its label ("gw1", ...)
+        self.worker_labels: dict = {}
 
     def snapshot(self) -> dict:
         out = {"server": sum(p.cpu() for p in self.servers)}
+        # with [listener] workers = N, each worker's share too
+        for server in self.servers:
+            for pid in process_tree(server.pid)[1:]:
+                label = self.worker_labels.setdefault(pid, f"gw{len(self.worker_labels) + 1}")
+                try:
+                    out[label] = cpu_seconds(pid)
+                except OSError:
+                    pass
         for name, pids in self.pids.items():
             total = 0.0
             for pid in pids:
@@ -70,7 +81,10 @@ class Meter:
 
     @staticmethod
     def delta(a: dict, b: dict) -> dict:
-        return {k: b[k] - a[k] for k in a}
+        """What each process spent between snapshots C{a} and C{b} (only
+        those in both: a worker that ended or started between them is in
+        "server" alone)."""
+        return {k: b[k] - a[k] for k in a if k in b}
 
 
 def per_rt(delta: dict, count: int) -> dict:
@@ -87,7 +101,7 @@ def cpu_cells(cpu: dict) -> str:
 def run_commands(exchange, identities, seconds, rate, meter):
     before = meter.snapshot()
     out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "commander.py"), AMQP_URL, exchange,
+        [sys.executable, os.path.join(HERE, "commander.py"), _common.AMQP_URL, exchange,
          str(seconds), str(rate), *identities],
         capture_output=True, text=True, check=True,
     ).stdout

@@ -16,7 +16,11 @@ CPU seconds of the two returning storms give what resumption saves.
 
     python -m bench.storm                     # 10,000 chargers, gateway
     python -m bench.storm -n 2000 --targets gateway,bridge,echo
+    python -m bench.storm -n 50000 --set listener.workers=3 --own-broker
     python -m bench.storm --tls --security 3 --key rsa --tls-version 1.2
+
+A charger refused with 503 tries again after its Retry-After (--retries
+times): a refusal counts only when it was final.
 """
 
 from __future__ import annotations
@@ -28,23 +32,16 @@ import time
 
 from bench._common import (
     add_settings_argument, apply_settings,
-    start_profile, stop_profile, LoadGen, broker_pid, delete_amqp, free_port, merge_samples, ms, percentiles,
+    start_profile, stop_profile, loadgen_processes, LoadGen, broker_pid, delete_amqp, free_port, merge_samples, ms, percentiles,
     print_table, split, start_target, start_worker, unique, write_json, ws_url,
 )
 from bench.roundtrip import WORKER_KEYS, Meter
 
 
-def source(index: int) -> str:
-    """Load process C{index}'s local address: each has its own ephemeral ports."""
-    return f"127.0.0.{2 + index % 250}"
-
-
-def one_storm(loadgen, urls, meter, basic: bool = False) -> dict:
+def one_storm(loadgen, urls, meter, retries: int = 0, basic: bool = False) -> dict:
     before = meter.snapshot()
-    runs = loadgen.send([
-        ("connect", {"urls": part, "source": source(index), "basic": basic})
-        for index, part in enumerate(split(urls, len(loadgen)))
-    ])
+    runs = loadgen.send([("connect", {"urls": part, "retries": retries, "basic": basic})
+                         for part in split(urls, len(loadgen))])
     after = meter.snapshot()
     errors = [r["error"] for r in runs if "error" in r]
     if errors:
@@ -60,6 +57,7 @@ def one_storm(loadgen, urls, meter, basic: bool = False) -> dict:
     delta = Meter.delta(before, after)
     return {
         "chargers": len(urls), "booted": booted, "refused": refused, "resumed": resumed,
+        "retried": sum(r.get("retried", 0) for r in runs),
         "cpu_seconds": {k: v for k, v in delta.items() if k != "t"},
         "seconds": last - start,
         "connect": percentiles(merge_samples(runs, "connect")),
@@ -139,7 +137,7 @@ def bench_target(target: str, args) -> dict:
     server = start_target(target, port, exchange, ping=60, expires_ms=args.expires_ms,
                           tls=args.tls, key=args.key, extra=extra)
     worker = start_worker(exchange, WORKER_KEYS) if target != "echo" else None
-    loadgen = LoadGen(args.procs)
+    loadgen = LoadGen(loadgen_processes(args.chargers, args.procs))
     meter = Meter(server, worker, loadgen, broker_pid())
     result: dict = {"target": target}
     basic = args.tls and args.security == 2
@@ -149,14 +147,14 @@ def bench_target(target: str, args) -> dict:
                                            "version": args.tls_version})
                           for part in split(urls, len(loadgen))])
         spy = start_profile(server.pid, args.profile) if args.profile and target == "gateway" else None
-        result["new"] = one_storm(loadgen, urls, meter, basic)
+        result["new"] = one_storm(loadgen, urls, meter, args.retries, basic)
         stop_profile(spy)
         result["new"]["peak_rss"] = server.memory()["hwm"]
         loadgen.all("close")
         time.sleep(args.pause)
         spy = start_profile(server.pid, args.profile_returning) \
             if args.profile_returning and target == "gateway" else None
-        result["returning"] = one_storm(loadgen, urls, meter, basic)
+        result["returning"] = one_storm(loadgen, urls, meter, args.retries, basic)
         stop_profile(spy)
         result["returning"]["peak_rss"] = server.memory()["hwm"]
         loadgen.all("close")
@@ -164,7 +162,8 @@ def bench_target(target: str, args) -> dict:
             # the same chargers once more, without the sessions they kept
             time.sleep(args.pause)
             loadgen.all("forget_sessions")
-            result["returning, full handshakes"] = one_storm(loadgen, urls, meter, basic)
+            result["returning, full handshakes"] = one_storm(loadgen, urls, meter, args.retries,
+                                                             basic)
             result["returning, full handshakes"]["peak_rss"] = server.memory()["hwm"]
             loadgen.all("close")
     finally:
@@ -190,6 +189,7 @@ def report(results, args) -> None:
             rows += [
                 (f"{phase}: all booted", f"{s['seconds']:.2f} s",
                  f"{s['booted']} of {s['chargers']}", f"refused {s['refused'] or 0}",
+                 f"retried after 503: {s['retried']}",
                  *([f"TLS sessions resumed {s['resumed']}"] if args.tls else [])),
                 ("  connect latency", *(f"{k} {ms(v)}" for k, v in s["connect"].items())),
                 ("  boot latency", *(f"{k} {ms(v)}" for k, v in s["boot"].items())),
@@ -220,6 +220,8 @@ def main(argv=None):
     parser.add_argument("-n", "--chargers", type=int, default=10000)
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--targets", default="gateway")
+    parser.add_argument("--retries", type=int, default=5,
+                        help="times a charger refused with 503 tries again after Retry-After")
     parser.add_argument("--tls", action="store_true",
                         help="wss://; the chargers return twice: resuming their TLS session, and not")
     parser.add_argument("--security", type=int, choices=(0, 2, 3), default=2,

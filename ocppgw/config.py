@@ -5,8 +5,9 @@ Everything about an option lives in one row of :data:`SECTIONS`: its key, how
 its value is read and checked (its *kind*), its default and a one-line
 description.  That table drives parsing, the defaults, the error messages,
 the shipped ``etc/ocppgw.ini`` (``python -m ocppgw.config --ini``) and the
-README's reference table (``--markdown``), so the documentation cannot drift
-from the code.  Adding a key is one :class:`Option` row plus one field on its
+configuration reference of the documentation (``--markdown``, put into
+``docs/configuration.md`` when the site is built), so the documentation
+cannot drift from the code.  Adding a key is one :class:`Option` row plus one field on its
 section's dataclass; adding a section is one dataclass, one :class:`Section`
 row and one field on :class:`Settings`.
 
@@ -198,6 +199,8 @@ class QueueSettings:
     """Arguments of the per-charger queues (see :meth:`Settings.queue_arguments`)."""
 
     x_queue_type: str
+    x_queue_version: int
+    x_queue_mode: str
     x_message_ttl: int
     x_expires: int
     x_dead_letter_exchange: str
@@ -451,7 +454,7 @@ class Choice:
 
     @property
     def allowed(self) -> str:
-        return "one of " + ", ".join(self.choices)
+        return "one of " + ", ".join(choice or "empty" for choice in self.choices)
 
     def __call__(self, value: object) -> str:
         text = _text(value, self)
@@ -927,6 +930,15 @@ def _consistency(settings: Settings) -> list[str]:
                             "a password file (see `ocppgw passwd`)")
         if auth.checker == "http" and not auth.http_url:
             problems.append("auth.http.url: checker = http needs the URL to POST to")
+    queue = settings.queue
+    if queue.x_queue_type != "classic":
+        # RabbitMQ refuses these arguments for other queue types, and would
+        # refuse every charger's declare: say so once, at start.
+        for key, value in (("x-queue-version", queue.x_queue_version),
+                           ("x-queue-mode", queue.x_queue_mode)):
+            if value not in (0, ""):
+                problems.append(f"queue.{key}: applies to classic queues only, not to "
+                                f"x-queue-type = {queue.x_queue_type} (leave it empty or 0)")
     return problems
 
 
@@ -1007,7 +1019,7 @@ class Option:
     :ivar kind: reads and checks the value.
     :ivar default: the default *as INI text*, so that it is validated like
         any value and printed exactly as an operator would write it.
-    :ivar doc: one line for the shipped INI file and the README.
+    :ivar doc: one line for the shipped INI file and the documentation.
     """
 
     key: str
@@ -1248,7 +1260,18 @@ SECTIONS: tuple[Section, ...] = (
             "to redeclare an existing queue with other arguments: change them for "
             "existing queues with a policy.", (
         Option("x-queue-type", Choice(("classic", "quorum")), "classic",
-               "Type of the charger queues."),
+               "Type of the charger queues: classic (one Erlang process per queue, on one "
+               "node) or quorum (a Raft group per queue, replicated; it costs several "
+               "times the broker memory of a classic queue, see docs/capacity.md)."),
+        Option("x-queue-version", Integer(0, 2), "0",
+               "Storage version of classic charger queues (RabbitMQ 3.10+): 1, or 2, the "
+               "newer format (faster with messages; an empty charger queue costs the same "
+               "in both); 0 = the broker's default (1 before RabbitMQ 3.13, 2 from then on, "
+               "the only one in 4.x). Classic queues only."),
+        Option("x-queue-mode", Choice(("", "default", "lazy")), "",
+               "lazy = classic charger queues keep their messages on disk rather than in "
+               "memory (RabbitMQ 3.12 and later ignore it: every classic queue is lazy "
+               "then); empty = not set. Classic queues only."),
         # RabbitMQ refuses timer values above 2^32-1 ms (MAX_EXPIRY_TIMER).
         Option("x-message-ttl", Integer(0, 2**32 - 1), "300000",
                "Milliseconds a command waits in a charger's queue (0 = no TTL)."),
@@ -1545,7 +1568,7 @@ def _markdown(text: str) -> str:
 
 
 def render_markdown() -> str:
-    """The README's reference table, one table per section."""
+    """The documentation's reference tables, one table per section."""
     parts = []
     for section in SECTIONS:
         parts.append(f"### `[{section.name}]`\n\n{_markdown(section.doc)}\n\n")
@@ -1562,7 +1585,7 @@ def render_markdown() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """
-    ``python -m ocppgw.config``: print the INI file or the README table
+    ``python -m ocppgw.config``: print the INI file or the reference tables
     generated from :data:`SECTIONS` (``ocppgw check-config`` checks a file).
 
     :return: the exit status.

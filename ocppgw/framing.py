@@ -32,7 +32,7 @@ of at most 255 bytes, so a longer id whose UTF-8 is over 255 bytes is
 refused whatever the limit. The payload and the error details
 are JSON objects. 1.6 §4.2.1 and 2.x §4.1.5 mention C{null} as a possible "no
 payload" notation while calling C{{}} the good practice; the gateway's
-contract (DESIGN §2) requires an object so that no worker downstream ever
+contract (docs/connecting.md) requires an object so that no worker downstream ever
 sees anything else, and we follow it. The error description is
 C{string[255]} in 2.x (§4.2.3 Table 7): the encoders here truncate to that.
 

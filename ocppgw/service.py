@@ -38,7 +38,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from ocppgw import config as _config
-from ocppgw import logs
+from ocppgw import logs, openfiles
 from ocppgw.admin import AdminAPI
 from ocppgw.amqp import AmqpBridge
 from ocppgw.audit import AuditTrail
@@ -54,6 +54,15 @@ from ocppgw.metrics import GatewayState, Metrics
 from ocppgw.status import RecentEvents, snapshot as status_snapshot
 
 _log = Logger()
+
+#: Listen backlog of the charger listeners: connections the kernel has
+#: completed and holds until the gateway accepts them. When it is full the
+#: kernel drops new SYNs, and a charger retries only after 1, 2, 4 ... 64 s
+#: and gives up after about two minutes: in a reconnection storm a short
+#: backlog turns a few seconds of queueing into minutes of back-off and
+#: failed connects (bench.storm, 50,000 returning chargers). Linux caps it
+#: at net.core.somaxconn (4096 by default since 5.4).
+CHARGER_BACKLOG = 65535
 
 
 def _server_endpoint(reactor, host: str, port: int, backlog: int = 1024):
@@ -295,9 +304,9 @@ class GatewayService(service.MultiService, GatewayState):
             if self._reuse_port:
                 from ocppgw.workers import ReusePortEndpoint
 
-                base = ReusePortEndpoint(self._reactor, host, port)
+                base = ReusePortEndpoint(self._reactor, host, port, CHARGER_BACKLOG)
             else:
-                base = _server_endpoint(self._reactor, host, port)
+                base = _server_endpoint(self._reactor, host, port, CHARGER_BACKLOG)
             self.listening_ports[kind] = yield _listen(
                 base, self.security.wrap(kind, factory), f"[listener] {kind}.port")
         self.listening_port = next(iter(self.listening_ports.values()))
@@ -337,6 +346,7 @@ class GatewayService(service.MultiService, GatewayState):
                 path=self.settings.listener.ws_path,
                 profile=self.security.profile(kind),
             )
+        openfiles.announce(self.settings.listener.max_connections, _log)
         if self.admin_port is not None:
             admin = self.admin_port.getHost()
             _log.info(

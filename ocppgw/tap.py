@@ -32,7 +32,7 @@ class Options(usage.Options):
     longdesc = (
         "Run the ocppgw OCPP-J gateway: chargers connect over WebSocket and "
         "every frame is bridged to RabbitMQ. Every setting lives in the INI "
-        "file; see README.md for the reference."
+        "file; see docs/configuration.md for the reference."
     )
     optParameters = [
         ["config", "c", None, "Path of the INI configuration file (defaults apply without one)."],
@@ -130,6 +130,7 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from ocppgw.auth import PasswordFileError
+    from ocppgw.openfiles import raise_soft_limit
     from ocppgw.service import GatewayService
     from ocppgw.tls import TLSConfigError
     from ocppgw.tuning import HeapTrimmer, tune_gc
@@ -152,6 +153,7 @@ def makeService(options: Options):
         settings = dataclasses.replace(settings, amqp=amqp, admin=admin)
         reuse_port = True
     tune_gc()
+    raise_soft_limit()
     try:
         gateway = GatewayService(
             settings, reactor, exit_on_startup_failure=True, reload_signal=True,

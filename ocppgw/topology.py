@@ -1,8 +1,8 @@
 """
 The names ocppgw uses in RabbitMQ: the one place that spells them.
 
-Back-end workers in any language depend on these strings (see the README's
-"AMQP contract"), so they are defined once here and nowhere else:
+Back-end workers in any language depend on these strings (see
+docs/amqp-contract.md), so they are defined once here and nowhere else:
 
 - every charger frame goes to the OCPP exchange with routing key
   ``<version>.<Action>.<kind>`` (``ocpp16.BootNotification.req``);

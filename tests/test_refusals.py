@@ -18,9 +18,7 @@ from twisted.logger import LogLevel, formatEvent
 
 from tests import rawclient
 from tests.certs import ThrowAwayPKI
-from tests.support import GatewayTestCase, LogEvents
-from tests.test_admin import samples, value
-from tests.test_handshake import _Silent
+from tests.support import GatewayTestCase, LogEvents, SilentClient, samples, value
 
 
 class RefusalTestCase(GatewayTestCase):
@@ -208,7 +206,7 @@ class HandshakeTimeoutRefusalTests(RefusalTestCase):
 
     @defer.inlineCallbacks
     def test_silentClient(self):
-        protocol = _Silent()
+        protocol = SilentClient()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), protocol)
         yield protocol.lost
         event = yield self.log.wait_for(event="refused", reason="handshake_timeout")
