@@ -255,12 +255,22 @@ def apply_settings(args) -> None:
         print(f"own RabbitMQ node: {use_own_broker()}", flush=True)
 
 
-def make_certificate() -> tuple:
-    """A throw-away self-signed server certificate: (certfile, keyfile)."""
+#: server key types: openssl req's -newkey arguments
+SERVER_KEYS = {
+    "ec": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    "rsa": ["-newkey", "rsa:2048"],
+}
+
+
+def make_certificate(kind: str = "ec") -> tuple:
+    """
+    A throw-away self-signed server certificate: (certfile, keyfile), an
+    ECDSA P-256 (C{ec}) or RSA-2048 (C{rsa}) key.
+    """
     directory = tempfile.mkdtemp(prefix="bench-tls-")
     cert, key = os.path.join(directory, "server.pem"), os.path.join(directory, "server.key")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        ["openssl", "req", "-x509", *SERVER_KEYS[kind],
          "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost"],
         check=True, capture_output=True,
     )
@@ -268,13 +278,17 @@ def make_certificate() -> tuple:
 
 
 def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int = 600000,
-                tls: bool = False) -> str:
+                tls: bool = False, key: str = "ec", extra: Optional[dict] = None) -> str:
     """
     A gateway configuration for a benchmark run (a temporary INI file).
 
     With C{tls}, chargers connect to a wss:// listener on C{port} (profile
-    0: no charger authentication, allowed on 127.0.0.1) and the plain
-    listener moves to another free port.
+    0: no charger authentication, allowed on 127.0.0.1, unless C{extra}
+    says otherwise), its certificate has a C{key} key (L{SERVER_KEYS}),
+    and the plain listener moves to another free port.
+
+    @param extra: more settings by section (the benchmark's own);
+        C{--set} still overrides them.
     """
     sections: dict = {
         "listener": {"tcp.ip": "127.0.0.1", "tcp.port": str(port),
@@ -286,12 +300,14 @@ def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int =
         "admin": {"tcp.port": "0"},
     }
     if tls:
-        cert, key = make_certificate()
+        certfile, keyfile = make_certificate(key)
         sections["listener"].update({
             "ssl.enabled": "true", "ssl.ip": "127.0.0.1", "ssl.port": str(port),
-            "ssl.profile": "0", "ssl.certfile": cert, "ssl.keyfile": key,
+            "ssl.profile": "0", "ssl.certfile": certfile, "ssl.keyfile": keyfile,
             "tcp.port": str(free_port()),
         })
+    for section, values in (extra or {}).items():
+        sections.setdefault(section, {}).update(values)
     # --set overrides the defaults above
     for item in GATEWAY_SETTINGS:
         name, _, value = item.partition("=")
@@ -308,7 +324,8 @@ def gateway_ini(port: int, exchange: str, *, ping: float = 60, expires_ms: int =
 
 
 def start_target(target: str, port: int, exchange: str, *, ping: float = 60,
-                 expires_ms: int = 600000, tls: bool = False) -> Proc:
+                 expires_ms: int = 600000, tls: bool = False, key: str = "ec",
+                 extra: Optional[dict] = None) -> Proc:
     """
     Start the server under test as its own process and wait until it listens.
 
@@ -317,7 +334,8 @@ def start_target(target: str, port: int, exchange: str, *, ping: float = 60,
     """
     python = sys.executable
     if target == "gateway":
-        ini = gateway_ini(port, exchange, ping=ping, expires_ms=expires_ms, tls=tls)
+        ini = gateway_ini(port, exchange, ping=ping, expires_ms=expires_ms, tls=tls, key=key,
+                          extra=extra)
         twistd = os.path.join(os.path.dirname(python), "twistd")
         argv = [twistd, "-n", "--pidfile=", "ocppgw", "--config", ini]
     elif target == "bridge":
@@ -326,7 +344,7 @@ def start_target(target: str, port: int, exchange: str, *, ping: float = 60,
         argv = [python, os.path.join(HERE, "bare_bridge.py"), str(port), exchange, AMQP_URL, str(ping)]
     elif target == "echo":
         argv = [python, os.path.join(HERE, "bare_echo.py"), str(port), str(ping),
-                *(make_certificate() if tls else ())]
+                *(make_certificate(key) if tls else ())]
     else:
         raise ValueError(target)
     proc = Proc(target, argv)

@@ -14,7 +14,9 @@ can show that the load generator was not the bottleneck.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
+import ssl
 import time
 from array import array
 from typing import Optional
@@ -24,7 +26,7 @@ import orjson
 _HANDSHAKE = (
     "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ocpp1.6\r\n\r\n"
+    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ocpp1.6\r\n{extra}\r\n"
 )
 _MASK = b"\0\0\0\0"
 
@@ -49,12 +51,14 @@ def encode(payload: bytes, opcode: int = 1) -> bytes:
 
 
 class Charger(asyncio.Protocol):
-    __slots__ = ("host", "path", "transport", "buf", "is_open", "status", "retry_after",
-                 "opened", "closed", "pending", "seq", "on_answer", "on_lost", "t_start", "t_open",
-                 "pings", "commands")
+    __slots__ = ("host", "path", "extra", "transport", "buf", "is_open", "status",
+                 "retry_after", "opened", "closed", "pending", "seq", "on_answer", "on_lost",
+                 "t_start", "t_open", "pings", "commands")
 
-    def __init__(self, path: str, opened: asyncio.Future) -> None:
+    def __init__(self, path: str, opened: asyncio.Future, extra: str = "") -> None:
         self.path = path
+        #: more request header lines (each ending in CRLF), e.g. Basic auth
+        self.extra = extra
         self.transport = None
         self.buf = b""
         self.is_open = False
@@ -73,7 +77,7 @@ class Charger(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        transport.write(_HANDSHAKE.format(path=self.path).encode())
+        transport.write(_HANDSHAKE.format(path=self.path, extra=self.extra).encode())
 
     def connection_lost(self, exc) -> None:
         self.is_open = False
@@ -159,19 +163,48 @@ class Charger(asyncio.Protocol):
         self.transport.close()
 
 
-_TLS = None
+#: the TLS session a charger offers, read by L{_ResumingContext} when
+#: asyncio wraps the charger's socket (inside the charger's own task)
+_OFFER: contextvars.ContextVar = contextvars.ContextVar("offer", default=None)
 
 
-def _client_tls():
-    """One TLS context for every charger: the bench's certificate is self-signed."""
-    global _TLS
-    if _TLS is None:
-        import ssl
+class _ResumingContext(ssl.SSLContext):
+    """
+    A client context whose connections offer the session in L{_OFFER}:
+    asyncio's C{create_connection} has no argument for a session to resume.
+    """
 
-        _TLS = ssl.create_default_context()
-        _TLS.check_hostname = False
-        _TLS.verify_mode = ssl.CERT_NONE
-    return _TLS
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None,
+                 session=None):
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname,
+                                session or _OFFER.get())
+
+
+#: the newest TLS version the chargers offer (L{Runner.prepare_tls})
+_TLS_VERSION = [ssl.TLSVersion.MAXIMUM_SUPPORTED]
+
+
+def _client_tls(certfile: str = "") -> ssl.SSLContext:
+    """
+    A charger's TLS context (the bench's server certificate is
+    self-signed: not verified); with C{certfile} (certificate and key),
+    for profile 3.
+    """
+    context = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = _TLS_VERSION[0]
+    if certfile:
+        context.load_cert_chain(certfile)
+    return context
+
+
+def _basic(identity: str) -> str:
+    """The Authorization header of profile 2: the bench's password is the identity."""
+    import base64
+
+    token = base64.b64encode(f"{identity}:{identity}".encode()).decode()
+    return f"Authorization: Basic {token}\r\n"
 
 
 async def _drained(chargers, timeout: float) -> None:
@@ -203,6 +236,39 @@ class Runner:
         self.chargers: list[Charger] = []
         #: the URL each charger connected to, for reconnect
         self.urls: dict = {}
+        #: wss: URL -> the charger's TLS context, and its last session
+        self.tls: dict = {}
+        self.sessions: dict = {}
+        self._shared_tls = None
+
+    def _tls_for(self, url: str) -> ssl.SSLContext:
+        context = self.tls.get(url)
+        if context is None:
+            if self._shared_tls is None:
+                self._shared_tls = _client_tls()
+            context = self._shared_tls
+        return context
+
+    async def prepare_tls(self, urls, certdir="", version=""):
+        """
+        Make each wss charger's TLS context now (not during a storm); with
+        C{certdir}, each loads its client certificate C{<identity>.pem}.
+
+        @param version: the newest TLS version offered (C{"1.2"}, C{"1.3"}).
+        """
+        if version:
+            _TLS_VERSION[0] = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[version]
+        self._shared_tls = None
+        for url in urls:
+            identity = url.rsplit("/", 1)[1]
+            self.tls[url] = (_client_tls(f"{certdir}/{identity}.pem") if certdir
+                             else self._tls_for(url))
+        self.sessions.clear()
+        return {"cpu": time.process_time()}
+
+    async def forget_sessions(self):
+        self.sessions.clear()
+        return {"cpu": time.process_time()}
 
     async def _open(self, loop, factory, host: str, port: int, tls) -> None:
         """Connect one socket (from C{self.source} when set)."""
@@ -221,18 +287,25 @@ class Runner:
         await loop.create_connection(factory, sock=sock, ssl=tls,
                                      server_hostname="localhost" if tls else None)
 
-    async def connect(self, urls, boot=True, spread=0.0, retries=0):
+    async def connect(self, urls, boot=True, spread=0.0, retries=0, basic=False):
         """
         Connect every URL at once; each sends BootNotification when open.
         A charger refused with 503 tries again after its Retry-After, up to
         C{retries} times (a real charger does, and a storm may be answered
         503 + Retry-After by design); C{retried} counts those retries.
+
+        wss chargers offer the TLS session they kept from their last
+        connection, as a charger does after a blip; C{resumed} counts the
+        handshakes that resumed one.
+
+        @param basic: send Basic credentials (profile 2).
         """
         loop = asyncio.get_running_loop()
         connect_lat = array("d")
         boot_lat = array("d")
         refused: dict = {}
         retried = [0]
+        resumed = [0]
         done = loop.create_future()
         remaining = [len(urls)]
         last = [0.0]
@@ -258,13 +331,17 @@ class Runner:
             scheme, rest = url.split("://", 1)
             host_port, path = rest.split("/", 1)
             host, port = host_port.split(":")
+            identity = path.rsplit("/", 1)[1]
+            context = None
+            if scheme == "wss":
+                context = self._tls_for(url)
+                _OFFER.set(self.sessions.get(url))
             t_first = time.perf_counter()
             for attempt in range(retries + 1):
                 opened = loop.create_future()
-                charger = Charger("/" + path, opened)
+                charger = Charger("/" + path, opened, _basic(identity) if basic else "")
                 try:
-                    await self._open(loop, lambda: charger, host, int(port),
-                                     _client_tls() if scheme == "wss" else None)
+                    await self._open(loop, lambda: charger, host, int(port), context)
                 except OSError as error:
                     refused[type(error).__name__] = refused.get(type(error).__name__, 0) + 1
                     finished()
@@ -282,6 +359,11 @@ class Runner:
             # latencies from the first attempt: a retry is part of the wait
             charger.t_start = t_first
             connect_lat.append(charger.t_open - charger.t_start)
+            if context is not None:
+                # read after the 101: TLS 1.3 tickets have arrived by then
+                tls = charger.transport.get_extra_info("ssl_object")
+                self.sessions[url] = tls.session
+                resumed[0] += tls.session_reused
             self.chargers.append(charger)
             self.urls[charger] = url
             if boot:
@@ -303,7 +385,7 @@ class Runner:
             await done
         return {
             "connected": len(connect_lat), "booted": len(boot_lat), "refused": refused,
-            "retried": retried[0],
+            "retried": retried[0], "resumed": resumed[0],
             "started": started, "last": last[0],
             "connect": connect_lat.tobytes(), "boot": boot_lat.tobytes(),
             "cpu": time.process_time() - cpu0,

@@ -139,6 +139,9 @@ class ListenerSettings:
     ssl_identity: str
     ssl_organization: str
     ssl_identity_map: str
+    ssl_session_tickets: bool
+    ssl_session_cache: bool
+    ssl_session_timeout: float
     proxy_protocol: bool
     client_cert_header: str
     trusted_proxies: tuple[str, ...]
@@ -1146,6 +1149,17 @@ SECTIONS: tuple[Section, ...] = (
         Option("ssl.identity_map", FileName(), "",
                "File of '<sha256 fingerprint or serial:hex> <identity>' lines for "
                "ssl.identity = map."),
+        Option("ssl.session_tickets", Boolean(), "true",
+               "Let chargers that keep their TLS session resume it with a session ticket "
+               "(TLS 1.2 and 1.3): a reconnect then skips the certificate exchange and the "
+               "key agreement. Tickets are resumed by the worker process that issued them, "
+               "also across one SIGHUP reload."),
+        Option("ssl.session_cache", Boolean(), "true",
+               "Keep sessions by session id in the gateway (at most 20,480 per worker), "
+               "for TLS 1.2 chargers that take no tickets."),
+        Option("ssl.session_timeout", Seconds(), "7200",
+               "Seconds a TLS session may be resumed; also how long a client certificate "
+               "revoked by a new CRL can go on resuming the session it was verified in."),
         Option("proxy_protocol", Boolean(), "false",
                "Expect a HAProxy PROXY protocol v1/v2 header on every connection of both "
                "listeners; the address it gives is the charger's. Connections from "

@@ -25,11 +25,11 @@ from typing import Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from ocppgw import auth
 from ocppgw.proxyprotocol import ProxyHeaderFactory, TrustedProxies
+from ocppgw.resumption import ResumingTLSFactory
 from ocppgw.tls import CertificateIdentity, ServerTLS, TLSFiles
 
 _log = Logger()
@@ -53,7 +53,7 @@ class Security:
         self.tls: Optional[ServerTLS] = None
         self.certificate_identity: Optional[CertificateIdentity] = None
         if listener.ssl_enabled:
-            self.tls = ServerTLS(TLSFiles.from_listener(listener))
+            self.tls = ServerTLS(TLSFiles.from_listener(listener), reactor)
         if 3 in [self.profile(kind) for kind in self.listener_kinds()]:
             self.certificate_identity = CertificateIdentity(
                 listener.ssl_identity, listener.ssl_organization, listener.ssl_identity_map
@@ -127,7 +127,7 @@ class Security:
         """
         charger_factory = factory
         if kind == "ssl":
-            factory = TLSMemoryBIOFactory(self.tls, False, factory)
+            factory = ResumingTLSFactory(self.tls, factory)
         if self._settings.listener.proxy_protocol:
             factory = ProxyHeaderFactory(
                 factory, self.trusted_proxies, charger_factory.refusals,

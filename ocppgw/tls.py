@@ -35,12 +35,14 @@ new context from the files and swaps it in: connections made before keep the
 context they started with, new ones get the new material. A reload that
 fails (a missing file, a key that does not match) keeps the old context and
 says why, so a typo during a certificate rotation does not take the
-listener down.
+listener down. The context before the reload is kept for the session tickets
+it issued (see L{ocppgw.resumption}).
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,6 +53,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ocppgw import resumption
 from ocppgw.config import TLS12_CIPHERS
 
 _log = Logger()
@@ -110,6 +113,10 @@ class TLSFiles:
     min_version: str = "TLSv1.2"
     #: C{ssl.ciphers}: the OpenSSL cipher list for TLS 1.2 and older
     ciphers: str = ":".join(TLS12_CIPHERS)
+    #: C{ssl.session_tickets}, C{ssl.session_cache}, C{ssl.session_timeout}
+    session_tickets: bool = True
+    session_cache: bool = True
+    session_timeout: float = 7200.0
 
     @property
     def legacy(self) -> bool:
@@ -133,6 +140,9 @@ class TLSFiles:
             fail_if_no_peer_cert=listener.ssl_fail_if_no_peer_cert,
             min_version=listener.ssl_min_version,
             ciphers=listener.ssl_ciphers,
+            session_tickets=listener.ssl_session_tickets,
+            session_cache=listener.ssl_session_cache,
+            session_timeout=listener.ssl_session_timeout,
         )
 
 
@@ -173,9 +183,11 @@ def build_context(files: TLSFiles) -> SSL.Context:
     _load_certificates(context, files)
     if files.verify_peer:
         _verify_clients(context, files)
-    # Each context gets its own session id context: sessions are not
-    # resumed across a reload into material they were not verified with.
+    # The session id context names the listener's settings: OpenSSL
+    # resumes a session only in a context with the same one.
     context.set_session_id(hashlib.sha256(repr(files).encode()).digest()[:32])
+    resumption.configure(context, cache=files.session_cache, tickets=files.session_tickets,
+                         timeout=files.session_timeout)
     return context
 
 
@@ -235,6 +247,15 @@ def _verify_clients(context: SSL.Context, files: TLSFiles) -> None:
         store.set_flags(X509StoreFlags.CRL_CHECK)
 
 
+def _trust_digest(files: TLSFiles) -> bytes:
+    """What client certificates are verified against (CA bundle and CRL)."""
+    if not files.verify_peer:
+        return b""
+    return hashlib.sha256(
+        b"".join(_read(path) for path in (files.cacertfile, files.crlfile) if path)
+    ).digest()
+
+
 def _load_crls(path: str, data: bytes) -> list:
     marker = b"-----BEGIN X509 CRL-----"
     blocks = [marker + block for block in data.split(marker)[1:]]
@@ -258,9 +279,19 @@ class ServerTLS:
     C{SSL.Connection} on the context current at that moment.
     """
 
-    def __init__(self, files: TLSFiles) -> None:
+    def __init__(self, files: TLSFiles, clock=None) -> None:
+        """
+        @param clock: what says the time (C{seconds()}, the reactor); by
+            default the monotonic clock.
+        """
         self.files = files
+        self._seconds = clock.seconds if clock is not None else time.monotonic
         self._context = build_context(files)
+        self._trust = _trust_digest(files)
+        self._key_name = self._ticket_key_name(self._context)
+        #: (key name, context, until when) of the material before the last
+        #: reload, kept so that the tickets it issued still resume
+        self._previous: Optional[tuple] = None
         if files.legacy:
             _log.warn(
                 "ssl.min_version = {version}: chargers may connect with TLS 1.0/1.1 and the "
@@ -276,6 +307,31 @@ class ServerTLS:
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 
+    def _ticket_key_name(self, context: SSL.Context) -> Optional[bytes]:
+        if not self.files.session_tickets:
+            return None
+        return resumption.ticket_key_name(context, tls13=self.files.min_version == "TLSv1.3")
+
+    @property
+    def ticket_key_name(self) -> Optional[bytes]:
+        """The name of the key new session tickets are encrypted with."""
+        return self._key_name
+
+    def connection_for(self, key_name: bytes) -> Optional[SSL.Connection]:
+        """
+        A server connection on the context kept from before the last
+        reload, when C{key_name} names its ticket key; else C{None} (the
+        current context serves it).
+        """
+        if self._previous is None or key_name != self._previous[0]:
+            return None
+        if self._seconds() >= self._previous[2]:
+            self._previous = None
+            return None
+        connection = SSL.Connection(self._previous[1], None)
+        connection.set_accept_state()
+        return connection
+
     def reload(self) -> bool:
         """
         Re-read the files; on failure keep the current material.
@@ -284,11 +340,25 @@ class ServerTLS:
         """
         try:
             context = build_context(self.files)
+            trust = _trust_digest(self.files)
         except TLSConfigError as error:
             _log.error("TLS reload failed, keeping the old certificates: {error}",
                        error=str(error))
             return False
-        self._context = context
+        # Tickets of the old context resume there, unless the trust its
+        # client certificates were verified with has changed. Only for
+        # ssl.session_timeout: by then the tickets it issued before the
+        # reload have expired, and a charger whose ticket it refuses makes
+        # its full handshake there, with the certificate the reload
+        # retired (pyOpenSSL cannot change a context once it has been
+        # used, nor give one connection a certificate chain of its own).
+        same_trust = trust == self._trust
+        self._previous = (
+            (self._key_name, self._context, self._seconds() + self.files.session_timeout)
+            if self._key_name and same_trust else None
+        )
+        self._context, self._trust = context, trust
+        self._key_name = self._ticket_key_name(context)
         _log.info("TLS certificates, CA bundle and CRL reloaded")
         return True
 

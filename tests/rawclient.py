@@ -24,6 +24,11 @@ class Response:
         self.headers = headers
         self.sock = sock
         self.cipher = cipher
+        #: over TLS: the session to resume next time (read after the
+        #: answer, so that TLS 1.3 tickets have arrived), and whether this
+        #: handshake resumed one (OpenSSL's SSL_session_reused)
+        self.session = getattr(sock, "session", None)
+        self.session_reused = getattr(sock, "session_reused", None)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -127,7 +132,7 @@ def proxy_v2_local() -> bytes:
 
 
 def _handshake(port, path, subprotocol, headers, context, proxy, keep_open, server_hostname,
-               source):
+               source, session):
     sock = socket.create_connection(("127.0.0.1", port), timeout=10,
                                     source_address=(source, 0) if source else None)
     try:
@@ -135,7 +140,7 @@ def _handshake(port, path, subprotocol, headers, context, proxy, keep_open, serv
             sock.sendall(proxy)
         cipher = None
         if context is not None:
-            sock = context.wrap_socket(sock, server_hostname=server_hostname)
+            sock = context.wrap_socket(sock, server_hostname=server_hostname, session=session)
             cipher = sock.cipher()
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
@@ -183,6 +188,7 @@ def handshake(
     keep_open: bool = False,
     server_hostname: str = "localhost",
     source: Optional[str] = None,
+    session: Optional[ssl.SSLSession] = None,
 ):
     """
     Deferred firing with a L{Response} (or failing with the socket or TLS
@@ -191,10 +197,12 @@ def handshake(
     @param source: the local address to connect from (Linux routes all of
         127.0.0.0/8 to the loopback interface, so C{127.0.0.2} is another
         host as far as the gateway can tell).
+    @param session: a TLS session to offer for resumption (a
+        L{Response.session} of the same C{context}).
     """
     return threads.deferToThread(
         _handshake, port, path, subprotocol, headers or {}, context, proxy, keep_open,
-        server_hostname, source,
+        server_hostname, source, session,
     )
 
 
