@@ -1,9 +1,9 @@
 # ocppgw developer tasks; `make run` and `make test` are the README's
 # quick start. The virtualenv is .venv (override with VENV=...).
 #
-# `make run` installs only what the gateway needs to run; `make venv` and
-# `make test` add the test extras (test clients, linters and validators of
-# deploy/, ...), which the gateway itself never imports.
+# `make run` installs only what the gateway needs to run; `make venv`,
+# `make test` and `make docs` add the test extras (test clients, linters and
+# validators of deploy/, Sphinx, ...), which the gateway itself never imports.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +15,7 @@ CONFIG ?= etc/ocppgw.ini
 # not know "ocppgw" (`ocppgw run` would still work).
 EDITABLE = --config-settings editable_mode=compat
 
-.PHONY: venv run test clean
+.PHONY: venv run test docs clean
 
 venv: $(VENV)/.installed
 
@@ -39,5 +39,10 @@ test: venv
 	PYTHON=$(VENV)/bin/python .ci/ensure-rabbitmq
 	$(VENV)/bin/python -m twisted.trial --reactor=asyncio tests
 
+# The Sphinx site under docs/ into docs/_build/html; a warning (a broken
+# link, a page outside the table of contents) fails the build.
+docs: venv
+	$(VENV)/bin/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp* .hypothesis twisted/plugins/dropin.cache
+	rm -rf $(VENV) build dist *.egg-info _trial_temp* .hypothesis twisted/plugins/dropin.cache docs/_build

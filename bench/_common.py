@@ -336,12 +336,13 @@ def start_target(target: str, port: int, exchange: str, *, ping: float = 60,
     return proc
 
 
-def start_worker(exchange: str, keys: list, name: str = "worker", queue: str = "") -> Proc:
+def start_worker(exchange: str, keys: list, name: str = "worker", queue: str = "",
+                 url: str = AMQP_URL) -> Proc:
     """
-    The CSMS worker that answers charger CALLs (bench/worker.py); workers
-    given the same C{queue} share it.
+    The CSMS worker that answers charger CALLs (bench/worker.py) on the
+    broker at C{url}; workers given the same C{queue} share it.
     """
-    argv = [sys.executable, os.path.join(HERE, "worker.py"), AMQP_URL, exchange,
+    argv = [sys.executable, os.path.join(HERE, "worker.py"), url, exchange,
             queue or "-", *keys]
     proc = Proc(name, argv)
     wait_line(proc, "worker ready")

@@ -8,8 +8,8 @@ server's RSS per charger is reported for each server setup:
 - C{echo-off}, C{echo-zlib}, C{echo-tuned}: a bare autobahn echo server
   with compression refused, accepted with zlib's defaults (autobahn's own
   accept: 2^15 windows, memory level 8, context kept between messages),
-  and accepted with ocppgw's tuning (L{ocppgw.edge.accept_deflate} and
-  L{ocppgw.edge.LeanDeflate});
+  and accepted with ocppgw's tuning (L{ocppgw.trims.accept_deflate} and
+  L{ocppgw.trims.LeanDeflate});
 - C{gateway-off}, C{gateway-on}: the gateway (twistd ocppgw) with
   C{ws_opts.compress} false and true, answered by the bench worker.
 
@@ -54,7 +54,7 @@ def serve(mode: str, port: int) -> None:
 
     from autobahn.websocket.compress import PerMessageDeflate
 
-    from ocppgw.edge import LeanDeflate, accept_deflate
+    from ocppgw.trims import LeanDeflate, accept_deflate
 
     def zlib_defaults(offers):
         for offer in offers:

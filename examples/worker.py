@@ -2,8 +2,8 @@
 """
 A small CSMS worker for ocppgw, written with nothing but pika.
 
-It shows both directions of ocppgw's AMQP contract (README, "AMQP contract
-for back-end authors"):
+It shows both directions of ocppgw's AMQP contract (docs/amqp-contract.md,
+"AMQP contract for back-end authors"):
 
 ``serve``
     Declares its own durable queue, binds it to the OCPP exchange for the

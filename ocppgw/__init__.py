@@ -7,7 +7,7 @@ Embed it in a Twisted application with L{makeService}::
     makeService("etc/ocppgw.ini", reactor).setServiceParent(application)
 """
 
-__version__ = "0.1.0"
+from ocppgw.version import VERSION as __version__
 
 
 def makeService(config=None, reactor=None, **kwargs):

@@ -40,6 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web import resource, server
 
 from ocppgw import status
+from ocppgw.closecodes import CloseCode
 from ocppgw.logs import utc_iso
 
 _JSON = b"application/json"
@@ -160,7 +161,8 @@ class _Chargers(_Endpoint):
             return _json(request, 405, {"error": "name one charger: DELETE /chargers/<identity>"})
         if not self._admin.gateway.disconnect(identity):
             return _json(request, 404, {"error": "not connected"})
-        return _json(request, 202, {"identity": identity, "closing": True, "code": 1000})
+        return _json(request, 202, {"identity": identity, "closing": True,
+                                   "code": int(CloseCode.NORMAL)})
 
 
 class _Site(server.Site):

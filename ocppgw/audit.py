@@ -32,20 +32,14 @@ from __future__ import annotations
 import orjson
 
 from ocppgw import topology
-
-#: Header naming the direction of an audited frame.
-HEADER_DIRECTION = "x-ocppgw-direction"
-#: Header with the time the gateway saw the frame (ms since the epoch).
-HEADER_TIME = "x-ocppgw-time"
-
-IN = "in"
-OUT = "out"
-EVENT = "event"
-
-
-def routing_key(identity: str, direction: str) -> str:
-    """C{<identity>.<in|out|event>}: the identity is one topic word."""
-    return f"{identity}.{direction}"
+from ocppgw.topology import (
+    AUDIT_EVENT as EVENT,
+    AUDIT_IN as IN,
+    AUDIT_OUT as OUT,
+    AUDIT_HEADER_DIRECTION as HEADER_DIRECTION,
+    AUDIT_HEADER_TIME as HEADER_TIME,
+    audit_routing_key as routing_key,
+)
 
 
 class AuditTrail:

@@ -52,7 +52,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ocppgw.edge import Refused
+from ocppgw.framing import OCPP16
+from ocppgw.refusals import Refused
 
 _log = Logger()
 
@@ -509,7 +510,7 @@ class ChargerAuthenticator:
         if not hmac.compare_digest(username, identity.encode("utf-8")):
             return self._refuse(401, "Unauthorized", "username is not the identity",
                                 identity, peer)
-        if subprotocol != "ocpp1.6":
+        if subprotocol != OCPP16.subprotocol:
             # 2.x: passwordString, UTF-8 text.
             try:
                 password.decode("utf-8")

@@ -61,6 +61,7 @@ from urllib.parse import quote
 
 from ocppgw import config as _config
 from ocppgw.identity import BadIdentity, identity_from_path
+from ocppgw.logs import mask_url
 
 
 def _read_password(options) -> bytes:
@@ -287,7 +288,7 @@ def _call(reactor, url: str, exchange: str, identity: str, frame: list, timeout:
             client = yield BackEndClient.connect(reactor, url, exchange)
         except Exception as error:
             return _fail(
-                f"cannot reach the broker at {_config.mask_url(url)}: {error}", EXIT_UNREACHABLE
+                f"cannot reach the broker at {mask_url(url)}: {error}", EXIT_UNREACHABLE
             )
         try:
             exists = yield client.queue_exists(topology.charger_queue(identity))

@@ -5,8 +5,9 @@ Everything about an option lives in one row of :data:`SECTIONS`: its key, how
 its value is read and checked (its *kind*), its default and a one-line
 description.  That table drives parsing, the defaults, the error messages,
 the shipped ``etc/ocppgw.ini`` (``python -m ocppgw.config --ini``) and the
-README's reference table (``--markdown``), so the documentation cannot drift
-from the code.  Adding a key is one :class:`Option` row plus one field on its
+configuration reference of the documentation (``--markdown``, put into
+``docs/configuration.md`` when the site is built), so the documentation
+cannot drift from the code.  Adding a key is one :class:`Option` row plus one field on its
 section's dataclass; adding a section is one dataclass, one :class:`Section`
 row and one field on :class:`Settings`.
 
@@ -39,6 +40,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 from urllib.parse import urlsplit
+
+from ocppgw.framing import VERSIONS
+from ocppgw.logs import mask_url
 
 __all__ = [
     "AdminSettings",
@@ -195,6 +199,8 @@ class QueueSettings:
     """Arguments of the per-charger queues (see :meth:`Settings.queue_arguments`)."""
 
     x_queue_type: str
+    x_queue_version: int
+    x_queue_mode: str
     x_message_ttl: int
     x_expires: int
     x_dead_letter_exchange: str
@@ -448,7 +454,7 @@ class Choice:
 
     @property
     def allowed(self) -> str:
-        return "one of " + ", ".join(self.choices)
+        return "one of " + ", ".join(choice or "empty" for choice in self.choices)
 
     def __call__(self, value: object) -> str:
         text = _text(value, self)
@@ -578,25 +584,6 @@ class ExchangeName:
         return text
 
 
-def mask_url(url: str) -> str:
-    """
-    Return *url* with its password replaced by ``****``, for logs and errors.
-
-    The user information is taken to end at the *last* ``@``, so a password
-    containing an unencoded ``@`` or ``/`` is masked too, and when the URL
-    is too mangled to tell the user from the password both are masked: more
-    is hidden than needed rather than less.
-    """
-    head, at, host = url.rpartition("@")
-    if not at:
-        return url
-    scheme, separator, userinfo = head.partition("://")
-    if not separator:
-        return f"****@{host}"
-    user, colon, _password = userinfo.partition(":")
-    return f"{scheme}://{user}:****@{host}" if colon else url
-
-
 @dataclass(frozen=True, slots=True)
 class AmqpUrl:
     """
@@ -626,8 +613,9 @@ class AmqpUrl:
         return text
 
 
-#: Every OCPP-J version ocppgw speaks, as WebSocket subprotocol names.
-OCPP_J_SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1")
+#: Every OCPP-J version ocppgw speaks, as WebSocket subprotocol names
+#: (oldest first, as L{ocppgw.framing.VERSIONS} lists them).
+OCPP_J_SUBPROTOCOLS = tuple(VERSIONS)
 
 #: OpenSSL names of the TLS 1.2 suites the TLS listener offers by default,
 #: strongest first: the four OCPP 2.0.1 requires of a CSMS (part 2,
@@ -854,8 +842,19 @@ def _consistency(settings: Settings) -> list[str]:
     own.  The unauthenticated-listener rule is the one that keeps a
     development configuration from being put on the internet by accident.
     """
+    listener = settings.listener
+    problems = _listener_problems(listener)
+    if listener.ssl_enabled:
+        problems += _tls_listener_problems(listener)
+    problems += _proxy_problems(listener)
+    problems += _password_problems(listener, settings.auth)
+    problems += _queue_problems(settings.queue)
+    return problems
+
+
+def _listener_problems(listener) -> list[str]:
+    """No listener, an open one off loopback, defaults and suites that cannot work."""
     problems = []
-    listener, auth = settings.listener, settings.auth
     if not listener.tcp_enabled and not listener.ssl_enabled:
         problems.append("listener.tcp.enabled: no listener is enabled (tcp.enabled and "
                         "ssl.enabled are both false)")
@@ -880,27 +879,44 @@ def _consistency(settings: Settings) -> list[str]:
             f"listener.ssl.ciphers: the default suites need TLS 1.2, so ssl.min_version = "
             f"{listener.ssl_min_version} would change nothing; name suites that old chargers "
             "have (for example DEFAULT, or ECDHE-RSA-AES128-SHA:AES128-SHA)")
-    if listener.ssl_enabled:
-        if not listener.ssl_certfile or not listener.ssl_keyfile:
-            problems.append("listener.ssl.certfile: the TLS listener needs ssl.certfile "
-                            "and ssl.keyfile")
-        if bool(listener.ssl_alt_certfile) != bool(listener.ssl_alt_keyfile):
-            problems.append("listener.ssl.alt_certfile: give both ssl.alt_certfile and "
-                            "ssl.alt_keyfile, or neither")
-        verify = listener.ssl_verify or ("verify_peer" if listener.ssl_profile == 3
-                                         else "verify_none")
-        if listener.ssl_profile == 3 and verify != "verify_peer":
-            problems.append("listener.ssl.verify: profile 3 needs verify_peer (client "
-                            "certificates)")
-        if verify == "verify_peer" and not listener.ssl_cacertfile:
-            problems.append("listener.ssl.cacertfile: verifying client certificates needs "
-                            "the CA bundle that issued them")
-        if listener.ssl_identity == "map" and not listener.ssl_identity_map:
-            problems.append("listener.ssl.identity_map: ssl.identity = map needs the "
-                            "mapping file")
-        if listener.ssl_identity == "cn_and_o" and not listener.ssl_organization:
-            problems.append("listener.ssl.organization: ssl.identity = cn_and_o needs the "
-                            "organisation the certificates must name")
+    return problems
+
+
+def _tls_listener_problems(listener) -> list[str]:
+    """The TLS listener's certificate, verification and identity keys."""
+    problems = []
+    if not listener.ssl_certfile or not listener.ssl_keyfile:
+        problems.append("listener.ssl.certfile: the TLS listener needs ssl.certfile "
+                        "and ssl.keyfile")
+    if bool(listener.ssl_alt_certfile) != bool(listener.ssl_alt_keyfile):
+        problems.append("listener.ssl.alt_certfile: give both ssl.alt_certfile and "
+                        "ssl.alt_keyfile, or neither")
+    verify = listener.ssl_verify or ("verify_peer" if listener.ssl_profile == 3
+                                     else "verify_none")
+    if listener.ssl_profile == 3 and verify != "verify_peer":
+        problems.append("listener.ssl.verify: profile 3 needs verify_peer (client "
+                        "certificates)")
+    if verify == "verify_peer" and not listener.ssl_cacertfile:
+        problems.append("listener.ssl.cacertfile: verifying client certificates needs "
+                        "the CA bundle that issued them")
+    return problems + _certificate_identity_problems(listener)
+
+
+def _certificate_identity_problems(listener) -> list[str]:
+    """How a client certificate names its charger (TLS listener, or profile 3 behind a proxy)."""
+    problems = []
+    if listener.ssl_identity == "map" and not listener.ssl_identity_map:
+        problems.append("listener.ssl.identity_map: ssl.identity = map needs the "
+                        "mapping file")
+    if listener.ssl_identity == "cn_and_o" and not listener.ssl_organization:
+        problems.append("listener.ssl.organization: ssl.identity = cn_and_o needs the "
+                        "organisation the certificates must name")
+    return problems
+
+
+def _proxy_problems(listener) -> list[str]:
+    """The PROXY protocol and client certificates passed on by a TLS-ending proxy."""
+    problems = []
     if listener.proxy_protocol and not listener.trusted_proxies:
         problems.append("listener.trusted_proxies: empty, so with proxy_protocol = true "
                         "every connection would be refused; list the load balancers' "
@@ -910,12 +926,13 @@ def _consistency(settings: Settings) -> list[str]:
         problems.append("listener.tcp.profile: 3 on the plain listener needs a TLS-ending "
                         "proxy: set client_cert_header and trusted_proxies")
     if listener.tcp_enabled and listener.tcp_profile == 3:
-        if listener.ssl_identity == "map" and not listener.ssl_identity_map:
-            problems.append("listener.ssl.identity_map: ssl.identity = map needs the "
-                            "mapping file")
-        if listener.ssl_identity == "cn_and_o" and not listener.ssl_organization:
-            problems.append("listener.ssl.organization: ssl.identity = cn_and_o needs the "
-                            "organisation the certificates must name")
+        problems += _certificate_identity_problems(listener)
+    return problems
+
+
+def _password_problems(listener, auth) -> list[str]:
+    """Profiles 1 and 2 need somewhere to check passwords."""
+    problems = []
     basic = (listener.tcp_enabled and listener.tcp_profile == 1) or (
         listener.ssl_enabled and listener.ssl_profile == 2)
     if basic:
@@ -924,6 +941,20 @@ def _consistency(settings: Settings) -> list[str]:
                             "a password file (see `ocppgw passwd`)")
         if auth.checker == "http" and not auth.http_url:
             problems.append("auth.http.url: checker = http needs the URL to POST to")
+    return problems
+
+
+def _queue_problems(queue) -> list[str]:
+    """Queue arguments the chosen queue type does not take."""
+    problems = []
+    if queue.x_queue_type != "classic":
+        # RabbitMQ refuses these arguments for other queue types, and would
+        # refuse every charger's declare: say so once, at start.
+        for key, value in (("x-queue-version", queue.x_queue_version),
+                           ("x-queue-mode", queue.x_queue_mode)):
+            if value not in (0, ""):
+                problems.append(f"queue.{key}: applies to classic queues only, not to "
+                                f"x-queue-type = {queue.x_queue_type} (leave it empty or 0)")
     return problems
 
 
@@ -1004,7 +1035,7 @@ class Option:
     :ivar kind: reads and checks the value.
     :ivar default: the default *as INI text*, so that it is validated like
         any value and printed exactly as an operator would write it.
-    :ivar doc: one line for the shipped INI file and the README.
+    :ivar doc: one line for the shipped INI file and the documentation.
     """
 
     key: str
@@ -1234,7 +1265,18 @@ SECTIONS: tuple[Section, ...] = (
             "to redeclare an existing queue with other arguments: change them for "
             "existing queues with a policy.", (
         Option("x-queue-type", Choice(("classic", "quorum")), "classic",
-               "Type of the charger queues."),
+               "Type of the charger queues: classic (one Erlang process per queue, on one "
+               "node) or quorum (a Raft group per queue, replicated; it costs several "
+               "times the broker memory of a classic queue, see docs/capacity.md)."),
+        Option("x-queue-version", Integer(0, 2), "0",
+               "Storage version of classic charger queues (RabbitMQ 3.10+): 1, or 2, the "
+               "newer format (faster with messages; an empty charger queue costs the same "
+               "in both); 0 = the broker's default (1 before RabbitMQ 3.13, 2 from then on, "
+               "the only one in 4.x). Classic queues only."),
+        Option("x-queue-mode", Choice(("", "default", "lazy")), "",
+               "lazy = classic charger queues keep their messages on disk rather than in "
+               "memory (RabbitMQ 3.12 and later ignore it: every classic queue is lazy "
+               "then); empty = not set. Classic queues only."),
         # RabbitMQ refuses timer values above 2^32-1 ms (MAX_EXPIRY_TIMER).
         Option("x-message-ttl", Integer(0, 2**32 - 1), "300000",
                "Milliseconds a command waits in a charger's queue (0 = no TTL)."),
@@ -1531,7 +1573,7 @@ def _markdown(text: str) -> str:
 
 
 def render_markdown() -> str:
-    """The README's reference table, one table per section."""
+    """The documentation's reference tables, one table per section."""
     parts = []
     for section in SECTIONS:
         parts.append(f"### `[{section.name}]`\n\n{_markdown(section.doc)}\n\n")
@@ -1548,7 +1590,7 @@ def render_markdown() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """
-    ``python -m ocppgw.config``: print the INI file or the README table
+    ``python -m ocppgw.config``: print the INI file or the reference tables
     generated from :data:`SECTIONS` (``ocppgw check-config`` checks a file).
 
     :return: the exit status.

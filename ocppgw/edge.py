@@ -1,7 +1,7 @@
 """
 The WebSocket edge: one autobahn protocol per connected charger.
 
-The wire, as a charger sees it (DESIGN §2):
+The wire, as a charger sees it (docs/connecting.md has it for users):
 
 A charger opens C{ws://host:port/<ws_path>/<identity>} (or, with a vhost
 configured, C{/<ws_path>/<vhost>/<identity>}) offering one or more OCPP
@@ -21,9 +21,9 @@ subprotocols. Before the upgrade ocppgw answers
 and otherwise 101 with the first subprotocol I{in the charger's order of
 preference} that is enabled. No C{Server} banner is sent.
 
-What real chargers send is accepted where it is harmless (the README's
-"Field compatibility" lists each quirk and who sends it): subprotocol names
-in another case (C{OCPP1.6}; matched case-insensitively, and the 101 echoes
+What real chargers send is accepted where it is harmless
+(docs/field-compatibility.md lists each quirk and who sends it):
+subprotocol names in another case (C{OCPP1.6}; matched case-insensitively, and the 101 echoes
 the charger's own spelling, as RFC 6455 §4.2.2 asks), empty entries in the
 offer (C{,ocpp2.0.1}), no C{Sec-WebSocket-Protocol} at all when the
 listener has a C{default_subprotocol} (the 101 then names none: RFC 6455
@@ -51,10 +51,8 @@ decoded identity is never echoed into the HTTP status line.
 
 from __future__ import annotations
 
-import math
 import random
 import re
-from collections import deque
 from typing import Iterable, Optional, Protocol as TypingProtocol
 
 from autobahn.twisted.websocket import (
@@ -63,42 +61,32 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from OpenSSL import SSL
-from autobahn.websocket.compress import (
-    PerMessageDeflate,
-    PerMessageDeflateOffer,
-    PerMessageDeflateOfferAccept,
-)
-from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol, parseHttpHeader
+from autobahn.websocket.protocol import WebSocketProtocol, parseHttpHeader
 from twisted.internet import defer
-from twisted.internet.protocol import connectionDone
-from twisted.python.failure import Failure
 from twisted.logger import Logger
-import txaio
 
 from ocppgw import refusals
+from ocppgw.closecodes import CloseCode
+from ocppgw.connection_control import ConnectionControl
 from ocppgw.framing import SOAP_ONLY_SUBPROTOCOLS, VERSIONS, OcppVersion, truncate_for_log
 from ocppgw.identity import BadIdentity, identity_from_path
-from ocppgw.refusals import Refusals, peer_string as _peer_string
-from ocppgw.tls import failure_reason as _tls_failure_reason
+from ocppgw.refusals import Refused, Refusals, peer_string
+from ocppgw.tls import failure_reason as tls_failure_reason
+from ocppgw.trims import (  # noqa: F401 (LeanDeflate, READ_SIZE: public here too)
+    READ_SIZE, BucketTimer, LeanDeflate, TrimmedWebSocket, accept_deflate, refuse_compression,
+)
 
 _log = Logger()
 
 
-class Refused(Exception):
-    """
-    The hub will not take this charger; answered before the upgrade.
+def _finally(call):
+    """A Deferred callback that calls C{call()} and passes the result on."""
 
-    @ivar status: the HTTP status code.
-    @ivar reason: a fixed reason phrase (never charger-supplied text).
-    @ivar headers: extra response headers, as (name, value) pairs (the
-        C{WWW-Authenticate} challenge of a 401).
-    """
+    def passing(result):
+        call()
+        return result
 
-    def __init__(self, status: int, reason: str, headers=()) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-        self.headers = tuple(headers)
+    return passing
 
 
 class ChargerHub(TypingProtocol):
@@ -185,122 +173,15 @@ def add_connection_upgrade(data: bytes) -> Optional[bytes]:
     return data[: end + 2] + _CONNECTION_LINE + data[end + 2 :]
 
 
-#: permessage-deflate (RFC 7692) when a listener has C{compress} on. zlib's
-#: defaults keep a 32 KiB window and up to ~256 KiB of compressor state per
-#: connection for as long as it is open (~100 KiB more RSS per idle
-#: charger, bench/compress.py); OCPP messages are a few hundred bytes, so
-#: the gateway's compressor uses the smallest window RFC 7692 lets zlib use
-#: (2^9 bytes) and memory level, and starts every message afresh (no
-#: context takeover), so that it is freed between messages
-#: (L{LeanDeflate}). The charger's window is bounded the same way when its
-#: offer allows it (C{client_max_window_bits}); otherwise its own choice
-#: stands, which costs up to 32 KiB for the decompressor's window. The
-#: charger's context is never refused: it keeps its decompressor.
-DEFLATE_WINDOW_BITS = 9
-DEFLATE_MEM_LEVEL = 1
-
-
-def accept_deflate(offers) -> Optional[PerMessageDeflateOfferAccept]:
-    """
-    autobahn's C{perMessageCompressionAccept} for a listener with
-    compression: accept the first permessage-deflate offer, tuned as
-    described at L{DEFLATE_WINDOW_BITS}.
-    """
-    for offer in offers:
-        if isinstance(offer, PerMessageDeflateOffer):
-            return PerMessageDeflateOfferAccept(
-                offer,
-                request_max_window_bits=(
-                    DEFLATE_WINDOW_BITS if offer.accept_max_window_bits else 0
-                ),
-                no_context_takeover=True,
-                window_bits=DEFLATE_WINDOW_BITS,
-                mem_level=DEFLATE_MEM_LEVEL,
-            )
-    return None
-
-
-class LeanDeflate(PerMessageDeflate):
-    """
-    autobahn's permessage-deflate, minus the compressor it keeps between
-    messages: without context takeover it makes a new one for every
-    message anyway, and an idle charger would hold its zlib state
-    (~9 KiB even with L{accept_deflate}'s small window) for nothing.
-    """
-
-    def end_compress_message(self):
-        data = super().end_compress_message()
-        if self.server_no_context_takeover:
-            self._compressor = None
-        return data
-
-
-def refuse_compression(offers) -> None:
-    """autobahn's C{perMessageCompressionAccept} for a listener without compression."""
-    return None
-
-
-#: What autobahn keeps per connection that an open connection does not need
-#: as its own: leftovers of the opening handshake (never read once open) and
-#: flags that keep one value until the connection closes. They are class
-#: attributes with these values, and an open connection drops its copies
-#: that equal them: ~25 of autobahn's ~70 attributes, so the connection's
-#: instance dict can be rebuilt at half the size (bench/memprofile.py).
-_HANDSHAKE_LEFTOVERS = (
-    "http_headers", "http_request_data", "http_request_host", "http_request_params",
-    "http_request_path", "http_request_uri", "http_response_data", "http_status_line",
-    "websocket_extensions", "websocket_origin", "websocket_protocols", "_wskey",
-    "_transport_details",
-)
-_UNTIL_CLOSE = {
-    "websocket_version": 13,
-    "wasServingFlashSocketPolicyFile": False,
-    "wasClean": False,
-    "wasNotCleanReason": None,
-    "wasCloseHandshakeTimeout": False,
-    "wasMaxFramePayloadSizeExceeded": False,
-    "wasMaxMessagePayloadSizeExceeded": False,
-    "wasOpenHandshakeTimeout": False,
-    "wasServerConnectionDropTimeout": False,
-    "closedByMe": False,
-    "droppedByMe": False,
-    "failedByMe": False,
-    "localCloseCode": None,
-    "localCloseReason": None,
-    "remoteCloseCode": None,
-    "remoteCloseReason": None,
-    "openHandshakeTimeoutCall": None,
-    "closeHandshakeTimeoutCall": None,
-    "_isMessageCompressed": False,
-    "_perMessageCompress": None,
-    "trackedTimings": None,
-}
-#: One traffic counter for all connections: autobahn counts into it on
-#: every frame, ocppgw never reads it, and it is ~0.6 KB per connection.
-_TRAFFIC_SINK = TrafficStats()
-
-#: Bytes asked of a charger's socket per read. Twisted reads 64 KiB at a
-#: time: each read allocates 64 KiB and shrinks it to what came, and with
-#: thousands of chargers those shrunken blocks scatter the long-lived
-#: objects over the heap so that freed memory cannot be returned. OCPP
-#: frames are mostly a few hundred bytes; a large one takes a few more
-#: reads. 10,000 idle chargers: 10.5 -> 9.3 KiB RSS each (bench.idle).
-READ_SIZE = 4096
-
-
-def _socket_transport(transport):
-    """
-    The transport that reads the socket: C{transport} itself, or the one
-    under a TLS or PROXY-protocol wrapper.
-    """
-    while transport is not None and not hasattr(transport, "socket"):
-        transport = getattr(transport, "transport", None)
-    return transport
-
-
-class ChargerProtocol(WebSocketServerProtocol):
+class ChargerProtocol(TrimmedWebSocket, ConnectionControl, WebSocketServerProtocol):
     """
     One charger's WebSocket. Thin: it forwards to the hub.
+
+    The handshake is three steps (L{_check_request}, L{_admit},
+    L{_authenticate}); after it, frames go to the hub and the hub's
+    frames and closes come back. What it changes of autobahn itself is in
+    its two mixins: L{TrimmedWebSocket} (memory per connection) and
+    L{ConnectionControl} (closing, pausing reads).
 
     @ivar identity: the charger identity, once the handshake is accepted.
     @ivar version: the negotiated L{OcppVersion}.
@@ -308,16 +189,11 @@ class ChargerProtocol(WebSocketServerProtocol):
 
     identity: Optional[str] = None
     version: Optional[OcppVersion] = None
-    #: set by the hub when the charger is attached, for its own use
+    #: the hub's object for this charger, set by the hub when the
+    #: handshake claims the identity and cleared when it is done with it
     link = None
-    #: open CALLs taken over from a replaced connection, for the hub
-    inherited_calls = None
     #: seconds for the Retry-After of a 503 answer
     _retry_after = None
-    #: flow control: not reading from the charger now
-    _reading_paused = False
-    #: a pong timeout fell while not reading; re-armed on resume
-    _ping_timeout_deferred = False
 
     #: response headers for the refusal being sent (see failHandshake)
     _deny_headers = ()
@@ -326,27 +202,6 @@ class ChargerProtocol(WebSocketServerProtocol):
     _connection_added = False
 
     # autobahn's own logger lives at self.log; ours is _log.
-
-    def connectionMade(self) -> None:
-        reader = _socket_transport(self.transport)
-        if reader is not None and getattr(reader, "bufferSize", 0) > READ_SIZE:
-            reader.bufferSize = READ_SIZE
-        super().connectionMade()
-
-    def dataReceived(self, data: bytes) -> None:
-        # autobahn's, minus a debug line whose arguments it formats for
-        # every chunk read even with debug logging off
-        self._dataReceived(data)
-
-    def onMessageEnd(self) -> None:
-        # autobahn's, minus firing its "message" event for observers
-        # (none here), which built a Deferred and callbacks per frame
-        if not self.failedByMe:
-            self._onMessage(b"".join(self.message_data), self.message_is_binary)
-        self.message_data = None
-        # the frame's unmasker, kept by autobahn until the next frame: about
-        # 190 B per idle charger
-        self.current_frame_masker = None
 
     def _dataReceived(self, data: bytes) -> None:
         # autobahn buffers the opening handshake without a bound; a client
@@ -366,7 +221,7 @@ class ChargerProtocol(WebSocketServerProtocol):
     def _refuse(self, reason: str, detail: Optional[str] = None, **fields) -> None:
         """Count and log (rate-limited) a refusal before the upgrade."""
         factory = self.factory
-        peer = _peer_string(self.transport.getPeer(), self.peer)
+        peer = peer_string(self.transport.getPeer(), self.peer)
         factory.refusals.refused(factory.listener, reason, peer, detail, **fields)
 
     def processHandshake(self) -> None:
@@ -475,10 +330,32 @@ class ChargerProtocol(WebSocketServerProtocol):
         raise ConnectionDeny(400, "No OCPP subprotocol offered")
 
     def onConnect(self, request):
-        factory = self.factory
+        # Three steps: refusals that need nothing but the request, then
+        # admission (storm limits), then authentication and the hub.
         # Behind a PROXY protocol header the real address is known only
         # now (autobahn read it at connectionMade, before the header).
-        self.peer = _peer_string(self.transport.getPeer(), self.peer)
+        self.peer = peer_string(self.transport.getPeer(), self.peer)
+        identity, subprotocol, version, quirks = self._check_request(request)
+        admission = self._admit()
+        self.identity = identity
+        self.version = version
+        d = self._authenticate(request, identity, version)
+        if admission is not None:
+            d.addBoth(_finally(admission.done))
+        return d.addCallbacks(
+            self._accepted, self._refused,
+            callbackArgs=(identity, subprotocol, quirks), errbackArgs=(identity,),
+        )
+
+    def _check_request(self, request):
+        """
+        The refusal step: what the request alone decides.
+
+        @return: the charger's identity, the subprotocol to echo, the
+            version to serve and the field-compatibility quirks it needed.
+        @raise ConnectionDeny: 431 or 400.
+        """
+        factory = self.factory
         if self.http_request_data.count(b"\n") > factory.max_request_headers:
             self._refuse(refusals.TOO_MANY_HEADERS, status=431)
             raise ConnectionDeny(431, "Request Header Fields Too Large")
@@ -501,134 +378,76 @@ class ChargerProtocol(WebSocketServerProtocol):
         if self.http_request_uri.partition("?")[0].endswith("/"):
             quirks.append("'/' after the identity")
         subprotocol, version = self._negotiate(identity, request.protocols, quirks)
-        admission = factory.admission
+        return identity, subprotocol, version, quirks
+
+    def _admit(self):
+        """
+        The admission step, before any broker work: a storm must not
+        queue up declares.
+
+        @return: the L{ocppgw.limits.Admission} to tell when this
+            handshake is done, or C{None} without accept limits.
+        @raise ConnectionDeny: 503, with a C{Retry-After} it chose.
+        """
+        admission = self.factory.admission
         if admission is not None:
-            # Before any broker work: a storm must not queue up declares.
             wait = admission.admit()
             if wait is not None:
                 self._retry_after = wait
                 raise ConnectionDeny(503, "Service Unavailable")
-        self.identity = identity
-        self.version = version
+        return admission
+
+    def _authenticate(self, request, identity: str, version: OcppVersion) -> defer.Deferred:
+        """
+        The authentication step: check the charger's credentials (when the
+        listener has an authenticator), then let the hub prepare for it.
+        """
+        factory = self.factory
         authenticator = factory.authenticator
         if authenticator is None:
-            d = defer.maybeDeferred(
+            return defer.maybeDeferred(
                 factory.hub.charger_connecting, self, identity, self.version
             )
-        else:
-            d = authenticator.authenticate(
-                identity,
-                # the version's own name: how a password is compared
-                # depends on it, never on the charger's spelling
-                version.subprotocol,
-                request.headers.get("authorization"),
-                self._peer_certificate(request),
-                self.peer,
+        d = authenticator.authenticate(
+            identity,
+            # the version's own name: how a password is compared
+            # depends on it, never on the charger's spelling
+            version.subprotocol,
+            request.headers.get("authorization"),
+            self._peer_certificate(request),
+            self.peer,
+        )
+        d.addCallback(
+            lambda _: factory.hub.charger_connecting(self, identity, self.version)
+        )
+        return d
+
+    def _accepted(self, _, identity: str, subprotocol: Optional[str], quirks: list):
+        self.drop_request()
+        self.__dict__.pop("_connection_added", None)
+        if quirks:
+            _log.info(
+                "Charger {identity} from {peer} needed field compatibility: {quirks}",
+                identity=identity,
+                peer=self.peer,
+                quirks="; ".join(quirks),
+                event="quirks",
             )
-            d.addCallback(
-                lambda _: factory.hub.charger_connecting(self, identity, self.version)
-            )
-        if admission is not None:
+        return subprotocol
 
-            def finished(result):
-                admission.done()
-                return result
-
-            d.addBoth(finished)
-
-        def accepted(_):
-            # The handshake request is not needed again: drop it, it is
-            # ~1.5 KB per idle charger.
-            self.http_headers = {}
-            self.http_request_data = None
-            self.__dict__.pop("_connection_added", None)
-            if quirks:
-                _log.info(
-                    "Charger {identity} from {peer} needed field compatibility: {quirks}",
-                    identity=identity,
-                    peer=self.peer,
-                    quirks="; ".join(quirks),
-                    event="quirks",
-                )
-            return subprotocol
-
-        def refused(failure):
-            if failure.check(Refused):
-                self._deny_headers = failure.value.headers
-                raise ConnectionDeny(failure.value.status, failure.value.reason)
-            _log.failure(
-                "Preparing charger {identity} failed", failure, identity=identity
-            )
-            raise ConnectionDeny(500, "Internal Server Error")
-
-        return d.addCallbacks(accepted, refused)
-
-    # autobahn gives every connection a send queue (a deque, 0.7 KB) that
-    # is only used for sync or chopped writes, which ocppgw makes only when
-    # closing: it is created when first used.
-    _send_queue = None
-
-    def sendData(self, data: bytes, sync: bool = False, chopsize=None) -> None:
-        if sync or chopsize or self._send_queue is not None:
-            super().sendData(data, sync, chopsize)
-        else:
-            # autobahn's own path minus a debug line it formats every time
-            self.transport.write(data)
-
-    @property
-    def send_queue(self) -> deque:
-        queue = self._send_queue
-        if queue is None:
-            queue = self._send_queue = deque()
-        return queue
-
-    @send_queue.setter
-    def send_queue(self, queue: deque) -> None:
-        if queue:
-            self._send_queue = queue
-        else:
-            self.__dict__.pop("_send_queue", None)
-
-    @property
-    def trafficStats(self) -> TrafficStats:
-        return _TRAFFIC_SINK
-
-    @trafficStats.setter
-    def trafficStats(self, _stats) -> None:
-        pass
+    def _refused(self, failure, identity: str):
+        if failure.check(Refused):
+            self._deny_headers = failure.value.headers
+            raise ConnectionDeny(failure.value.status, failure.value.reason)
+        _log.failure(
+            "Preparing charger {identity} failed", failure, identity=identity
+        )
+        raise ConnectionDeny(500, "Internal Server Error")
 
     def onOpen(self):
         self._count_handshake(101)
-        deflate = self._perMessageCompress
-        if type(deflate) is PerMessageDeflate:
-            # autobahn builds it from its own registry; the subclass only
-            # changes what is kept between messages
-            deflate.__class__ = LeanDeflate
-        self._compact()
+        self.trim_open()
         self.factory.hub.charger_opened(self)
-
-    def _compact(self) -> None:
-        """
-        Drop what the open connection does not need (see L{_UNTIL_CLOSE})
-        and rebuild its instance dict at the size of what is left.
-        """
-        attributes = self.__dict__
-        for name in _HANDSHAKE_LEFTOVERS:
-            attributes.pop(name, None)
-        for name, value in _UNTIL_CLOSE.items():
-            current = attributes.get(name, attributes)
-            if type(current) is type(value) and current == value:
-                del attributes[name]
-        if attributes.get("_listeners") is None:
-            # autobahn's observer bookkeeping, read only by .on()/.fire()
-            # with listeners; nobody subscribes to a charger's events
-            attributes.pop("_valid_events", None)
-            attributes.pop("_results", None)
-        self.__dict__ = dict(attributes)
-        # Twisted's transport grew its dict past its 15 attributes too
-        transport = self.transport
-        if transport is not None and hasattr(transport, "__dict__"):
-            transport.__dict__ = dict(transport.__dict__)
 
     def onOpenHandshakeTimeout(self) -> None:
         if self.state in (
@@ -638,67 +457,9 @@ class ChargerProtocol(WebSocketServerProtocol):
             self._refuse(refusals.HANDSHAKE_TIMEOUT, f"{self.openHandshakeTimeout:g} s")
         super().onOpenHandshakeTimeout()
 
-    #: the abort that follows a graceful close if the charger does not let go
-    _abort_call = None
-
-    def dropConnection(self, abort: bool = False) -> None:
-        # autobahn's, with two changes.
-        #
-        # After a closing handshake the gateway started (1000 on takeover,
-        # 1012 on drain, 1001 on shutdown) autobahn, as a server, aborts
-        # the TCP connection (WebSocketProtocol.onCloseFrame calls
-        # dropConnection(abort=True) when the charger's close frame answers
-        # ours): the charger gets a RST, not a FIN, and a load
-        # balancer in front logs each of these closes as a session the
-        # server broke off (HAProxy: "SD"). RFC 6455 7.1.1 asks the server
-        # to close TCP first, and cleanly. So a completed closing handshake
-        # (wasClean) ends in a graceful close (FIN; with TLS a close_notify
-        # first), and every graceful close is aborted only if the charger
-        # has not let go of it within the close timeout (it does not read,
-        # or never answers the close_notify).
-        #
-        # autobahn also warns about every connection dropped without a
-        # clean close, with nothing but the peer: one line per client that
-        # never finishes its opening handshake, so whoever opens
-        # connections would decide how much of the log that fills. Those
-        # are refusals (counted, logged rate-limited, see _refuse); a
-        # charger's unclean end is in the gateway's disconnect line, with
-        # its reason (ping timeout, ...).
-        if self.state == WebSocketProtocol.STATE_CLOSED:
-            return
-        self.unregisterProducer()
-        self.droppedByMe = True
-        self.state = WebSocketProtocol.STATE_CLOSED
-        txaio.resolve(self.is_closed, self)
-        if abort and self.wasClean:
-            abort = False
-        if not abort and self.closeHandshakeTimeout:
-            self._abort_call = self.factory._batched_timer.call_later(
-                self.closeHandshakeTimeout, self._abort_close
-            )
-        self._closeConnection(abort)
-
-    def _abort_close(self) -> None:
-        self._abort_call = None
-        if self.transport is not None:
-            self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        # autobahn's minus its logging: it logs a failed TLS handshake at
-        # error level ("SSL error: no shared cipher (in )") without the
-        # peer, once per attempt, and everything else at debug. A failed
-        # TLS handshake is a refusal: counted by OpenSSL's reason and
-        # logged at info, rate-limited, with the peer and that reason.
-        call, self._abort_call = self._abort_call, None
-        if call is not None:
-            call.cancel()
-        if isinstance(reason.value, SSL.Error):
-            self._tls_failed(reason.value)
-        self._connectionLost(reason)
-
     def _tls_failed(self, error: SSL.Error) -> None:
-        why = _tls_failure_reason(error)
-        peer = _peer_string(self.transport.getPeer(), self.peer)
+        why = tls_failure_reason(error)
+        peer = peer_string(self.transport.getPeer(), self.peer)
         if self.state in (
             WebSocketProtocol.STATE_CONNECTING,
             WebSocketProtocol.STATE_PROXY_CONNECTING,
@@ -712,53 +473,17 @@ class ChargerProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool):
         if isBinary:
-            self.close(1003, "OCPP-J uses text frames")
+            self.close(CloseCode.UNSUPPORTED_DATA, "OCPP-J uses text frames")
             return
         self.factory.hub.charger_frame(self, payload)
 
     def onClose(self, wasClean: bool, code, reason):
-        # autobahn leaves its close-handshake timer running when the
-        # charger drops TCP instead of answering our close frame.
-        timer = getattr(self, "closeHandshakeTimeoutCall", None)
-        if timer is not None:
-            timer.cancel()
-            self.closeHandshakeTimeoutCall = None
+        self.cancel_close_timer()
         if self.identity is not None:
             self.factory.hub.charger_closed(self, code, reason or "")
 
-    # -- what the hub can do with a charger -------------------------------
-
-    def pause_reading(self) -> None:
-        """
-        Stop reading from the charger (flow control): TCP backpressure
-        then holds its frames in the network, not in our memory.
-        """
-        self._reading_paused = True
-        transport = self.transport
-        if transport is not None:
-            transport.pauseProducing()
-
-    def resume_reading(self) -> None:
-        self._reading_paused = False
-        transport = self.transport
-        if transport is not None:
-            transport.resumeProducing()
-        if self._ping_timeout_deferred:
-            self._ping_timeout_deferred = False
-            # the pong may be among what we have not read yet: a new timeout
-            if self.autoPingPending is not None and self.autoPingTimeout:
-                self.autoPingTimeoutCall = self.factory._batched_timer.call_later(
-                    self.autoPingTimeout, self.onAutoPingTimeout
-                )
-
-    def onAutoPingTimeout(self) -> None:
-        # While we do not read, a charger's pong cannot reach us: a broker
-        # alarm must not make us drop chargers that are answering.
-        if self._reading_paused:
-            self.autoPingTimeoutCall = None
-            self._ping_timeout_deferred = True
-            return
-        super().onAutoPingTimeout()
+    # -- what the hub can do with a charger (and close, pause_reading,
+    # resume_reading of ConnectionControl) ---------------------------------
 
     def send_frame(self, frame: bytes) -> None:
         """
@@ -766,96 +491,6 @@ class ChargerProtocol(WebSocketServerProtocol):
         """
         if self.state == WebSocketProtocol.STATE_OPEN:
             self.sendMessage(frame, False)
-
-    def close(self, code: int, reason: str) -> None:
-        """
-        Close with any RFC 6455 code.
-
-        autobahn's C{sendClose} accepts only 1000 and 3000-4999; OCPP needs
-        1001, 1002, 1003, 1011 and 1012 too, so the close frame is sent
-        directly.
-        """
-        if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:120])
-        elif self.state in (
-            WebSocketProtocol.STATE_CONNECTING,
-            WebSocketProtocol.STATE_PROXY_CONNECTING,
-        ):
-            self.dropConnection(abort=True)
-
-
-
-for _name in _HANDSHAKE_LEFTOVERS:
-    setattr(ChargerProtocol, _name, None)
-for _name, _value in _UNTIL_CLOSE.items():
-    setattr(ChargerProtocol, _name, _value)
-
-
-class _BucketCall:
-    __slots__ = ("timer", "due", "func", "args", "kwargs")
-
-    def __init__(self, timer, due, func, args, kwargs):
-        self.timer = timer
-        self.due = due
-        self.func = func
-        self.args = args
-        self.kwargs = kwargs
-
-    def cancel(self) -> None:
-        if self.timer is not None:
-            self.timer._cancel(self)
-            self.timer = None
-
-
-class BucketTimer:
-    """
-    autobahn's per-connection timers (pings, pong and handshake timeouts),
-    batched so that ten thousand chargers share a few reactor timers.
-
-    It replaces txaio's batched timer, which truncates the due time to whole
-    seconds (C{int(now + delay)}): a timeout could fire up to a second
-    early, so a sub-second pong timeout dropped chargers that did answer.
-    Here due times are rounded I{up} to the bucket: never early, at most one
-    bucket late.
-    """
-
-    def __init__(self, reactor, bucket_seconds: float = 0.2) -> None:
-        self._reactor = reactor
-        self._bucket = bucket_seconds
-        # due bucket number -> (IDelayedCall, set of _BucketCall)
-        self._buckets: dict[int, tuple] = {}
-
-    def call_later(self, delay: float, func, *args, **kwargs) -> _BucketCall:
-        now = self._reactor.seconds()
-        due = math.ceil((now + delay) / self._bucket)
-        call = _BucketCall(self, due, func, args, kwargs)
-        bucket = self._buckets.get(due)
-        if bucket is None:
-            delayed = self._reactor.callLater(
-                max(0.0, due * self._bucket - now), self._fire, due
-            )
-            bucket = self._buckets[due] = (delayed, set())
-        bucket[1].add(call)
-        return call
-
-    def _cancel(self, call: _BucketCall) -> None:
-        bucket = self._buckets.get(call.due)
-        if bucket is None:
-            return
-        bucket[1].discard(call)
-        if not bucket[1]:
-            del self._buckets[call.due]
-            bucket[0].cancel()
-
-    def _fire(self, due: int) -> None:
-        _delayed, calls = self._buckets.pop(due)
-        for call in calls:
-            call.timer = None
-            try:
-                call.func(*call.args, **call.kwargs)
-            except Exception:
-                _log.failure("Error in a WebSocket timer")
-
 
 class ChargerFactory(WebSocketServerFactory):
     """
@@ -874,7 +509,7 @@ class ChargerFactory(WebSocketServerFactory):
         *,
         ws_path: str = "/ocpp",
         vhost: Optional[str] = None,
-        subprotocols: Iterable[str] = ("ocpp1.6", "ocpp2.0", "ocpp2.0.1", "ocpp2.1"),
+        subprotocols: Iterable[str] = tuple(VERSIONS),
         max_identity_length: int = 48,
         max_message_size: int = 1048576,
         ping_interval: float = 60.0,
@@ -955,13 +590,20 @@ class ChargerFactory(WebSocketServerFactory):
             autoPingRestartOnAnyTraffic=True,
         )
         self._batched_timer = BucketTimer(reactor)
+        self.protocol = self._configured(protocol_class)
+
+    def _configured(self, protocol_class: type) -> type:
+        """
+        A subclass of C{protocol_class} with this factory's options as
+        class attributes, so that no connection copies them.
+        """
         options = {}
         for name in protocol_class.CONFIG_ATTRS:
             value = getattr(self, name)
             # a function stored on a class would become a method
             options[name] = staticmethod(value) if callable(value) else value
         options["CONFIG_ATTRS"] = ()
-        self.protocol = type(protocol_class.__name__, (protocol_class,), options)
+        return type(protocol_class.__name__, (protocol_class,), options)
 
     def retry_after(self) -> int:
         """

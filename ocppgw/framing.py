@@ -32,7 +32,7 @@ of at most 255 bytes, so a longer id whose UTF-8 is over 255 bytes is
 refused whatever the limit. The payload and the error details
 are JSON objects. 1.6 §4.2.1 and 2.x §4.1.5 mention C{null} as a possible "no
 payload" notation while calling C{{}} the good practice; the gateway's
-contract (DESIGN §2) requires an object so that no worker downstream ever
+contract (docs/connecting.md) requires an object so that no worker downstream ever
 sees anything else, and we follow it. The error description is
 C{string[255]} in 2.x (§4.2.3 Table 7): the encoders here truncate to that.
 
@@ -485,117 +485,18 @@ def parse_frame(
             f"the frame is not valid UTF-8 JSON (position {position})",
             CALLERROR,
         )
-
-    if type(message) is not list or not message:
-        raise _refuse(
-            version,
-            ErrorKind.RPC_FRAMEWORK_ERROR,
-            UNKNOWN_MESSAGE_ID,
-            "the frame is not a non-empty JSON array",
-            CALLERROR,
-        )
+    # One test on the valid path; _bad_envelope tells which rule broke.
+    if type(message) is not list or not message or type(message[0]) is not int:
+        raise _bad_envelope(message, version, max_id_length)
     message_type = message[0]
-    if type(message_type) is not int:  # also refuses True/False
-        raise _refuse(
-            version,
-            ErrorKind.RPC_FRAMEWORK_ERROR,
-            _readable_id(message, max_id_length),
-            "the message type must be an integer",
-            CALLERROR,
-        )
-
     if message_type == CALL or (message_type == SEND and version.has_send):
-        answer = CALLERROR if message_type == CALL else None
-        if len(message) != 4:
-            raise _wrong_length(message, 4, version, answer, message_type, max_id_length)
-        message_id = message[1]
-        if not _valid_id(message_id, max_id_length):
-            raise _bad_id(version, answer, message_type, max_id_length)
-        action = message[2]
-        if type(action) is not str:
-            raise _refuse(
-                version,
-                ErrorKind.RPC_FRAMEWORK_ERROR,
-                message_id,
-                "the action must be a string",
-                answer,
-                message_type,
-            )
-        if not (
-            0 < len(action) <= MAX_ACTION_LENGTH
-            and action.isascii()
-            and action.isalnum()
-        ):
-            raise _refuse(
-                version,
-                ErrorKind.NOT_IMPLEMENTED,
-                message_id,
-                f"the action is not an OCPP action name (1 to {MAX_ACTION_LENGTH}"
-                " ASCII letters and digits)",
-                answer,
-                message_type,
-            )
-        payload = message[3]
-        if type(payload) is not dict:
-            raise _refuse(
-                version,
-                ErrorKind.FORMAT_VIOLATION,
-                message_id,
-                "the payload must be a JSON object",
-                answer,
-                message_type,
-            )
-        return Frame(message_type, message_id, action, payload)
-
+        return _parse_request(message, message_type, version, max_id_length)
     if message_type == CALLRESULT:
-        answer = CALLRESULTERROR if version.has_send else None
-        if len(message) != 3:
-            raise _wrong_length(message, 3, version, answer, message_type, max_id_length)
-        message_id = message[1]
-        if not _valid_id(message_id, max_id_length):
-            raise _bad_id(version, answer, message_type, max_id_length)
-        payload = message[2]
-        if type(payload) is not dict:
-            raise _refuse(
-                version,
-                ErrorKind.FORMAT_VIOLATION,
-                message_id,
-                "the payload must be a JSON object",
-                answer,
-                message_type,
-            )
-        return Frame(message_type, message_id, None, payload)
-
+        return _parse_result(message, version, max_id_length)
     if message_type == CALLERROR or (
         message_type == CALLRESULTERROR and version.has_send
     ):
-        # Never answer an error with an error.
-        if len(message) != 5:
-            raise _wrong_length(message, 5, version, None, message_type, max_id_length)
-        message_id = message[1]
-        if not _valid_id(message_id, max_id_length):
-            raise _bad_id(version, None, message_type, max_id_length)
-        code, description, details = message[2], message[3], message[4]
-        if type(code) is not str or type(description) is not str:
-            raise _refuse(
-                version,
-                ErrorKind.RPC_FRAMEWORK_ERROR,
-                message_id,
-                "the error code and description must be strings",
-                None,
-                message_type,
-            )
-        if type(details) is not dict:
-            raise _refuse(
-                version,
-                ErrorKind.FORMAT_VIOLATION,
-                message_id,
-                "the error details must be a JSON object",
-                None,
-                message_type,
-            )
-        return Frame(message_type, message_id, None, None, code, description, details)
-
+        return _parse_error(message, message_type, version, max_id_length)
     # orjson yields at most 64-bit integers (larger ones become floats), so
     # the number in the description is short.
     raise _refuse(
@@ -604,6 +505,132 @@ def parse_frame(
         _readable_id(message, max_id_length),
         f"message type {message_type} does not exist in {version.subprotocol}",
         CALLERROR if version.answers_unknown_message_type else None,
+        message_type,
+    )
+
+
+def _bad_envelope(message: Any, version: OcppVersion, max_id: int) -> BadFrame:
+    """
+    Why decoded JSON is not an OCPP-J message: not a non-empty array, or
+    a message type that is not an integer.
+    """
+    if type(message) is not list or not message:
+        return _refuse(
+            version,
+            ErrorKind.RPC_FRAMEWORK_ERROR,
+            UNKNOWN_MESSAGE_ID,
+            "the frame is not a non-empty JSON array",
+            CALLERROR,
+        )
+    # the message type is not an integer (True and False included)
+    return _refuse(
+        version,
+        ErrorKind.RPC_FRAMEWORK_ERROR,
+        _readable_id(message, max_id),
+        "the message type must be an integer",
+        CALLERROR,
+    )
+
+
+# The three kinds repeat their length and id checks inline rather than
+# call a shared helper: these run for every frame, and a call costs about
+# as much as the checks themselves.
+
+
+def _parse_request(
+    message: list[Any], message_type: int, version: OcppVersion, max_id: int
+) -> Frame:
+    """A CALL (answered with a CALLERROR when broken) or a 2.1 SEND (never answered)."""
+    answer = CALLERROR if message_type == CALL else None
+    if len(message) != 4:
+        raise _wrong_length(message, 4, version, answer, message_type, max_id)
+    message_id = message[1]
+    if not _valid_id(message_id, max_id):
+        raise _bad_id(version, answer, message_type, max_id)
+    action = message[2]
+    if type(action) is not str:
+        raise _refuse(
+            version,
+            ErrorKind.RPC_FRAMEWORK_ERROR,
+            message_id,
+            "the action must be a string",
+            answer,
+            message_type,
+        )
+    if not (
+        0 < len(action) <= MAX_ACTION_LENGTH
+        and action.isascii()
+        and action.isalnum()
+    ):
+        raise _refuse(
+            version,
+            ErrorKind.NOT_IMPLEMENTED,
+            message_id,
+            f"the action is not an OCPP action name (1 to {MAX_ACTION_LENGTH}"
+            " ASCII letters and digits)",
+            answer,
+            message_type,
+        )
+    payload = message[3]
+    if type(payload) is not dict:
+        raise _not_an_object(version, message_id, answer, message_type)
+    return Frame(message_type, message_id, action, payload)
+
+
+def _parse_result(message: list[Any], version: OcppVersion, max_id: int) -> Frame:
+    """A CALLRESULT: answered with a CALLRESULTERROR when broken, in 2.1 only."""
+    answer = CALLRESULTERROR if version.has_send else None
+    if len(message) != 3:
+        raise _wrong_length(message, 3, version, answer, CALLRESULT, max_id)
+    message_id = message[1]
+    if not _valid_id(message_id, max_id):
+        raise _bad_id(version, answer, CALLRESULT, max_id)
+    payload = message[2]
+    if type(payload) is not dict:
+        raise _not_an_object(version, message_id, answer, CALLRESULT)
+    return Frame(CALLRESULT, message_id, None, payload)
+
+
+def _parse_error(
+    message: list[Any], message_type: int, version: OcppVersion, max_id: int
+) -> Frame:
+    """A CALLERROR or a 2.1 CALLRESULTERROR: never answered (no error for an error)."""
+    if len(message) != 5:
+        raise _wrong_length(message, 5, version, None, message_type, max_id)
+    message_id = message[1]
+    if not _valid_id(message_id, max_id):
+        raise _bad_id(version, None, message_type, max_id)
+    code, description, details = message[2], message[3], message[4]
+    if type(code) is not str or type(description) is not str:
+        raise _refuse(
+            version,
+            ErrorKind.RPC_FRAMEWORK_ERROR,
+            message_id,
+            "the error code and description must be strings",
+            None,
+            message_type,
+        )
+    if type(details) is not dict:
+        raise _refuse(
+            version,
+            ErrorKind.FORMAT_VIOLATION,
+            message_id,
+            "the error details must be a JSON object",
+            None,
+            message_type,
+        )
+    return Frame(message_type, message_id, None, None, code, description, details)
+
+
+def _not_an_object(
+    version: OcppVersion, message_id: str, answer: Optional[int], message_type: int
+) -> BadFrame:
+    return _refuse(
+        version,
+        ErrorKind.FORMAT_VIOLATION,
+        message_id,
+        "the payload must be a JSON object",
+        answer,
         message_type,
     )
 

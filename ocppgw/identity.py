@@ -21,7 +21,7 @@ name, so it must be exactly one topic word that is not a wildcard:
  - no C{/} and no control characters: they have no place in a name that is
    logged, shown in the RabbitMQ UI and compared in Basic auth.
 
-What is allowed (DESIGN §2) is the OCPP 2.x C{identifierString} character
+What is allowed (docs/connecting.md) is the OCPP 2.x C{identifierString} character
 set without C{.} (2.0.1/2.1 Part 4 §3.1.1, which also sets the maximum of 48
 characters), plus the space of the specs' own example C{RDAM 123}: ASCII
 letters and digits, space and C{* - _ = : + | @ ~ ! $ & ' ( ) , ;}.

@@ -11,7 +11,8 @@ prepared at the same time, and tells the rest to come back later with a
 I{random} C{Retry-After}, so that a refused wave returns spread out
 instead of as the next wave. It is consulted before any broker work.
 
-L{TokenBucket} is also what limits the messages of one charger.
+L{MessageRateLimit} limits the messages of one charger: a token bucket,
+and the streak of frames over it that ends in closing the charger.
 
 Nothing here does I/O; time comes from an injected clock (C{seconds()}).
 """
@@ -44,7 +45,9 @@ class TokenBucket:
         """
         if not self.rate:
             return True
-        now = self._clock.seconds()
+        return self._take_at(self._clock.seconds())
+
+    def _take_at(self, now: float) -> bool:
         tokens = self._tokens + (now - self._stamp) * self.rate
         self._stamp = now
         if tokens > self.burst:
@@ -54,6 +57,56 @@ class TokenBucket:
             return True
         self._tokens = tokens
         return False
+
+
+#: What L{MessageRateLimit.check} says of a frame: within the rate,
+WITHIN = 0
+#: over it,
+OVER = 1
+#: over it, and the streak reached its limit: the charger is to be closed.
+TOO_MANY = 2
+
+#: A second without a frame over the rate ends a streak.
+STREAK_GAP = 1.0
+
+
+class MessageRateLimit(TokenBucket):
+    """
+    One charger's message rate: C{rate} frames per second, C{burst} at
+    once, and the streak of frames over it. A charger that keeps sending
+    over the rate (C{max_violations} frames, no second apart) is closed;
+    one that slows down starts afresh.
+
+    A bucket with the streak in the same object: one object per charger,
+    and one clock read per frame.
+
+    @ivar violations: frames over the rate in the current streak.
+    @ivar last_violation: when the last one came.
+    """
+
+    __slots__ = ("max_violations", "violations", "last_violation")
+
+    def __init__(self, clock, rate: float, burst: int, max_violations: int) -> None:
+        super().__init__(clock, rate, burst)
+        self.max_violations = max_violations
+        self.violations = 0
+        self.last_violation = 0.0
+
+    def check(self) -> int:
+        """
+        Count one frame.
+
+        @return: L{WITHIN} (0, so the common case tests false), L{OVER}
+            or L{TOO_MANY}.
+        """
+        now = self._clock.seconds()
+        if not self.rate or self._take_at(now):
+            if self.violations and now - self.last_violation > STREAK_GAP:
+                self.violations = 0
+            return WITHIN
+        self.violations += 1
+        self.last_violation = now
+        return TOO_MANY if self.violations >= self.max_violations else OVER
 
 
 class Admission:

@@ -70,6 +70,25 @@ def utc_iso(seconds: float) -> str:
 
 
 @implementer(ILogObserver)
+def mask_url(url: str) -> str:
+    """
+    Return *url* with its password replaced by ``****``, for logs and errors.
+
+    The user information is taken to end at the *last* ``@``, so a password
+    containing an unencoded ``@`` or ``/`` is masked too, and when the URL
+    is too mangled to tell the user from the password both are masked: more
+    is hidden than needed rather than less.
+    """
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    scheme, separator, userinfo = head.partition("://")
+    if not separator:
+        return f"****@{host}"
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}://{user}:****@{host}" if colon else url
+
+
 class JsonLinesObserver:
     """
     Writes each log event as one JSON object on one line.

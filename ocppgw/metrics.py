@@ -44,7 +44,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 
-from ocppgw import __version__
+from ocppgw.version import VERSION
 
 if TYPE_CHECKING:
     from ocppgw.status import RecentEvents
@@ -122,6 +122,19 @@ class Metrics:
             registry=registry,
         )
         self._tls_reasons: set[str] = set()
+        self._declare_charger_metrics(registry)
+        if process:
+            ProcessCollector(registry=registry)
+            registry.register(_MemoryLimitCollector())
+        #: (direction, version prefix, message type, action) -> frames
+        self._frame_counts: dict[tuple, int] = {}
+        self._actions: set[str] = set()
+        self._confirm = _Buckets(_CONFIRM_BUCKETS)
+        self.observe_confirm: Callable[[float], None] = self._confirm.observe
+        registry.register(_HotPathCollector(self))
+
+    def _declare_charger_metrics(self, registry: CollectorRegistry) -> None:
+        """What chargers do once connected: bad frames, disconnects, CSMS CALLs."""
         self._bad_frames = Counter(
             "ocppgw_bad_frames",
             "Malformed frames from chargers, by the OCPP error code they were answered with.",
@@ -149,15 +162,6 @@ class Metrics:
             ["version", "action"],
             registry=registry,
         )
-        if process:
-            ProcessCollector(registry=registry)
-            registry.register(_MemoryLimitCollector())
-        #: (direction, version prefix, message type, action) -> frames
-        self._frame_counts: dict[tuple, int] = {}
-        self._actions: set[str] = set()
-        self._confirm = _Buckets(_CONFIRM_BUCKETS)
-        self.observe_confirm: Callable[[float], None] = self._confirm.observe
-        registry.register(_HotPathCollector(self))
 
     # -- label helpers ---------------------------------------------------------
 
@@ -476,46 +480,8 @@ class GatewayCollector:
 
     def collect(self):
         state = self._state
-        connected: dict[tuple[str, str], int] = {}
-        outstanding = held = 0
-        for link in state.chargers():
-            key = (link.version.routing_prefix, link.listener)
-            connected[key] = connected.get(key, 0) + 1
-            session = link.session
-            if session.outstanding_call is not None:
-                outstanding += 1
-            held += session.held_calls
-        family = GaugeMetricFamily(
-            "ocppgw_chargers_connected",
-            "Chargers connected now, by OCPP version and listener.",
-            labels=["version", "listener"],
-        )
-        for (version, listener), count in sorted(connected.items()):
-            family.add_metric([version, listener], count)
-        yield family
-        yield GaugeMetricFamily(
-            "ocppgw_csms_calls_outstanding",
-            "CSMS CALLs sent to chargers and not answered yet.",
-            value=outstanding,
-        )
-        yield GaugeMetricFamily(
-            "ocppgw_csms_calls_held",
-            "CSMS CALLs held by the gateway behind a charger's outstanding one.",
-            value=held,
-        )
-        yield GaugeMetricFamily(
-            "ocppgw_amqp_connected",
-            "1 while the broker connection and its channels are up.",
-            value=int(state.broker_connected()),
-        )
-        yield GaugeMetricFamily(
-            "ocppgw_amqp_blocked",
-            "1 while RabbitMQ blocks the gateway's publishes (memory or disk alarm).",
-            value=int(state.broker_blocked()),
-        )
-        link = state.broker_link()
-        if link is not None:
-            yield from _link_families(link)
+        yield from _charger_families(state)
+        yield from _broker_families(state)
         ready = GaugeMetricFamily(
             "ocppgw_ready",
             "Readiness checks of /readyz (1 = passing).",
@@ -526,16 +492,69 @@ class GatewayCollector:
         yield ready
         stats = state.validation_stats()
         if stats is not None:
-            for name, counts, text in (
-                ("ocppgw_invalid_payloads", stats.invalid,
-                 "Payloads that broke their OCPP JSON schema ([validation] warn or enforce)."),
-                ("ocppgw_refused_payloads", stats.refused,
-                 "Invalid payloads refused ([validation] mode = enforce)."),
-            ):
-                family = CounterMetricFamily(name, text, labels=["version", "direction", "action"])
-                for (subprotocol, direction, action), count in sorted(counts.items()):
-                    family.add_metric([subprotocol, direction, action], count)
-                yield family
+            yield from _validation_families(stats)
         info = InfoMetricFamily("ocppgw_build", "ocppgw version.")
-        info.add_metric([], {"version": __version__})
+        info.add_metric([], {"version": VERSION})
         yield info
+
+
+def _charger_families(state):
+    """Chargers connected, and the CSMS CALLs they have outstanding and held."""
+    connected: dict[tuple[str, str], int] = {}
+    outstanding = held = 0
+    for link in state.chargers():
+        key = (link.version.routing_prefix, link.listener)
+        connected[key] = connected.get(key, 0) + 1
+        session = link.session
+        if session.outstanding_call is not None:
+            outstanding += 1
+        held += session.held_calls
+    family = GaugeMetricFamily(
+        "ocppgw_chargers_connected",
+        "Chargers connected now, by OCPP version and listener.",
+        labels=["version", "listener"],
+    )
+    for (version, listener), count in sorted(connected.items()):
+        family.add_metric([version, listener], count)
+    yield family
+    yield GaugeMetricFamily(
+        "ocppgw_csms_calls_outstanding",
+        "CSMS CALLs sent to chargers and not answered yet.",
+        value=outstanding,
+    )
+    yield GaugeMetricFamily(
+        "ocppgw_csms_calls_held",
+        "CSMS CALLs held by the gateway behind a charger's outstanding one.",
+        value=held,
+    )
+
+
+def _broker_families(state):
+    """The broker connection: up, blocked, and its link's history."""
+    yield GaugeMetricFamily(
+        "ocppgw_amqp_connected",
+        "1 while the broker connection and its channels are up.",
+        value=int(state.broker_connected()),
+    )
+    yield GaugeMetricFamily(
+        "ocppgw_amqp_blocked",
+        "1 while RabbitMQ blocks the gateway's publishes (memory or disk alarm).",
+        value=int(state.broker_blocked()),
+    )
+    link = state.broker_link()
+    if link is not None:
+        yield from _link_families(link)
+
+
+def _validation_families(stats):
+    """Invalid and refused payloads, by version, direction and action."""
+    for name, counts, text in (
+        ("ocppgw_invalid_payloads", stats.invalid,
+         "Payloads that broke their OCPP JSON schema ([validation] warn or enforce)."),
+        ("ocppgw_refused_payloads", stats.refused,
+         "Invalid payloads refused ([validation] mode = enforce)."),
+    ):
+        family = CounterMetricFamily(name, text, labels=["version", "direction", "action"])
+        for (subprotocol, direction, action), count in sorted(counts.items()):
+            family.add_metric([subprotocol, direction, action], count)
+        yield family

@@ -91,7 +91,7 @@ class Presence:
             self._event(link, topology.ROUTING_KEY_DISCONNECTED, "disconnected", code=code)
 
     def _offline_status(self, link) -> None:
-        message_id = "ocppgw-offline-" + os.urandom(8).hex()
+        message_id = topology.OFFLINE_MESSAGE_ID_PREFIX + os.urandom(8).hex()
         body = framing.offline_status_notification(
             link.version, message_id, utc_iso(self._clock.seconds())
         )

@@ -30,6 +30,23 @@ from ocppgw.lograte import BURST, INTERVAL, RateLimitedLog
 
 _log = Logger()
 
+
+class Refused(Exception):
+    """
+    The hub will not take this charger; answered before the upgrade.
+
+    @ivar status: the HTTP status code.
+    @ivar reason: a fixed reason phrase (never charger-supplied text).
+    @ivar headers: extra response headers, as (name, value) pairs (the
+        C{WWW-Authenticate} challenge of a 401).
+    """
+
+    def __init__(self, status: int, reason: str, headers=()) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+        self.headers = tuple(headers)
+
 #: The TCP peer is not in C{[listener] trusted_proxies}: refused before a
 #: byte of its PROXY header is read.
 PROXY_UNTRUSTED = "proxy_untrusted"

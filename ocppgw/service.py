@@ -71,6 +71,44 @@ def _server_endpoint(reactor, host: str, port: int, backlog: int = 1024):
     return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
 
 
+def bridge_from_settings(settings: Settings, reactor) -> AmqpBridge:
+    """The L{AmqpBridge} the C{[amqp]} section describes."""
+    amqp = settings.amqp
+    return AmqpBridge(
+        reactor,
+        amqp.url,
+        amqp.exchange,
+        settings.amqp.node,
+        prefetch_count=amqp.prefetch_count,
+        heartbeat=amqp.heartbeat,
+        connect_timeout=amqp.connect_timeout,
+        confirm_window=amqp.confirm_window,
+        publish_channels=amqp.publish_channels,
+        consumer_channels=amqp.consumer_channels,
+        declare_channels=amqp.declare_channels,
+        failover_urls=amqp.failover_urls,
+        reconnect_max_delay=amqp.reconnect_max_delay,
+        topology_check_interval=amqp.topology_check_interval,
+    )
+
+
+def admission_from_settings(settings: Settings, reactor) -> Optional[Admission]:
+    """
+    The accept limits of C{[listener]} (shared by every listener), or
+    C{None} when there are none.
+    """
+    listener = settings.listener
+    if not (listener.accept_rate or listener.max_handshakes):
+        return None
+    return Admission(
+        reactor,
+        rate=listener.accept_rate,
+        burst=listener.accept_burst,
+        max_concurrent=listener.max_handshakes,
+        retry_after_max=listener.retry_after_max,
+    )
+
+
 class GatewayService(service.MultiService, GatewayState):
     """
     The whole gateway as one Twisted service.
@@ -100,23 +138,7 @@ class GatewayService(service.MultiService, GatewayState):
         self.settings = settings
         self._reactor = reactor
         self.node = settings.amqp.node
-        amqp = settings.amqp
-        self.bridge = bridge or AmqpBridge(
-            reactor,
-            amqp.url,
-            amqp.exchange,
-            self.node,
-            prefetch_count=amqp.prefetch_count,
-            heartbeat=amqp.heartbeat,
-            connect_timeout=amqp.connect_timeout,
-            confirm_window=amqp.confirm_window,
-            publish_channels=amqp.publish_channels,
-            consumer_channels=amqp.consumer_channels,
-            declare_channels=amqp.declare_channels,
-            failover_urls=amqp.failover_urls,
-            reconnect_max_delay=amqp.reconnect_max_delay,
-            topology_check_interval=amqp.topology_check_interval,
-        )
+        self.bridge = bridge or bridge_from_settings(settings, reactor)
         #: the last refusals and disconnects, for the status page
         self.recent = RecentEvents(reactor)
         self.metrics = Metrics(recent=self.recent)
@@ -125,16 +147,53 @@ class GatewayService(service.MultiService, GatewayState):
         self.audit = (
             AuditTrail(self.bridge, audit.exchange, self.node, reactor) if audit.enabled else None
         )
-        ocpp = settings.ocpp
-        listener, ws = settings.listener, settings.websocket
         # Compiled here, once, before anything listens: a schema that cannot
         # be loaded stops the start (SchemaError), like a bad config.
         self.validation = Validation.from_settings(
             settings.validation,
             [VERSIONS[name] for name in settings.listener.subprotocols],
         )
-        self.gateway = Gateway(
+        self.gateway = self._build_gateway()
+        # one admission for every listener: the limits are the process's
+        admission = admission_from_settings(settings, reactor)
+        #: TLS material, checkers and one authenticator per listener
+        self.security = Security(settings, reactor, threadpool=threadpool)
+        #: connections refused before the handshake, counted and logged
+        self.refusals = Refusals(reactor, self.metrics)
+        #: "tcp" and/or "ssl" -> ChargerFactory
+        self.factories = {
+            kind: self._charger_factory(kind, admission)
+            for kind in self.security.listener_kinds()
+        }
+        self.factory = next(iter(self.factories.values()))
+        self.metrics.watch(self)
+        self.admin = AdminAPI(
+            self.metrics.registry,
+            self.gateway,
+            self.readiness,
             reactor,
+            username=settings.admin.username,
+            password=settings.admin.password,
+            status=self.status,
+        )
+        self.admin_port = None
+        self._exit_on_startup_failure = exit_on_startup_failure
+        # a worker of a [listener] workers group shares its ports
+        self._reuse_port = reuse_port
+        self._reload_signal = reload_signal
+        self._previous_sighup = None
+        self.started: defer.Deferred = defer.Deferred()
+        #: the first listener's port (ws if enabled); see listening_ports
+        self.listening_port = None
+        #: "tcp" and/or "ssl" -> the bound IListeningPort
+        self.listening_ports: dict = {}
+
+    def _build_gateway(self) -> Gateway:
+        """The L{Gateway}, from C{[ocpp]}, C{[amqp]}, C{[websocket]} and C{[queue]}."""
+        settings = self.settings
+        ocpp, amqp, ws = settings.ocpp, settings.amqp, settings.websocket
+        return Gateway(
+            self._reactor,
             self.bridge,
             node=self.node,
             queue_arguments=settings.queue_arguments(),
@@ -153,76 +212,40 @@ class GatewayService(service.MultiService, GatewayState):
             metrics=self.metrics,
             audit=self.audit,
         )
-        # one admission for every listener: the limits are the process's
-        admission = None
-        if listener.accept_rate or listener.max_handshakes:
-            admission = Admission(
-                reactor,
-                rate=listener.accept_rate,
-                burst=listener.accept_burst,
-                max_concurrent=listener.max_handshakes,
-                retry_after_max=listener.retry_after_max,
-            )
-        #: TLS material, checkers and one authenticator per listener
-        self.security = Security(settings, reactor, threadpool=threadpool)
-        #: connections refused before the handshake, counted and logged
-        self.refusals = Refusals(reactor, self.metrics)
-        #: "tcp" and/or "ssl" -> ChargerFactory
-        self.factories = {}
-        for kind in self.security.listener_kinds():
-            self.factories[kind] = ChargerFactory(
-                self.gateway,
-                reactor,
-                ws_path=listener.ws_path,
-                vhost=listener.vhost or None,
-                subprotocols=listener.subprotocols,
-                max_identity_length=listener.max_identity_length,
-                max_message_size=ws.ws_opts_max_frame_size,
-                ping_interval=ws.ws_opts_idle_timeout,
-                ping_timeout=ws.ping_timeout,
-                handshake_timeout=ws.handshake_timeout,
-                close_timeout=ws.close_timeout,
-                max_connections=listener.max_connections,
-                authenticator=self.security.authenticator(kind),
-                forwarded_certificates=self.security.forwarded_certificates(kind),
-                admission=admission,
-                retry_after_max=listener.retry_after_max,
-                listener="ws" if kind == "tcp" else "wss",
-                metrics=self.metrics,
-                refusals=self.refusals,
-                default_subprotocol=(
-                    listener.default_subprotocol if kind == "tcp"
-                    else listener.ssl_default_subprotocol
-                ) or None,
-                default_subprotocol_key=(
-                    "listener.default_subprotocol" if kind == "tcp"
-                    else "listener.ssl.default_subprotocol"
-                ),
-                compress=ws.ws_opts_compress,
-            )
-        self.factory = next(iter(self.factories.values()))
-        self.metrics.watch(self)
-        admin = settings.admin
-        self.admin = AdminAPI(
-            self.metrics.registry,
+
+    def _charger_factory(self, kind: str, admission: Optional[Admission]) -> ChargerFactory:
+        """The L{ChargerFactory} of the C{tcp} or C{ssl} listener."""
+        listener, ws = self.settings.listener, self.settings.websocket
+        return ChargerFactory(
             self.gateway,
-            self.readiness,
-            reactor,
-            username=admin.username,
-            password=admin.password,
-            status=self.status,
+            self._reactor,
+            ws_path=listener.ws_path,
+            vhost=listener.vhost or None,
+            subprotocols=listener.subprotocols,
+            max_identity_length=listener.max_identity_length,
+            max_message_size=ws.ws_opts_max_frame_size,
+            ping_interval=ws.ws_opts_idle_timeout,
+            ping_timeout=ws.ping_timeout,
+            handshake_timeout=ws.handshake_timeout,
+            close_timeout=ws.close_timeout,
+            max_connections=listener.max_connections,
+            authenticator=self.security.authenticator(kind),
+            forwarded_certificates=self.security.forwarded_certificates(kind),
+            admission=admission,
+            retry_after_max=listener.retry_after_max,
+            listener="ws" if kind == "tcp" else "wss",
+            metrics=self.metrics,
+            refusals=self.refusals,
+            default_subprotocol=(
+                listener.default_subprotocol if kind == "tcp"
+                else listener.ssl_default_subprotocol
+            ) or None,
+            default_subprotocol_key=(
+                "listener.default_subprotocol" if kind == "tcp"
+                else "listener.ssl.default_subprotocol"
+            ),
+            compress=ws.ws_opts_compress,
         )
-        self.admin_port = None
-        self._exit_on_startup_failure = exit_on_startup_failure
-        # a worker of a [listener] workers group shares its ports
-        self._reuse_port = reuse_port
-        self._reload_signal = reload_signal
-        self._previous_sighup = None
-        self.started: defer.Deferred = defer.Deferred()
-        #: the first listener's port (ws if enabled); see listening_ports
-        self.listening_port = None
-        #: "tcp" and/or "ssl" -> the bound IListeningPort
-        self.listening_ports: dict = {}
 
     # -- GatewayState (read by metrics and /readyz) ------------------------
 

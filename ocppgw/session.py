@@ -7,7 +7,7 @@ charger's queue, the outcome of a publish, a timer -- and answers through a
 small L{SessionEffects} interface that the gateway implements with the real
 edge and bridge (and that the tests implement with a recorder).
 
-The rules it keeps (DESIGN §3):
+The rules it keeps (docs/architecture.md, "The rules the session keeps"):
 
 - A charger's CALL is published to C{<version>.<Action>.req}; if no queue is
   bound for it the charger gets CALLERROR C{NotImplemented}, if the broker
@@ -55,8 +55,10 @@ from twisted.logger import Logger
 
 from ocppgw import framing, topology
 from ocppgw.answers import AnswerMemory
+from ocppgw.closecodes import CloseCode
 from ocppgw.framing import BadFrame, ErrorKind, Frame, OcppVersion
 from ocppgw.outcome import Delivery, OutcomeCallback, PublishOutcome
+from ocppgw.payloads import FROM_BACKEND, FROM_CHARGER, PayloadPolicy, command_violation
 from ocppgw.validation import PayloadChecker, Violation
 
 _log = Logger()
@@ -67,16 +69,28 @@ _log = Logger()
 MAX_OPEN_CHARGER_CALLS = 16
 
 
+class OpenCalls(dict):
+    """
+    The charger's own CALLs awaiting the CSMS's answer: message id ->
+    action, oldest first, at most L{MAX_OPEN_CHARGER_CALLS}.
 
-def _remember(mapping: dict, key, value, limit: int) -> None:
+    A plain dict underneath (an empty OrderedDict costs twice as much per
+    idle charger), with no instance dict of its own.
     """
-    Put C{key} last in an insertion-ordered dict, dropping the oldest
-    entry once there are more than C{limit}.
-    """
-    mapping.pop(key, None)
-    mapping[key] = value
-    if len(mapping) > limit:
-        del mapping[next(iter(mapping))]
+
+    __slots__ = ()
+
+    def remember(self, message_id: str, action: str) -> None:
+        """Put C{message_id} last, dropping the oldest beyond the bound."""
+        self.pop(message_id, None)
+        self[message_id] = action
+        if len(self) > MAX_OPEN_CHARGER_CALLS:
+            del self[next(iter(self))]
+
+    def adopt(self, others: dict) -> None:
+        """Take over the open CALLs of a connection this one replaces."""
+        for message_id, action in others.items():
+            self.setdefault(message_id, action)
 
 
 class SessionEffects(Protocol):
@@ -139,6 +153,30 @@ class SessionEffects(Protocol):
         """Close the charger's WebSocket with C{code}."""
 
 
+class NoStats:
+    """
+    What a session counts into when nobody counts (an
+    L{ocppgw.metrics.ChargerStats} counts for the gateway).
+    """
+
+    __slots__ = ()
+
+    def frame_in(self, message_type: int, action: Optional[str]) -> None:
+        pass
+
+    def frame_out(self, message_type: int, action: Optional[str]) -> None:
+        pass
+
+    def bad_frame(self, code: str) -> None:
+        pass
+
+    def csms_call(self, seconds: float, timed_out: bool, action: str) -> None:
+        pass
+
+
+NO_STATS = NoStats()
+
+
 class _OutstandingCall:
     """
     The CSMS CALL the charger has been sent and has not answered yet.
@@ -154,199 +192,42 @@ class _OutstandingCall:
         self.sent_at = sent_at
 
 
-class _SettleRefusal:
+class FrameFaults:
     """
-    Acknowledge a refused command once the reply and the dead-letter copy
-    that tell its sender why are settled; reject it (native dead-lettering,
-    without our headers) if the dead-letter copy could not be published.
-    """
+    What a session does with the charger's frames that break the rules:
+    a malformed frame is answered as its version asks and counted (the
+    connection is closed with 1002 after C{max_bad_frames}), except a
+    malformed answer to the outstanding CSMS CALL, which is that CALL's
+    answer all the same (see the module docstring); a frame over the
+    charger's message rate is answered or dropped.
 
-    __slots__ = ("_effects", "_delivery", "_reason", "_waiting", "_failed")
-
-    def __init__(self, effects, delivery: Delivery, reason: str) -> None:
-        self._effects = effects
-        self._delivery = delivery
-        self._reason = reason
-        self._waiting = 0
-        self._failed = False
-
-    def expect(self) -> None:
-        self._waiting += 1
-
-    def unexpect(self) -> None:
-        self._waiting -= 1
-
-    def release(self) -> None:
-        self._settle()
-
-    def replied(self, outcome: PublishOutcome) -> None:
-        # A reply_to that is gone has nobody left to tell.
-        self._settle()
-
-    def dead_lettered(self, outcome: PublishOutcome) -> None:
-        if outcome is PublishOutcome.FAILED:
-            self._failed = True
-        self._settle()
-
-    def _settle(self) -> None:
-        self._waiting -= 1
-        if self._waiting:
-            return
-        if self._failed:
-            self._effects.reject(self._delivery, self._reason)
-        else:
-            self._effects.ack(self._delivery)
-
-
-#: What L{ocppgw.validation.ValidationStats} counts actions without a
-#: schema under (an action name has only letters and digits, so no real
-#: action is spelled like this).
-UNKNOWN_ACTION = "(unknown)"
-
-#: Direction words of L{ocppgw.validation.ValidationStats}.
-_FROM_CHARGER = "charger"
-_FROM_BACKEND = "backend"
-
-
-class ChargerSession:
-    """
-    The state of one connected charger, driven by events.
-
-    @ivar identity: the charger identity from the URL.
-    @ivar version: the negotiated OCPP version.
+    The base of L{ChargerSession}, kept apart so that the session reads as
+    the flow of well-formed frames; the attributes are the session's.
     """
 
-    __slots__ = (
-        "identity",
-        "version",
-        "_effects",
-        "_clock",
-        "_call_timeout",
-        "_max_bad_frames",
-        "_bad_frames",
-        "_open_charger_calls",
-        "_outstanding",
-        "_held",
-        "_ended",
-        "_answers",
-        "_checker",
-        "_invalid_logged",
-        "_stats",
-        "_max_id",
-    )
+    __slots__ = ()
 
-    def __init__(
-        self,
-        identity: str,
-        version: OcppVersion,
-        effects: SessionEffects,
-        clock,
-        call_timeout: float = 30.0,
-        max_bad_frames: int = 10,
-        checker: Optional[PayloadChecker] = None,
-        stats=None,
-        max_message_id_length: int = framing.MAX_MESSAGE_ID_LENGTH,
-    ) -> None:
-        """
-        @param clock: an L{IReactorTime} for the call timeout.
-        @param call_timeout: seconds the charger has to answer a CSMS CALL.
-        @param max_bad_frames: malformed frames tolerated before closing
-            the connection with 1002.
-        @param checker: checks payloads against the schemas of C{version};
-            C{None} checks nothing (and costs nothing).
-        @param stats: told of every frame in and out, bad frame and CSMS
-            call round trip (an L{ocppgw.metrics.ChargerStats}), or C{None}.
-        @param max_message_id_length: the longest message id accepted in
-            either direction (C{[ocpp] max_message_id_length}).
-        """
-        self.identity = identity
-        self.version = version
-        self._effects = effects
-        self._clock = clock
-        self._call_timeout = call_timeout
-        self._max_bad_frames = max_bad_frames
-        self._bad_frames = 0
-        # insertion-ordered, oldest first (a plain dict: an empty
-        # OrderedDict costs twice as much per idle charger)
-        self._open_charger_calls: dict[str, str] = {}
-        self._outstanding: Optional[_OutstandingCall] = None
-        # a list, not a deque: it holds at most prefetch_count commands, and
-        # an empty deque costs 0.7 KB per idle charger
-        self._held: list[tuple[Delivery, Frame]] = []
-        self._ended = False
-        # answers to CSMS CALLs until their commands are acknowledged, and
-        # a memory of the last ones (see ocppgw.answers)
-        self._answers = AnswerMemory(effects, clock)
-        self._checker = checker
-        # Actions whose invalid payloads this session has logged already:
-        # a charger with a quirk repeats it every few seconds, and the
-        # counters keep counting. None until the first one (memory).
-        self._invalid_logged: Optional[set] = None
-        self._stats = stats
-        self._max_id = max_message_id_length
+    identity: str
+    version: OcppVersion
+    _effects: SessionEffects
+    _clock: object
+    _stats: object
+    _ended: bool
+    _bad_frames: int
+    _max_bad_frames: int
+    _max_id: int
 
-    # -- introspection (admin, tests) -------------------------------------
+    # the session's call flow
+    def _outstanding_call_for(self, message_id) -> Optional[_OutstandingCall]:
+        raise NotImplementedError
 
-    @property
-    def outstanding_call(self) -> Optional[tuple[str, str]]:
-        """(message id, action) of the CSMS CALL awaiting the charger."""
-        if self._outstanding is None:
-            return None
-        return (self._outstanding.message_id, self._outstanding.action)
+    def _charger_answer(self, frame: Frame, data: bytes,
+                        outstanding: Optional[_OutstandingCall]) -> None:
+        raise NotImplementedError
 
-    @property
-    def held_calls(self) -> int:
-        """How many CSMS CALLs wait behind the outstanding one."""
-        return len(self._held)
-
-    # -- events from the charger ------------------------------------------
-
-    def charger_frame(self, data: bytes) -> None:
-        """
-        The charger sent a text frame.
-        """
-        frame = self._parse(data)
-        if frame is None:
-            return
-        kind = frame.message_type
-        stats = self._stats
-        if stats is not None:
-            action = frame.action
-            if action is None:
-                outstanding = self._outstanding
-                action = (
-                    outstanding.action
-                    if outstanding is not None and outstanding.message_id == frame.message_id
-                    else topology.UNKNOWN_ACTION
-                )
-            stats.frame_in(kind, action)
-        if kind == framing.CALL:
-            self._charger_call(frame, data)
-        elif kind == framing.CALLRESULT or kind == framing.CALLERROR:
-            self._charger_answer(frame, data)
-        elif kind == framing.SEND:
-            headers = None
-            if self._checker is not None:
-                violation = self._checker.request(frame.action, frame.payload)
-                if violation is not None:
-                    if self._invalid_from_charger(frame.action, violation):
-                        return  # a SEND is never answered (2.1 §4.2.4)
-                    headers = self._violation_headers(violation)
-            # SEND expects no answer, so an unroutable one has nobody to
-            # be told; it is not published mandatory.
-            self._effects.publish(
-                topology.routing_key(
-                    self.version.routing_prefix, frame.action, topology.KIND_REQUEST
-                ),
-                data,
-                frame.message_id,
-                frame.action,
-                False,
-                None,
-                headers,
-            )
-        else:  # CALLRESULTERROR: the charger refuses a CSMS answer.
-            self._publish_unmatched_answer(frame, data)
+    def _finish_outstanding(self, outstanding: _OutstandingCall, kind: str, body: bytes,
+                            extra_headers: Optional[dict]) -> None:
+        raise NotImplementedError
 
     def stop_reading(self) -> None:
         """
@@ -377,12 +258,10 @@ class ChargerSession:
                     {"reason": "rate-limit"},
                 )
             )
-        elif (
-            kind in (framing.CALLRESULT, framing.CALLERROR)
-            and self._outstanding is not None
-            and self._outstanding.message_id == frame.message_id
-        ):
-            self._charger_answer(frame, data)
+        elif kind == framing.CALLRESULT or kind == framing.CALLERROR:
+            answered = self._outstanding_call_for(frame.message_id)
+            if answered is not None:
+                self._charger_answer(frame, data, answered)
 
     def _parse(self, data: bytes) -> Optional[Frame]:
         """
@@ -395,14 +274,14 @@ class ChargerSession:
         try:
             return framing.parse_frame(data, self.version, self._max_id)
         except BadFrame as bad:
-            outstanding = self._outstanding
-            if (
-                outstanding is not None
-                and bad.message_id == outstanding.message_id
-                and bad.message_id != framing.UNKNOWN_MESSAGE_ID
+            answered = (
+                self._outstanding_call_for(bad.message_id)
+                if bad.message_id != framing.UNKNOWN_MESSAGE_ID
                 and bad.message_type in (framing.CALLRESULT, framing.CALLERROR)
-            ):
-                self._malformed_answer(outstanding, bad, data)
+                else None
+            )
+            if answered is not None:
+                self._malformed_answer(answered, bad, data)
             else:
                 self._bad_frame(bad)
             return None
@@ -424,14 +303,10 @@ class ChargerSession:
             description=bad.description,
         )
         stats = self._stats
-        if stats is not None:
-            stats.frame_in(bad.message_type, outstanding.action)
-            stats.csms_call(
-                self._clock.seconds() - outstanding.sent_at, False, outstanding.action
-            )
+        stats.frame_in(bad.message_type, outstanding.action)
+        stats.csms_call(self._clock.seconds() - outstanding.sent_at, False, outstanding.action)
         if bad.reply is not None:
-            if stats is not None:
-                stats.frame_out(framing.CALLRESULTERROR, outstanding.action)
+            stats.frame_out(framing.CALLRESULTERROR, outstanding.action)
             self._effects.send_to_charger(bad.reply)
         kind = (
             topology.KIND_ERROR
@@ -450,104 +325,126 @@ class ChargerSession:
             code=bad.code,
             description=bad.description,
         )
-        stats = self._stats
-        if stats is not None:
-            stats.bad_frame(bad.code)
+        self._stats.bad_frame(bad.code)
         if bad.reply is not None:
-            if stats is not None:
-                stats.frame_out(framing.CALLERROR, None)
+            self._stats.frame_out(framing.CALLERROR, None)
             self._effects.send_to_charger(bad.reply)
         if self._bad_frames >= self._max_bad_frames:
             self._ended = True
-            self._effects.close(1002, "Too many malformed frames")
+            self._effects.close(CloseCode.PROTOCOL_ERROR, "Too many malformed frames")
 
-    # -- validation ----------------------------------------------------------
 
-    def _violation_headers(self, violation: Violation) -> dict:
-        return {
-            topology.HEADER_VALIDATION_ERROR: violation.description,
-            topology.HEADER_VALIDATION_CODE: framing.error_code(
-                self.version, violation.kind
-            ),
-        }
+class ChargerSession(FrameFaults):
+    """
+    The state of one connected charger, driven by events.
 
-    def _report_invalid(self, direction: str, action: str, violation: Violation) -> bool:
+    @ivar identity: the charger identity from the URL.
+    @ivar version: the negotiated OCPP version.
+    """
+
+    __slots__ = (
+        "identity", "version", "_effects", "_clock", "_call_timeout", "_max_bad_frames",
+        "_bad_frames", "_open_charger_calls", "_outstanding", "_held", "_ended", "_answers",
+        "_checker", "_payloads", "_stats", "_max_id",
+    )
+
+    def __init__(
+        self,
+        identity: str,
+        version: OcppVersion,
+        effects: SessionEffects,
+        clock,
+        call_timeout: float = 30.0,
+        max_bad_frames: int = 10,
+        checker: Optional[PayloadChecker] = None,
+        stats=None,
+        max_message_id_length: int = framing.MAX_MESSAGE_ID_LENGTH,
+    ) -> None:
         """
-        Count and log an invalid payload.
-
-        @return: whether it is refused (enforce mode).
+        @param clock: an L{IReactorTime} for the call timeout.
+        @param call_timeout: seconds the charger has to answer a CSMS CALL.
+        @param max_bad_frames: malformed frames tolerated before closing
+            the connection with 1002.
+        @param checker: checks payloads against the schemas of C{version};
+            C{None} checks nothing (and costs nothing).
+        @param stats: told of every frame in and out, bad frame and CSMS
+            call round trip (an L{ocppgw.metrics.ChargerStats}), or C{None}
+            (nothing is counted).
+        @param max_message_id_length: the longest message id accepted in
+            either direction (C{[ocpp] max_message_id_length}).
         """
-        checker = self._checker
-        refused = checker.enforce
-        # Actions without a schema are counted and logged under one name:
-        # a peer can make up any number of action names, and neither the
-        # counters nor this session's memory may grow with them.
-        known = action if violation.kind is not ErrorKind.NOT_IMPLEMENTED else UNKNOWN_ACTION
-        checker.count(direction, known, refused)
-        logged = self._invalid_logged
-        if logged is None:
-            logged = self._invalid_logged = set()
-        if (direction, known) not in logged:
-            logged.add((direction, known))
-            _log.warn(
-                "Invalid {action} payload {direction} {identity} ({version}), "
-                "{outcome}: {code}: {description} (further ones of this "
-                "connection are only counted)",
-                action=action,
-                direction="from" if direction == _FROM_CHARGER else "for",
-                identity=self.identity,
-                version=self.version.subprotocol,
-                outcome="refused" if refused else "passed on",
-                code=framing.error_code(self.version, violation.kind),
-                description=framing.truncate_for_log(violation.description),
+        self.identity = identity
+        self.version = version
+        self._effects = effects
+        self._clock = clock
+        self._call_timeout = call_timeout
+        self._max_bad_frames = max_bad_frames
+        self._bad_frames = 0
+        self._open_charger_calls = OpenCalls()
+        self._outstanding: Optional[_OutstandingCall] = None
+        # a list, not a deque: it holds at most prefetch_count commands, and
+        # an empty deque costs 0.7 KB per idle charger
+        self._held: list[tuple[Delivery, Frame]] = []
+        self._ended = False
+        # answers to CSMS CALLs until their commands are acknowledged, and
+        # a memory of the last ones (see ocppgw.answers)
+        self._answers = AnswerMemory(effects, clock)
+        self._checker = checker
+        # what to do with invalid payloads: made on the first one
+        self._payloads: Optional[PayloadPolicy] = None
+        self._stats = NO_STATS if stats is None else stats
+        self._max_id = max_message_id_length
+
+    # -- introspection (admin, tests) -------------------------------------
+
+    @property
+    def outstanding_call(self) -> Optional[tuple[str, str]]:
+        """(message id, action) of the CSMS CALL awaiting the charger."""
+        if self._outstanding is None:
+            return None
+        return (self._outstanding.message_id, self._outstanding.action)
+
+    @property
+    def held_calls(self) -> int:
+        """How many CSMS CALLs wait behind the outstanding one."""
+        return len(self._held)
+
+    def _outstanding_call_for(self, message_id) -> Optional[_OutstandingCall]:
+        """
+        The outstanding CSMS CALL if its message id is C{message_id} (a
+        CALLRESULT or CALLERROR with that id is its answer), else C{None}.
+        """
+        outstanding = self._outstanding
+        if outstanding is not None and outstanding.message_id == message_id:
+            return outstanding
+        return None
+
+    # -- events from the charger ------------------------------------------
+
+    def charger_frame(self, data: bytes) -> None:
+        """
+        The charger sent a text frame.
+        """
+        frame = self._parse(data)
+        if frame is None:
+            return
+        kind = frame.message_type
+        action = frame.action
+        if action is None:  # an answer (or a 2.1 CALLRESULTERROR)
+            answered = self._outstanding_call_for(frame.message_id)
+            self._stats.frame_in(
+                kind, answered.action if answered is not None else topology.UNKNOWN_ACTION
             )
-        return refused
-
-    def _invalid_from_charger(self, action: str, violation: Violation) -> bool:
-        return self._report_invalid(_FROM_CHARGER, action, violation)
-
-    def _refuse_command(self, delivery: Delivery, frame: Frame, violation: Violation) -> None:
-        """
-        An invalid command from the back end is not sent to the charger;
-        its sender learns why: a CALLERROR to its C{reply_to}, and a copy of
-        the command with the reason in headers on the queue's dead-letter
-        exchange. With neither, it is rejected (dropped) and logged.
-        """
-        code = framing.error_code(self.version, violation.kind)
-        # Logged by the gateway: the description may quote peer-chosen names.
-        reason = framing.truncate_for_log(f"{code}: {violation.description}")
-        headers = self._violation_headers(violation)
-        settle = _SettleRefusal(self._effects, delivery, reason)
-        # One count for this function itself, released at the end: an
-        # outcome may be reported at once (broker down) and must not
-        # settle the command before every publish is started.
-        settle.expect()
-        told = False
-        if delivery.reply_to:
-            told = True
-            settle.expect()
-            self._effects.publish_reply(
-                delivery.reply_to,
-                delivery.correlation_id,
-                framing.encode_call_error(
-                    self.version,
-                    frame.message_id,
-                    violation.kind,
-                    f"Not sent to {self.identity}: {violation.description}",
-                    {"reason": "validation"},
-                ),
-                settle.replied,
-                headers,
-            )
-        settle.expect()
-        if self._effects.dead_letter(delivery, headers, settle.dead_lettered):
-            told = True
+            if kind == framing.CALLRESULT or kind == framing.CALLERROR:
+                self._charger_answer(frame, data, answered)
+            else:  # CALLRESULTERROR: the charger refuses a CSMS answer.
+                self._publish_unmatched_answer(frame, data)
+            return
+        self._stats.frame_in(kind, action)
+        if kind == framing.CALL:
+            self._charger_call(frame, data)
         else:
-            settle.unexpect()
-        if told:
-            settle.release()
-        else:
-            self._effects.reject(delivery, f"not sent to the charger: {reason}")
+            self._charger_send(frame, data)
 
     def _charger_call(self, frame: Frame, data: bytes) -> None:
         message_id = frame.message_id
@@ -556,17 +453,11 @@ class ChargerSession:
         if self._checker is not None:
             violation = self._checker.request(action, frame.payload)
             if violation is not None:
-                if self._invalid_from_charger(action, violation):
-                    if self._stats is not None:
-                        self._stats.frame_out(framing.CALLERROR, action)
-                    self._effects.send_to_charger(
-                        framing.encode_call_error(
-                            self.version, message_id, violation.kind, violation.description
-                        )
-                    )
+                headers = self._payload_policy().passes(action, violation)
+                if headers is None:
+                    self._send_error(message_id, action, violation.kind, violation.description)
                     return
-                headers = self._violation_headers(violation)
-        _remember(self._open_charger_calls, message_id, action, MAX_OPEN_CHARGER_CALLS)
+        self._open_charger_calls.remember(message_id, action)
 
         def published(outcome: PublishOutcome) -> None:
             if outcome is PublishOutcome.CONFIRMED:
@@ -575,38 +466,52 @@ class ChargerSession:
             if self._ended:
                 return
             if outcome is PublishOutcome.UNROUTABLE:
-                kind = ErrorKind.NOT_IMPLEMENTED
-                description = "No back end handles this action"
+                self._send_error(message_id, action, ErrorKind.NOT_IMPLEMENTED,
+                                 "No back end handles this action")
             else:
-                kind = ErrorKind.INTERNAL_ERROR
-                description = "The message could not be delivered; try again"
-            if self._stats is not None:
-                self._stats.frame_out(framing.CALLERROR, action)
-            self._effects.send_to_charger(
-                framing.encode_call_error(self.version, message_id, kind, description)
-            )
+                self._send_error(message_id, action, ErrorKind.INTERNAL_ERROR,
+                                 "The message could not be delivered; try again")
 
         self._effects.publish(
-            topology.routing_key(
-                self.version.routing_prefix, action, topology.KIND_REQUEST
-            ),
-            data,
-            message_id,
-            action,
-            True,
-            published,
-            headers,
+            topology.routing_key(self.version.routing_prefix, action, topology.KIND_REQUEST),
+            data, message_id, action, True, published, headers,
         )
 
-    def _charger_answer(self, frame: Frame, data: bytes) -> None:
-        outstanding = self._outstanding
-        if outstanding is None or outstanding.message_id != frame.message_id:
+    def _send_error(self, message_id: str, action: str, kind: ErrorKind,
+                    description: str) -> None:
+        """Answer the charger's CALL C{message_id} with a CALLERROR."""
+        self._stats.frame_out(framing.CALLERROR, action)
+        self._effects.send_to_charger(
+            framing.encode_call_error(self.version, message_id, kind, description)
+        )
+
+    def _charger_send(self, frame: Frame, data: bytes) -> None:
+        headers = None
+        if self._checker is not None:
+            violation = self._checker.request(frame.action, frame.payload)
+            if violation is not None:
+                headers = self._payload_policy().passes(frame.action, violation)
+                if headers is None:
+                    return  # a SEND is never answered (2.1 §4.2.4)
+        # SEND expects no answer, so an unroutable one has nobody to
+        # be told; it is not published mandatory.
+        self._effects.publish(
+            topology.routing_key(self.version.routing_prefix, frame.action, topology.KIND_REQUEST),
+            data, frame.message_id, frame.action, False, None, headers,
+        )
+
+    def _charger_answer(self, frame: Frame, data: bytes,
+                        outstanding: Optional[_OutstandingCall]) -> None:
+        """
+        A CALLRESULT or CALLERROR: C{outstanding} is the CALL it answers,
+        or C{None} when it answers nothing the session knows.
+        """
+        if outstanding is None:
             self._publish_unmatched_answer(frame, data)
             return
-        if self._stats is not None:
-            self._stats.csms_call(
-                self._clock.seconds() - outstanding.sent_at, False, outstanding.action
-            )
+        self._stats.csms_call(
+            self._clock.seconds() - outstanding.sent_at, False, outstanding.action
+        )
         if frame.message_type == framing.CALLERROR:
             headers = None
             if not framing.is_error_code(self.version, frame.error_code):
@@ -620,59 +525,44 @@ class ChargerSession:
         if self._checker is not None:
             violation = self._checker.response(outstanding.action, frame.payload)
             if violation is not None:
-                headers = self._violation_headers(violation)
-                if self._invalid_from_charger(outstanding.action, violation):
-                    self._invalid_call_result(outstanding, frame, violation, headers)
+                payloads = self._payload_policy()
+                headers = payloads.headers(violation)
+                if payloads.refuses(FROM_CHARGER, outstanding.action, violation):
+                    body = payloads.refuse_call_result(
+                        frame, outstanding.message_id, outstanding.action, violation
+                    )
+                    self._finish_outstanding(outstanding, topology.KIND_ERROR, body, headers)
                     return
         self._finish_outstanding(outstanding, topology.KIND_CONFIRMATION, data, headers)
 
-    def _invalid_call_result(
-        self,
-        outstanding: _OutstandingCall,
-        frame: Frame,
-        violation: Violation,
-        headers: dict,
-    ) -> None:
-        """
-        Enforce mode: the charger's CALLRESULT breaks the response schema.
-        2.1 refuses it with a CALLRESULTERROR (2.1 Part 4 §4.2.3); every
-        version reports it to the back end as a CALLERROR in place of the
-        answer, so the command completes and no worker reads the invalid
-        payload as an answer.
-        """
-        if self.version.has_send:
-            if self._stats is not None:
-                self._stats.frame_out(framing.CALLRESULTERROR, outstanding.action)
-            self._effects.send_to_charger(
-                framing.encode_call_result_error(
-                    self.version, frame.message_id, violation.kind, violation.description
-                )
-            )
-        body = framing.encode_call_error(
-            self.version,
-            outstanding.message_id,
-            violation.kind,
-            f"Invalid CALLRESULT from the charge point: {violation.description}",
-            {"reason": "validation"},
-        )
-        self._finish_outstanding(outstanding, topology.KIND_ERROR, body, headers)
-
     def _publish_unmatched_answer(self, frame: Frame, data: bytes) -> None:
-        kind = (
-            topology.KIND_CONFIRMATION
-            if frame.message_type == framing.CALLRESULT
-            else topology.KIND_ERROR
-        )
+        kind = (topology.KIND_CONFIRMATION if frame.message_type == framing.CALLRESULT
+                else topology.KIND_ERROR)
         self._effects.publish(
-            topology.routing_key(
-                self.version.routing_prefix, topology.UNKNOWN_ACTION, kind
-            ),
-            data,
-            frame.message_id,
-            None,
-            False,
-            None,
+            topology.routing_key(self.version.routing_prefix, topology.UNKNOWN_ACTION, kind),
+            data, frame.message_id, None, False, None,
         )
+
+    def _refused_command(self, delivery: Delivery, frame: Frame, action: str,
+                         violation: Violation) -> bool:
+        """
+        An invalid command from the back end: refused in enforce mode (and
+        then done with), passed on in warn mode.
+        """
+        payloads = self._payload_policy()
+        if not payloads.refuses(FROM_BACKEND, action, violation):
+            return False
+        # The charger's CALL stays open: a valid answer may still come.
+        payloads.refuse_command(delivery, frame, violation)
+        return True
+
+    def _payload_policy(self) -> PayloadPolicy:
+        payloads = self._payloads
+        if payloads is None:
+            payloads = self._payloads = PayloadPolicy(
+                self._checker, self.version, self.identity, self._effects, self._stats
+            )
+        return payloads
 
     # -- events from the back end -----------------------------------------
 
@@ -694,8 +584,10 @@ class ChargerSession:
             return
         kind = frame.message_type
         checker = self._checker
-        if checker is not None and self._invalid_command(delivery, frame, checker):
-            return
+        if checker is not None:
+            invalid = command_violation(checker, frame, self._open_charger_calls)
+            if invalid is not None and self._refused_command(delivery, frame, *invalid):
+                return
         if kind == framing.CALL:
             if delivery.redelivered and self._redelivered_call(delivery, frame):
                 return
@@ -710,13 +602,11 @@ class ChargerSession:
                     delivery, "answer to a CALL the charger does not have open"
                 )
                 return
-            if self._stats is not None:
-                self._stats.frame_out(kind, action)
+            self._stats.frame_out(kind, action)
             self._effects.send_to_charger(delivery.body)
             self._effects.ack(delivery)
         else:  # SEND, CALLRESULTERROR: nothing to wait for.
-            if self._stats is not None:
-                self._stats.frame_out(kind, frame.action or topology.UNKNOWN_ACTION)
+            self._stats.frame_out(kind, frame.action or topology.UNKNOWN_ACTION)
             self._effects.send_to_charger(delivery.body)
             self._effects.ack(delivery)
 
@@ -727,8 +617,8 @@ class ChargerSession:
 
         @return: whether the delivery was dealt with.
         """
-        outstanding = self._outstanding
-        if outstanding is not None and outstanding.message_id == frame.message_id:
+        outstanding = self._outstanding_call_for(frame.message_id)
+        if outstanding is not None:
             outstanding.delivery = delivery
             return True
         return self._answers.redelivered(frame.message_id, delivery)
@@ -745,38 +635,10 @@ class ChargerSession:
         self._held.clear()
         self._answers.broker_lost()
 
-    def _invalid_command(
-        self, delivery: Delivery, frame: Frame, checker: PayloadChecker
-    ) -> bool:
-        """
-        Check a frame from the back end before it goes anywhere.
-
-        @return: C{True} when it was refused (enforce mode) and is done with.
-        """
-        kind = frame.message_type
-        if kind == framing.CALL or kind == framing.SEND:
-            action = frame.action
-            violation = checker.request(action, frame.payload)
-        elif kind == framing.CALLRESULT:
-            action = self._open_charger_calls.get(frame.message_id)
-            if action is None:
-                return False  # refused below: no CALL to answer
-            violation = checker.response(action, frame.payload)
-        else:
-            return False  # errors carry no payload to check
-        if violation is None:
-            return False
-        if not self._report_invalid(_FROM_BACKEND, action, violation):
-            return False
-        # The charger's CALL stays open: a valid answer may still come.
-        self._refuse_command(delivery, frame, violation)
-        return True
-
     def _send_call(self, delivery: Delivery, frame: Frame) -> None:
         outstanding = _OutstandingCall(delivery, frame, self._clock.seconds())
         self._outstanding = outstanding
-        if self._stats is not None:
-            self._stats.frame_out(framing.CALL, frame.action)
+        self._stats.frame_out(framing.CALL, frame.action)
         self._effects.send_to_charger(delivery.body)
         outstanding.timer = self._clock.callLater(
             self._call_timeout, self._call_timed_out, outstanding
@@ -793,8 +655,7 @@ class ChargerSession:
             f"No answer from the charge point within {self._call_timeout:g} s",
             {"reason": "timeout"},
         )
-        if self._stats is not None:
-            self._stats.csms_call(self._call_timeout, True, outstanding.action)
+        self._stats.csms_call(self._call_timeout, True, outstanding.action)
         self._finish_outstanding(
             outstanding, topology.KIND_ERROR, body, {topology.HEADER_TIMEOUT: True}
         )
@@ -819,11 +680,7 @@ class ChargerSession:
         self._answers.publish(
             outstanding.message_id, routing_key, body, extra_headers, outstanding.delivery
         )
-        if not self._ended:
-            self._send_next_held()
-
-    def _send_next_held(self) -> None:
-        if self._held:
+        if not self._ended and self._held:
             delivery, frame = self._held.pop(0)
             self._send_call(delivery, frame)
 
@@ -858,5 +715,4 @@ class ChargerSession:
         """
         Take over the open CALLs of the connection this one replaces.
         """
-        for message_id, action in open_calls.items():
-            self._open_charger_calls.setdefault(message_id, action)
+        self._open_charger_calls.adopt(open_calls)

@@ -2,7 +2,7 @@
 The one rule of ocppgw's state machines: a move not in the table is a bug.
 
 The broker link (L{ocppgw.amqp.link}) and each charger's link
-(L{ocppgw.gateway}) are small state machines whose allowed moves are a
+(L{ocppgw.charger}) are small state machines whose allowed moves are a
 table, C{{state: frozenset(next states)}}, kept beside the states so that
 a reader sees the whole machine at once. Only low-frequency events (a
 connection lost, a consumer restored) move them, never a frame.

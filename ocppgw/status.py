@@ -26,7 +26,7 @@ from collections import deque
 from importlib import resources
 from typing import Iterable, Optional
 
-from ocppgw import __version__
+from ocppgw.version import VERSION
 from ocppgw.framing import truncate_for_log
 from ocppgw.logs import utc_iso
 
@@ -106,7 +106,7 @@ def snapshot(*, node: str, broker_state: str, readiness: dict, chargers: Iterabl
         by_listener[link.listener] = by_listener.get(link.listener, 0) + 1
     return {
         "node": node,
-        "version": __version__,
+        "version": VERSION,
         "time": utc_iso(now),
         "broker": broker_state,
         "ready": all(readiness.values()),

@@ -32,7 +32,7 @@ class Options(usage.Options):
     longdesc = (
         "Run the ocppgw OCPP-J gateway: chargers connect over WebSocket and "
         "every frame is bridged to RabbitMQ. Every setting lives in the INI "
-        "file; see README.md for the reference."
+        "file; see docs/configuration.md for the reference."
     )
     optParameters = [
         ["config", "c", None, "Path of the INI configuration file (defaults apply without one)."],

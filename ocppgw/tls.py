@@ -170,6 +170,17 @@ def build_context(files: TLSFiles) -> SSL.Context:
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     if password is not None:
         context.set_passwd_cb(lambda *_args: password)
+    _load_certificates(context, files)
+    if files.verify_peer:
+        _verify_clients(context, files)
+    # Each context gets its own session id context: sessions are not
+    # resumed across a reload into material they were not verified with.
+    context.set_session_id(hashlib.sha256(repr(files).encode()).digest()[:32])
+    return context
+
+
+def _load_certificates(context: SSL.Context, files: TLSFiles) -> None:
+    """The server's certificate chains and keys (the main one, and the alternative)."""
     pairs = [(files.certfile, files.keyfile)]
     if files.alt_certfile:
         pairs.append((files.alt_certfile, files.alt_keyfile))
@@ -190,39 +201,38 @@ def build_context(files: TLSFiles) -> SSL.Context:
             context.check_privatekey()
         except SSL.Error:
             raise TLSConfigError(f"{keyfile}: does not match {certfile}") from None
-    if files.verify_peer:
-        mode = SSL.VERIFY_PEER
-        if files.fail_if_no_peer_cert:
-            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-        context.set_verify(mode, _accept_verified)
-        try:
-            context.load_verify_locations(files.cacertfile)
-        except SSL.Error:
-            raise TLSConfigError(f"{files.cacertfile}: not a PEM CA bundle") from None
-        # Tell clients which CAs we accept, so a charger holding several
-        # certificates picks the right one.
-        try:
-            cas = x509.load_pem_x509_certificates(_read(files.cacertfile))
-        except ValueError:
-            raise TLSConfigError(f"{files.cacertfile}: not a PEM CA bundle") from None
-        from OpenSSL.crypto import X509
 
-        context.set_client_ca_list(
-            [X509.from_cryptography(ca).get_subject() for ca in cas]
-        )
-        if files.crlfile:
-            store = context.get_cert_store()
-            data = _read(files.crlfile)
-            crls = _load_crls(files.crlfile, data)
-            for crl in crls:
-                store.add_crl(crl)
-            from OpenSSL.crypto import X509StoreFlags
 
-            store.set_flags(X509StoreFlags.CRL_CHECK)
-    # Each context gets its own session id context: sessions are not
-    # resumed across a reload into material they were not verified with.
-    context.set_session_id(hashlib.sha256(repr(files).encode()).digest()[:32])
-    return context
+def _verify_clients(context: SSL.Context, files: TLSFiles) -> None:
+    """Client certificates: the CA bundle that issues them, and the CRL."""
+    mode = SSL.VERIFY_PEER
+    if files.fail_if_no_peer_cert:
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    context.set_verify(mode, _accept_verified)
+    try:
+        context.load_verify_locations(files.cacertfile)
+    except SSL.Error:
+        raise TLSConfigError(f"{files.cacertfile}: not a PEM CA bundle") from None
+    # Tell clients which CAs we accept, so a charger holding several
+    # certificates picks the right one.
+    try:
+        cas = x509.load_pem_x509_certificates(_read(files.cacertfile))
+    except ValueError:
+        raise TLSConfigError(f"{files.cacertfile}: not a PEM CA bundle") from None
+    from OpenSSL.crypto import X509
+
+    context.set_client_ca_list(
+        [X509.from_cryptography(ca).get_subject() for ca in cas]
+    )
+    if files.crlfile:
+        store = context.get_cert_store()
+        data = _read(files.crlfile)
+        crls = _load_crls(files.crlfile, data)
+        for crl in crls:
+            store.add_crl(crl)
+        from OpenSSL.crypto import X509StoreFlags
+
+        store.set_flags(X509StoreFlags.CRL_CHECK)
 
 
 def _load_crls(path: str, data: bytes) -> list:

@@ -1,8 +1,8 @@
 """
 The names ocppgw uses in RabbitMQ: the one place that spells them.
 
-Back-end workers in any language depend on these strings (see the README's
-"AMQP contract"), so they are defined once here and nowhere else:
+Back-end workers in any language depend on these strings (see
+docs/amqp-contract.md), so they are defined once here and nowhere else:
 
 - every charger frame goes to the OCPP exchange with routing key
   ``<version>.<Action>.<kind>`` (``ocpp16.BootNotification.req``);
@@ -59,6 +59,36 @@ HEADER_VALIDATION_CODE = "x-ocppgw-validation-code"
 #: ``app_id`` property of everything ocppgw publishes.
 APP_ID = "ocppgw"
 
+#: The default exchange, which routes by queue name: replies to a
+#: command's ``reply_to`` (also RabbitMQ's direct reply-to) go there.
+DEFAULT_EXCHANGE = ""
+
+#: RabbitMQ's direct reply-to pseudo-queue: a back end that sets it as a
+#: command's ``reply_to`` gets the charger's answer on its own channel.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+#: ``message_id`` prefix of the offline StatusNotification the gateway
+#: publishes for a charger that went away (followed by random hex).
+OFFLINE_MESSAGE_ID_PREFIX = "ocppgw-offline-"
+
+#: Routing key of the sentinel's binding into the OCPP exchange (nothing
+#: is published to the sentinel, so it only has to be a valid key).
+SENTINEL_ROUTING_KEY = "sentinel"
+
+#: The audit trail (see L{ocppgw.audit}): the header naming the direction
+#: of an audited frame, and its values, which are also the last word of
+#: the audit routing key ``<identity>.<direction>``.
+AUDIT_HEADER_DIRECTION = "x-ocppgw-direction"
+#: Header with the time the gateway saw an audited frame (ms since the epoch).
+AUDIT_HEADER_TIME = "x-ocppgw-time"
+AUDIT_IN = "in"
+AUDIT_OUT = "out"
+AUDIT_EVENT = "event"
+
+#: ``product`` of every AMQP connection ocppgw opens (client properties,
+#: shown in the broker's management UI).
+PRODUCT = "ocppgw"
+
 
 def charger_queue(identity: str) -> str:
     """
@@ -86,6 +116,41 @@ def routing_key(routing_prefix: str, action: str, kind: str) -> str:
     impersonate another version or kind.
     """
     return f"{routing_prefix}.{action}.{kind}"
+
+
+def audit_routing_key(identity: str, direction: str) -> str:
+    """
+    C{<identity>.<in|out|event>}: the audit trail's routing key. The
+    identity is one topic word, so C{<identity>.#} selects one charger.
+    """
+    return f"{identity}.{direction}"
+
+
+def client_properties(connection_name: str) -> dict:
+    """
+    The AMQP client properties of a connection called C{connection_name}
+    (the broker shows both in its management UI).
+    """
+    return {"connection_name": connection_name, "product": PRODUCT}
+
+
+def gateway_connection_name(node: str) -> str:
+    """The name of gateway process C{node}'s broker connection."""
+    return f"ocppgw {node}"
+
+
+#: The name of the short connection that checks a charger's credentials
+#: against the broker (the C{amqp} credentials checker).
+LOGIN_CHECK_CONNECTION_NAME = "ocppgw login check"
+
+
+def consumer_tag_prefix(channel_number: int, token: str) -> str:
+    """
+    The start of the consumer tags on one consumer channel: unique on the
+    channel, and telling in the broker's management UI whose consumer it
+    is; a counter follows it.
+    """
+    return f"ocppgw.{channel_number}.{token}."
 
 
 def control_exchange(exchange: str) -> str:

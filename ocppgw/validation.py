@@ -404,6 +404,14 @@ def compile_schemas(
     return Schemas(requests, responses, directory)
 
 
+#: What L{ValidationStats} counts actions without a schema under. An
+#: action name has only letters and digits, so no real action is spelled
+#: like this. Not to be mistaken for L{ocppgw.topology.UNKNOWN_ACTION}, the
+#: routing-key word of an answer whose CALL is unknown: this one never
+#: reaches the broker.
+NO_SCHEMA_ACTION = "(unknown)"
+
+
 class ValidationStats:
     """
     How many payloads broke their schemas, for logs and metrics.
@@ -411,7 +419,7 @@ class ValidationStats:
     @ivar invalid: C{(subprotocol, direction, action)} -> count of invalid
         payloads seen, in every mode; C{direction} is C{"charger"} for
         frames from chargers, C{"backend"} for frames for them; actions
-        without a schema are counted as C{"(unknown)"} (the session does
+        without a schema are counted as L{NO_SCHEMA_ACTION} (the session does
         that: made-up names must not grow the counters).
     @ivar refused: the same, counting those that were refused (enforce).
     """

@@ -21,7 +21,7 @@ import orjson
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from tests.test_handshake import HttpResponse
+from tests.rawhttp import HttpResponse
 
 _TEXT, _CLOSE, _PING, _PONG = 0x1, 0x8, 0x9, 0xA
 #: the empty block every permessage-deflate message ends with (RFC 7692 §7.2.1)

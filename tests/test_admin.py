@@ -10,46 +10,12 @@ import base64
 from urllib.parse import quote
 
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, threads
-from twisted.web.client import Agent, readBody
-from twisted.web.http_headers import Headers
 
 from ocppgw.testing import FakeCharger, ChargerClosed
-from tests.support import GatewayTestCase
-from tests.test_amqp import close_broker_connections
+from tests.support import GatewayTestCase, close_broker_connections, http, samples, value
 
 BOOT_16 = {"chargePointVendor": "Example", "chargePointModel": "Wallbox"}
-
-
-@defer.inlineCallbacks
-def http(port: int, path: str, method: bytes = b"GET", headers: dict | None = None):
-    """
-    One request to the admin listener: (status, headers, body bytes).
-    """
-    agent = Agent(reactor)
-    response = yield agent.request(
-        method,
-        f"http://127.0.0.1:{port}{path}".encode("ascii"),
-        Headers({k: [v] for k, v in (headers or {}).items()}),
-    )
-    body = yield readBody(response)
-    return response.code, response.headers, body
-
-
-def samples(text: bytes) -> dict:
-    """
-    The scraped samples as {(name, ((label, value), ...)): value}.
-    """
-    found = {}
-    for family in text_string_to_metric_families(text.decode("utf-8")):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
-def value(scraped: dict, name: str, **labels) -> float:
-    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def link_down_and_up(bridge) -> tuple[defer.Deferred, defer.Deferred]:

@@ -19,7 +19,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from ocppgw import auth
-from ocppgw.edge import Refused
+from ocppgw.refusals import Refused
 from ocppgw.testing import FakeCharger, amqp_url, basic_auth, unique_name
 from ocppgw.tls import CertificateIdentity
 from tests import rawclient

@@ -16,8 +16,7 @@ from twisted.trial import unittest
 
 from ocppgw import cli
 from ocppgw.testing import amqp_url, unique_name
-from tests.support import GatewayTestCase, delete_exchange
-from tests.test_service import REPO
+from tests.support import REPO, GatewayTestCase, delete_exchange
 
 BAD_CONFIG = "[listener]\ntcp.port = 70000\n"
 

@@ -8,11 +8,7 @@ reset as a session the server broke off.
 from __future__ import annotations
 
 from twisted.internet import defer, threads
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.trial import unittest
 
-from ocppgw.edge import ChargerFactory
 from tests import rawclient
 from tests.support import GatewayTestCase
 
@@ -76,61 +72,3 @@ class CleanCloseTests(GatewayTestCase):
 
         opcode, body, how = yield threads.deferToThread(run)
         self.assertEqual((opcode, body[:2], how), (0x8, b"\x03\xe8", "fin"))
-
-
-class _Hub:
-    def __init__(self):
-        self.closed = []
-
-    def charger_closed(self, edge, code, reason):
-        self.closed.append(code)
-
-
-class _StuckTransport(StringTransport):
-    """A transport whose graceful close never completes (nothing is read)."""
-
-    def __init__(self):
-        super().__init__()
-        self.aborted = False
-
-    def abortConnection(self):
-        self.aborted = True
-
-    def unregisterProducer(self):
-        self.producer = None
-
-
-class CloseFallbackTests(unittest.SynchronousTestCase):
-    """
-    In memory: a graceful close the charger does not let go of is aborted
-    after the close timeout, and not before.
-    """
-
-    def setUp(self):
-        self.clock = Clock()
-        self.factory = ChargerFactory(_Hub(), self.clock, close_timeout=5.0)
-        self.protocol = self.factory.buildProtocol(None)
-        self.transport = _StuckTransport()
-        self.protocol.makeConnection(self.transport)
-
-    def test_abortAfterCloseTimeout(self):
-        self.protocol.wasClean = True
-        self.protocol.dropConnection(abort=True)
-        self.assertTrue(self.transport.disconnecting)
-        self.assertFalse(self.transport.aborted)
-        self.clock.advance(4.9)
-        self.assertFalse(self.transport.aborted)
-        self.clock.advance(0.4)
-        self.assertTrue(self.transport.aborted)
-
-    def test_noAbortOnceClosed(self):
-        self.protocol.wasClean = True
-        self.protocol.dropConnection(abort=True)
-        self.protocol.connectionLost()
-        self.clock.advance(10)
-        self.assertFalse(self.transport.aborted)
-
-    def test_uncleanDropAbortsAtOnce(self):
-        """Anything else that aborts (a ping timeout) still does."""
-        self.protocol.dropConnection(abort=True)
-        self.assertTrue(self.transport.aborted)

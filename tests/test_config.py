@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 #: when the gateway starts, not by the configuration).
 A_FILE = str(ROOT / "setup.cfg")
 
-#: An INI file that sets every key to a value other than its default.
+#: An INI file that sets every key to a value other than its default,
+#: except the keys of classic queues only (L{EVERY_KEY} has quorum queues):
+#: L{CLASSIC_QUEUE_KEYS} sets those.
 EVERY_KEY = f"""\
 [listener]
 tcp.ip = ::1
@@ -162,6 +164,16 @@ class ParseErrorMixin:
         self.assertEqual(error.problems, expected)
 
 
+#: The keys that apply to classic queues only, set to other than their defaults.
+CLASSIC_QUEUE_KEYS = """\
+[queue]
+x-queue-type = classic
+x-queue-version = 2
+x-queue-mode = lazy
+"""
+CLASSIC_ONLY = ("x-queue-version", "x-queue-mode")
+
+
 class DefaultsTests(SynchronousTestCase):
     """An empty file gives the documented defaults."""
 
@@ -253,6 +265,8 @@ class DefaultsTests(SynchronousTestCase):
             settings.queue,
             config.QueueSettings(
                 x_queue_type="classic",
+                x_queue_version=0,
+                x_queue_mode="",
                 x_message_ttl=300000,
                 x_expires=604800000,
                 x_dead_letter_exchange="",
@@ -418,6 +432,8 @@ class EveryKeyTests(SynchronousTestCase):
             settings.queue,
             config.QueueSettings(
                 x_queue_type="quorum",
+                x_queue_version=0,
+                x_queue_mode="",
                 x_message_ttl=0,
                 x_expires=60000,
                 x_dead_letter_exchange="ocpp.dead",
@@ -446,9 +462,12 @@ class EveryKeyTests(SynchronousTestCase):
 
     def test_everyKeyIsCovered(self) -> None:
         """L{EVERY_KEY} really sets every key to something else than the default."""
-        settings, default = config.parse(EVERY_KEY), config.defaults()
+        every, classic = config.parse(EVERY_KEY), config.parse(CLASSIC_QUEUE_KEYS)
+        default = config.defaults()
         for section in config.SECTIONS:
             for option in section.options:
+                settings = (classic if section.name == "queue" and option.key in CLASSIC_ONLY
+                            else every)
                 self.assertNotEqual(
                     getattr(getattr(settings, section.name), option.field),
                     getattr(getattr(default, section.name), option.field),
@@ -543,6 +562,19 @@ class QueueArgumentsTests(SynchronousTestCase):
             }
         )
         self.assertEqual(settings.queue_arguments(), {"x-queue-type": "classic"})
+
+    def test_classicQueueArguments(self) -> None:
+        """The storage version and mode of classic queues go out as integer and word."""
+        self.assertEqual(
+            config.parse(CLASSIC_QUEUE_KEYS).queue_arguments(),
+            {
+                "x-queue-type": "classic",
+                "x-queue-version": 2,
+                "x-queue-mode": "lazy",
+                "x-message-ttl": 300000,
+                "x-expires": 604800000,
+            },
+        )
 
     def test_everyArgument(self) -> None:
         self.assertEqual(
@@ -804,6 +836,35 @@ class RefusalTests(ParseErrorMixin, SynchronousTestCase):
             "queue.x-queue-type: stream is not one of classic, quorum",
         )
 
+    def test_badQueueVersion(self) -> None:
+        self.assertRefused(
+            {"queue": {"x-queue-version": "3"}},
+            "queue.x-queue-version: 3 is not an integer from 0 to 2",
+        )
+
+    def test_badQueueMode(self) -> None:
+        self.assertRefused(
+            {"queue": {"x-queue-mode": "Lazy"}},
+            "queue.x-queue-mode: Lazy is not one of empty, default, lazy",
+        )
+
+    def test_classicArgumentsOfQuorumQueues(self) -> None:
+        """
+        RabbitMQ refuses C{x-queue-version} and C{x-queue-mode} for quorum
+        queues (PRECONDITION_FAILED on every charger's declare): refused at
+        start instead, each naming its key.
+        """
+        error = self.assertRaises(
+            ConfigError, config.settings_from_dict,
+            {"queue": {"x-queue-type": "quorum", "x-queue-version": "2", "x-queue-mode": "lazy"}},
+        )
+        self.assertEqual(error.problems, (
+            "queue.x-queue-version: applies to classic queues only, not to "
+            "x-queue-type = quorum (leave it empty or 0)",
+            "queue.x-queue-mode: applies to classic queues only, not to "
+            "x-queue-type = quorum (leave it empty or 0)",
+        ))
+
     def test_badUrl(self) -> None:
         for url, reason in [
             ("http://h/", "http://h/ is not an amqp:// or amqps:// URL"),
@@ -984,7 +1045,10 @@ class MaskUrlTests(SynchronousTestCase):
 
 
 class GeneratedDocsTests(SynchronousTestCase):
-    """The shipped INI file and the README table come from the option table."""
+    """
+    The shipped INI file and the documentation's reference tables come from
+    the option table.
+    """
 
     def test_shippedIniIsGenerated(self) -> None:
         """
@@ -994,13 +1058,18 @@ class GeneratedDocsTests(SynchronousTestCase):
         shipped = (ROOT / "etc" / "ocppgw.ini").read_text(encoding="utf-8")
         self.assertEqual(shipped, config.render_ini())
 
-    def test_readmeHasTheReferenceTable(self) -> None:
+    def test_docsHaveTheReferenceTable(self) -> None:
         """
-        The README's configuration reference is the generated table; after
-        changing the option table, paste C{python -m ocppgw.config --markdown}.
+        The configuration page of the documentation is the generated table:
+        docs/_ext/optiontable.py puts C{python -m ocppgw.config --markdown}
+        in place of the page's marker line when the site is built
+        (tests/test_docs.py builds it).
         """
-        readme = (ROOT / "README.md").read_text(encoding="utf-8")
-        self.assertIn(config.render_markdown().strip(), readme)
+        from tests.test_docs import option_table_extension
+
+        page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+        built = option_table_extension().with_tables(page)
+        self.assertIn(config.render_markdown().strip(), built)
 
     def test_shippedIniIsDefaults(self) -> None:
         self.assertEqual(config.load(ROOT / "etc" / "ocppgw.ini"), config.defaults())

@@ -1,5 +1,5 @@
 """
-The AMQP contract of DESIGN §3, end to end: real gateway, real broker,
+The AMQP contract (docs/amqp-contract.md), end to end: real gateway, real broker,
 real WebSocket chargers (L{FakeCharger}), a back end on a real queue.
 """
 
@@ -373,6 +373,36 @@ class ConflictingQueueTests(GatewayTestCase):
         )
         command = yield neighbour.next_call()
         self.assertEqual(command[1], "n1")
+
+
+class ClassicQueueStorageTests(GatewayTestCase):
+    """
+    C{[queue] x-queue-version} and C{x-queue-mode} reach the broker: the
+    charger's queue holds them (RabbitMQ refuses a redeclare that differs
+    in either), and commands flow through such a queue.
+    """
+
+    settings = {"queue": {"x-queue-version": "2", "x-queue-mode": "lazy"}}
+    declared = {"x-queue-type": "classic", "x-queue-version": 2, "x-queue-mode": "lazy",
+                "x-message-ttl": 300000, "x-expires": 600000}
+
+    @defer.inlineCallbacks
+    def test_queue_declared_with_version_and_mode(self):
+        identity = self.identity()
+        charger = yield self.connect(identity)
+        client = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
+        self.addCleanup(client.close)
+        queue = "ocpp." + identity
+        yield client._channel.queue_declare(queue, durable=True, arguments=self.declared)
+        for key, other in (("x-queue-version", 1), ("x-queue-mode", "default")):
+            channel = yield client._connection.channel()
+            refused = channel.queue_declare(
+                queue, durable=True, arguments={**self.declared, key: other})
+            failure = yield self.assertFailure(refused, Exception)
+            self.assertIn(f"inequivalent arg '{key}'", str(failure))
+        yield self.backend.send_to_charger(identity, [2, "c1", "Reset", {"type": "Soft"}])
+        command = yield charger.next_call()
+        self.assertEqual(command[1], "c1")
 
 
 class ReplacementTests(GatewayTestCase):

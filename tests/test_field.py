@@ -5,7 +5,7 @@ running gateway with the real broker behind it.
 Each quirk is sent as the bytes such a charger sends (a hand-written
 opening handshake where a WebSocket library would refuse to produce it,
 see L{tests.rawcharger}); the source that shows a charger doing it is
-named in the README's "Field compatibility" table. Each class also shows
+named in the table of docs/field-compatibility.md. Each class also shows
 that the quirk changes nothing about who a charger is: no identity
 taken over, no authentication skipped, no wildcard reached.
 """
@@ -18,15 +18,12 @@ import zlib
 
 import orjson
 from twisted.internet import defer, reactor, task
-from twisted.logger import globalLogPublisher
 
 from ocppgw import topology
 from ocppgw.testing import FakeCharger
 from tests.rawcharger import RawCharger, open_raw, request
-from tests.support import GatewayTestCase
-from tests.test_handshake import raw_request, websocket_key
-from tests.test_ocpp_clients import as_deferred
-from tests.test_security import SecurityTestCase, _add_password
+from tests.rawhttp import raw_request, websocket_key
+from tests.support import GatewayTestCase, LogCapture, SecurityTestCase, add_password, as_deferred
 
 BOOT_16 = {"chargePointVendor": "V", "chargePointModel": "M"}
 BOOT_ANSWER = {"currentTime": "2026-01-01T00:00:00Z", "interval": 300, "status": "Accepted"}
@@ -50,18 +47,6 @@ def upgrade_headers(port: int, *, protocol="ocpp1.6", connection="Upgrade", extr
         ("Sec-WebSocket-Protocol", protocol),
     ]
     return [(name, value) for name, value in headers if value is not None] + list(extra)
-
-
-class LogCapture:
-    """Events logged while a test runs."""
-
-    def __init__(self, testcase) -> None:
-        self.events: list = []
-        globalLogPublisher.addObserver(self.events.append)
-        testcase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
-    def with_event(self, event: str) -> list:
-        return [e for e in self.events if e.get("event") == event]
 
 
 class FieldTestCase(GatewayTestCase):
@@ -689,13 +674,13 @@ class AuthTests(SecurityTestCase):
         self.passwords = os.path.join(self.directory, "passwords")
         self.colon_id = self.identity("PC")
         self.colon_password = b"pa:ss:w0rd"
-        _add_password(self.passwords, self.colon_id, self.colon_password)
+        add_password(self.passwords, self.colon_id, self.colon_password)
         # a 1.6 AuthorizationKey: 20 raw bytes, a ':' (0x3a) among them,
         # not valid UTF-8
         self.key_id = self.identity("PK")
         self.key16 = bytes.fromhex("3aff00") + bytes.fromhex("3a") * 2 + bytes(range(200, 215))
         self.assertEqual(len(self.key16), 20)
-        _add_password(self.passwords, self.key_id, self.key16, hex_=True)
+        add_password(self.passwords, self.key_id, self.key16, hex_=True)
         return {
             "listener": {"tcp.profile": "1", "default_subprotocol": "ocpp1.6"},
             "websocket": {"ws_opts.compress": "true"},

@@ -16,8 +16,7 @@ from twisted.internet import defer, threads
 from twisted.logger import LogLevel
 
 from tests import rawclient
-from tests.test_field import LogCapture
-from tests.test_security import SERVER_NAME, SecurityTestCase, _add_password
+from tests.support import SERVER_NAME, LogCapture, SecurityTestCase, add_password
 
 
 def pinned_context(cafile: str, version: ssl.TLSVersion) -> ssl.SSLContext:
@@ -48,7 +47,7 @@ class LegacyTlsTests(SecurityTestCase):
     def security_settings(self):
         self.passwords = os.path.join(self.directory, "passwords")
         self.charger_id = self.identity("LT")
-        _add_password(self.passwords, self.charger_id, b"old-stack-password")
+        add_password(self.passwords, self.charger_id, b"old-stack-password")
         server = self.pki.issue(SERVER_NAME, server=True, kind="rsa")
         return {
             "listener": {

@@ -1,5 +1,5 @@
 """
-The charger side of the contract (DESIGN §2), over real TCP against a
+The charger side of the contract (docs/connecting.md), over real TCP against a
 running gateway.
 
 Exact HTTP statuses and headers are checked with a hand-written HTTP/1.1
@@ -10,249 +10,22 @@ real WebSocket clients (L{FakeCharger} and small autobahn protocols).
 
 from __future__ import annotations
 
-import base64
-import gc
-import hashlib
 import os
-from typing import Optional
 
 import autobahn
 import orjson
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from ocppgw.testing import FakeCharger
-from tests.support import GatewayTestCase
+from tests.rawhttp import HttpResponse, raw_request, upgrade_request
+from tests.support import GatewayTestCase, RawHandshakeMixin, SilentClient
 
-#: RFC 6455 §1.3: the GUID the server appends to the key for the accept hash.
-_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-#: How long a single raw HTTP exchange may take; far below the test timeout.
-_RAW_TIMEOUT = 5.0
 
 def _heartbeat_answer(message, payload):
     return {"currentTime": "2026-01-01T00:00:00Z"}
-
-
-# -- a raw HTTP client -------------------------------------------------------
-
-
-class HttpResponse:
-    """
-    The head of an HTTP response as it came over the wire.
-
-    @ivar status: the status code.
-    @ivar reason: the reason phrase, exactly as sent.
-    @ivar headers: C{(lower-cased name, value)} pairs in wire order.
-    @ivar raw: every byte received.
-    """
-
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-        head = raw.split(b"\r\n\r\n", 1)[0].decode("iso-8859-1")
-        status_line, *header_lines = head.split("\r\n")
-        version, status, *reason = status_line.split(" ", 2)
-        if not version.startswith("HTTP/"):
-            raise ValueError(f"not an HTTP response: {raw[:80]!r}")
-        self.status = int(status)
-        self.reason = reason[0] if reason else ""
-        self.headers: list[tuple[str, str]] = []
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            self.headers.append((name.strip().lower(), value.strip()))
-
-    def header(self, name: str) -> Optional[str]:
-        """The value of the first header called C{name}, or C{None}."""
-        for key, value in self.headers:
-            if key == name.lower():
-                return value
-        return None
-
-    def header_names(self) -> set[str]:
-        return {name for name, _ in self.headers}
-
-    def __repr__(self) -> str:
-        return f"<HttpResponse {self.status} {self.reason!r} {self.headers!r}>"
-
-
-class _RawHttpClient(protocol.Protocol):
-    """
-    Sends one request and collects the response head.
-
-    Once the header block is complete the connection is ended: after a 101
-    with a masked WebSocket close frame (so the gateway finishes a clean
-    close handshake and drops TCP), otherwise by closing TCP. C{done} fires
-    with the L{HttpResponse} when the connection is gone, so nothing is
-    left half-open when the test ends.
-    """
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.received = b""
-        self.response: Optional[HttpResponse] = None
-        self.done: defer.Deferred = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.response is not None:
-            return  # the close frame and whatever follows the head
-        self.received += data
-        if b"\r\n\r\n" not in self.received:
-            return
-        try:
-            self.response = HttpResponse(self.received)
-        except Exception:
-            self.done.errback()
-            self.transport.abortConnection()
-            return
-        if self.response.status == 101:
-            self.transport.write(_masked_close_frame(1000))
-        else:
-            self.transport.loseConnection()
-
-    def connectionLost(self, reason) -> None:
-        if self.done.called:
-            return
-        if self.response is not None:
-            self.done.callback(self.response)
-        elif self.received:
-            self.done.errback(ValueError(f"incomplete answer: {self.received[:200]!r}"))
-        else:
-            self.done.errback(ValueError("the server closed without an answer"))
-
-
-def _masked_close_frame(code: int) -> bytes:
-    """A client-to-server close frame (RFC 6455 §5.5.1), masked as §5.3 asks."""
-    payload = code.to_bytes(2, "big")
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x88, 0x80 | len(payload)]) + mask + masked
-
-
-def websocket_key() -> str:
-    return base64.b64encode(os.urandom(16)).decode("ascii")
-
-
-def upgrade_request(
-    port: int,
-    path: str,
-    protocols: Optional[str] = "ocpp1.6",
-    key: Optional[str] = None,
-    upgrade: bool = True,
-    extensions: Optional[str] = None,
-) -> bytes:
-    """
-    A hand-written HTTP/1.1 request for C{path}, sent byte for byte.
-
-    @param protocols: the raw C{Sec-WebSocket-Protocol} value; C{None}
-        leaves the header out, C{""} sends it empty.
-    @param upgrade: C{False} makes it a plain GET with no upgrade headers.
-    @param extensions: a C{Sec-WebSocket-Extensions} value to offer.
-    """
-    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
-    if upgrade:
-        lines += [
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key or websocket_key()}",
-            "Sec-WebSocket-Version: 13",
-        ]
-        if protocols is not None:
-            lines.append(f"Sec-WebSocket-Protocol: {protocols}")
-        if extensions is not None:
-            lines.append(f"Sec-WebSocket-Extensions: {extensions}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1")
-
-
-def raw_request(port: int, request: bytes) -> defer.Deferred:
-    """
-    Send C{request} over a new TCP connection; fires with an L{HttpResponse}
-    once the connection is closed, or fails after L{_RAW_TIMEOUT} seconds
-    (and the connection is aborted, so the gateway sees it go).
-    """
-    client = _RawHttpClient(request)
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
-    connected = connectProtocol(endpoint, client)
-
-    def not_connected(failure):
-        if not client.done.called:
-            client.done.errback(failure)
-
-    connected.addErrback(not_connected)
-
-    def give_up():
-        if not client.done.called:
-            client.done.errback(
-                defer.TimeoutError(
-                    f"no complete answer in {_RAW_TIMEOUT} s; got {client.received[:200]!r}"
-                )
-            )
-        if client.transport is not None:
-            client.transport.abortConnection()
-
-    timer = reactor.callLater(_RAW_TIMEOUT, give_up)
-
-    def stop_timer(result):
-        if timer.active():
-            timer.cancel()
-        return result
-
-    return client.done.addBoth(stop_timer)
-
-
-class RawHandshakeMixin:
-    """
-    Raw handshake helpers for a L{GatewayTestCase}.
-    """
-
-    def setUp(self):
-        # A failure inside autobahn's handshake callbacks is logged when its
-        # Deferred is garbage-collected; collect once the gateway is gone
-        # (this cleanup runs after GatewayTestCase's) so that it is blamed
-        # on the test that caused it.
-        self.addCleanup(gc.collect)
-        return super().setUp()
-
-    def handshake(self, path: str, protocols: Optional[str] = "ocpp1.6", **kw):
-        return raw_request(self.port, upgrade_request(self.port, path, protocols, **kw))
-
-    @defer.inlineCallbacks
-    def assertRefused(self, path: str, status: int = 400, protocols="ocpp1.6"):
-        """
-        The handshake for C{path} is answered with C{status} and no upgrade.
-        """
-        response = yield self.handshake(path, protocols)
-        self.assertEqual(
-            response.status, status, f"{path!r} offering {protocols!r}: {response!r}"
-        )
-        self.assertIsNone(response.header("sec-websocket-accept"))
-        return response
-
-    @defer.inlineCallbacks
-    def assertUpgraded(self, path: str, protocols="ocpp1.6"):
-        """
-        The handshake for C{path} is answered with 101 and a correct accept
-        key; returns the response.
-        """
-        key = websocket_key()
-        response = yield self.handshake(path, protocols, key=key)
-        self.assertEqual(
-            response.status, 101, f"{path!r} offering {protocols!r}: {response!r}"
-        )
-        expected = base64.b64encode(
-            hashlib.sha1(key.encode("ascii") + _WEBSOCKET_GUID).digest()
-        ).decode("ascii")
-        self.assertEqual(response.header("sec-websocket-accept"), expected)
-        return response
-
-    def own(self, identity: str) -> str:
-        """Have the queue of a hand-made identity deleted after the test."""
-        self._identities.append(identity)
-        return identity
 
 
 # -- identities --------------------------------------------------------------
@@ -261,7 +34,8 @@ class RawHandshakeMixin:
 class IdentityTests(RawHandshakeMixin, GatewayTestCase):
     """
     The identity is the last path segment, percent-decoded, and is refused
-    with 400 before the upgrade when it could break routing (DESIGN §2).
+    with 400 before the upgrade when it could break routing
+    (docs/connecting.md).
     """
 
     timeout = 20
@@ -388,7 +162,8 @@ class IdentityTests(RawHandshakeMixin, GatewayTestCase):
     def test_reason_never_echoes_identity(self):
         """
         A refused identity is never echoed: a decoded C{%0D%0A} in the
-        status line would inject headers (PITFALLS, autobahn).
+        status line would inject headers (docs/architecture.md, "autobahn
+        and Twisted").
         """
         response = yield self.assertRefused("/ocpp/EVIL%0D%0AX-Injected:%20yes")
         self.assertNotIn(b"X-Injected", response.raw)
@@ -406,7 +181,7 @@ class IdentityTests(RawHandshakeMixin, GatewayTestCase):
 class SubprotocolTests(RawHandshakeMixin, GatewayTestCase):
     """
     The subprotocol is the first the charger offers that is enabled; no
-    acceptable one is a 400 before the upgrade (DESIGN §2).
+    acceptable one is a 400 before the upgrade (docs/connecting.md).
     """
 
     timeout = 20
@@ -505,7 +280,7 @@ class DisabledSubprotocolTests(RawHandshakeMixin, GatewayTestCase):
 class HttpTests(RawHandshakeMixin, GatewayTestCase):
     """
     Plain HTTP gets 426, and no response names the server software
-    (DESIGN §2, PITFALLS autobahn).
+    (docs/connecting.md; docs/architecture.md, "autobahn and Twisted").
     """
 
     timeout = 20
@@ -586,7 +361,8 @@ class _FrameTestsBase(GatewayTestCase):
 class MessageSizeTests(_FrameTestsBase):
     """
     A message over C{ws_opts.max_frame_size} closes the connection with
-    1009, not a TCP drop (DESIGN §2 limits, PITFALLS failByDrop).
+    1009, not a TCP drop (docs/connecting.md; docs/architecture.md on
+    C{failByDrop}).
     """
 
     settings = {"websocket": {"ws_opts.max_frame_size": "2048"}}
@@ -621,7 +397,7 @@ class MessageSizeTests(_FrameTestsBase):
 
 
 class BinaryFrameTests(_FrameTestsBase):
-    """OCPP-J is text only: a binary message closes with 1003 (DESIGN §2)."""
+    """OCPP-J is text only: a binary message closes with 1003 (docs/connecting.md)."""
 
     @defer.inlineCallbacks
     def test_binary_frame_closes_1003(self):
@@ -634,7 +410,8 @@ class BinaryFrameTests(_FrameTestsBase):
 class BadFrameTests(_FrameTestsBase):
     """
     A malformed frame is answered with a CALLERROR spelled for the version,
-    never published; C{max_bad_frames} of them close with 1002 (DESIGN §2).
+    never published; C{max_bad_frames} of them close with 1002
+    (docs/connecting.md).
     """
 
     settings = {"websocket": {"max_bad_frames": "3"}}
@@ -798,7 +575,7 @@ class PingTestsMixin:
     """
     The server pings every C{idle_timeout}; a charger that answers stays
     connected however silent it is, one that does not is dropped after
-    C{ping_timeout} (DESIGN §2 limits).
+    C{ping_timeout} (docs/connecting.md).
     """
 
     #: ws_opts.idle_timeout and ping_timeout of the class, in seconds
@@ -909,25 +686,6 @@ class WholeSecondPingTests(PingTestsMixin, _FrameTestsBase):
     timeout = 15
 
 
-class _Silent(protocol.Protocol):
-    """
-    Connects, sends half a request, and waits to be dropped.
-    """
-
-    def __init__(self) -> None:
-        self.lost: defer.Deferred = defer.Deferred()
-        self.received = b""
-
-    def connectionMade(self) -> None:
-        self.transport.write(b"GET /ocpp/CP1 HTTP/1.1\r\nHost: x\r\n")
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason) -> None:
-        self.lost.callback(None)
-
-
 class HandshakeTimeoutTests(GatewayTestCase):
     settings = {"websocket": {"handshake_timeout": "0.5"}}
 
@@ -937,7 +695,7 @@ class HandshakeTimeoutTests(GatewayTestCase):
         A client that never finishes its opening handshake is dropped after
         C{handshake_timeout}, without an upgrade.
         """
-        silent = _Silent()
+        silent = SilentClient()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=5)
         yield connectProtocol(endpoint, silent)
         started = reactor.seconds()

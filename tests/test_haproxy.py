@@ -1,6 +1,6 @@
 """
-The README's HAProxy setup, run: HAProxy in TCP mode with send-proxy-v2
-and HTTP health checks on /readyz in front of two gateways. Skipped when
+The HAProxy setup of docs/load-balancer.md, run: HAProxy in TCP mode with
+send-proxy-v2 and HTTP health checks on /readyz in front of two gateways. Skipped when
 haproxy is not installed (Debian: apt-get install haproxy).
 
 HAProxy's own log tells how each session ended: C{--} when both sides
@@ -25,7 +25,7 @@ HAPROXY = shutil.which("haproxy") or (
     "/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None
 )
 
-# The README's example, with the test's ports (and logging to stdout).
+# docs/load-balancer.md's example, with the test's ports (and logging to stdout).
 CONFIG = """\
 global
     log stdout format raw local0

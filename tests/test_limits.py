@@ -1,22 +1,15 @@
 """
-Accept-rate and message-rate limits, and the session's handling of
-commands redelivered after a broker reconnect.
+Accept-rate and message-rate limits.
 """
 
 from __future__ import annotations
-
-import json
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from ocppgw.framing import OCPP16
-from ocppgw.limits import Admission, TokenBucket
-from ocppgw.session import ChargerSession, Delivery, PublishOutcome
-from tests.support import GatewayTestCase
-from tests.test_handshake import RawHandshakeMixin
-from tests.test_session import RecordingEffects, frame
+from ocppgw.limits import OVER, TOO_MANY, WITHIN, Admission, MessageRateLimit, TokenBucket
+from tests.support import GatewayTestCase, RawHandshakeMixin
 
 
 class TokenBucketTests(SynchronousTestCase):
@@ -32,6 +25,39 @@ class TokenBucketTests(SynchronousTestCase):
     def test_zero_rate_is_unlimited(self):
         bucket = TokenBucket(Clock(), rate=0, burst=1)
         self.assertTrue(all(bucket.take() for _ in range(1000)))
+
+
+class MessageRateLimitTests(SynchronousTestCase):
+    """
+    One charger's message rate: a token bucket and the streak of frames
+    over it.
+    """
+
+    def test_streak_ends_in_too_many(self):
+        clock = Clock()
+        limit = MessageRateLimit(clock, rate=1, burst=2, max_violations=3)
+        self.assertEqual([limit.check() for _ in range(5)],
+                         [WITHIN, WITHIN, OVER, OVER, TOO_MANY])
+        self.assertEqual(limit.violations, 3)
+        self.assertEqual(limit.check(), TOO_MANY)
+
+    def test_a_second_within_the_rate_ends_the_streak(self):
+        clock = Clock()
+        limit = MessageRateLimit(clock, rate=1, burst=1, max_violations=3)
+        self.assertEqual([limit.check(), limit.check(), limit.check()],
+                         [WITHIN, OVER, OVER])
+        clock.advance(1.0)  # a token back, but not a second since the last excess
+        self.assertEqual(limit.check(), WITHIN)
+        self.assertEqual(limit.violations, 2)
+        clock.advance(1.5)
+        self.assertEqual(limit.check(), WITHIN)
+        self.assertEqual(limit.violations, 0)
+        self.assertEqual([limit.check(), limit.check()], [OVER, OVER])
+
+    def test_within_tests_false(self):
+        limit = MessageRateLimit(Clock(), rate=5, burst=5, max_violations=1)
+        self.assertFalse(limit.check())
+        self.assertEqual(limit.last_violation, 0.0)
 
 
 class AdmissionTests(SynchronousTestCase):
@@ -84,127 +110,3 @@ class AcceptRateHandshakeTests(RawHandshakeMixin, GatewayTestCase):
             self.assertIn("NOT_FOUND", str(error))
         else:
             self.fail("the refused charger's queue exists")
-
-
-class RedeliveryTests(SynchronousTestCase):
-    """
-    After a broker reconnect the unacknowledged commands come back with
-    C{redelivered}; the charger must not get them twice.
-    """
-
-    def setUp(self):
-        self.effects = RecordingEffects()
-        self.session = ChargerSession("CP", OCPP16, self.effects, Clock())
-
-    def call(self, message_id, tag, redelivered=False):
-        body = frame(2, message_id, "Reset", {"type": "Soft"})
-        self.session.delivery(Delivery(tag, body, redelivered=redelivered))
-
-    def test_outstanding_call_not_resent(self):
-        self.call("c1", 1)
-        self.call("c2", 2)
-        self.session.broker_lost()
-        self.call("c1", 11, redelivered=True)
-        self.call("c2", 12, redelivered=True)
-        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
-        # the answer settles the new delivery, then c2 goes out
-        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
-        self.effects.published[-1]["on_outcome"](PublishOutcome.CONFIRMED)
-        self.assertEqual(self.effects.acked, [11])
-        self.assertEqual([f[1] for f in self.effects.sent], ["c1", "c2"])
-
-    def test_unconfirmed_answer_republished_not_resent(self):
-        self.call("c1", 1)
-        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
-        self.effects.published[-1]["on_outcome"](PublishOutcome.FAILED)
-        self.session.broker_lost()
-        self.call("c1", 11, redelivered=True)
-        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
-        republished = self.effects.published[-1]
-        self.assertEqual(republished["routing_key"], "ocpp16.Reset.conf")
-        self.assertEqual(json.loads(republished["body"]), [3, "c1", {"status": "Accepted"}])
-        republished["on_outcome"](PublishOutcome.CONFIRMED)
-        self.assertEqual(self.effects.acked, [11])
-
-    def test_confirmed_answer_just_acked(self):
-        self.call("c1", 1)
-        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
-        self.effects.published[-1]["on_outcome"](PublishOutcome.CONFIRMED)
-        published = len(self.effects.published)
-        self.call("c1", 11, redelivered=True)
-        self.assertEqual(self.effects.acked, [1, 11])
-        self.assertEqual(len(self.effects.published), published)
-        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
-
-    def test_not_redelivered_same_id_sent(self):
-        """
-        Without the broker's C{redelivered} flag a command is new, even
-        with a message id seen before.
-        """
-        self.call("c1", 1)
-        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
-        self.effects.published[-1]["on_outcome"](PublishOutcome.CONFIRMED)
-        self.call("c1", 2)
-        self.assertEqual([f[1] for f in self.effects.sent], ["c1", "c1"])
-
-    def test_redelivery_while_answer_pending_waits_for_it(self):
-        """
-        A command redelivered while its answer's publish is in flight is
-        settled by that publish: no second copy of the answer.
-        """
-        self.call("c1", 1)
-        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
-        pending = self.effects.published[-1]
-        self.call("c1", 11, redelivered=True)
-        self.assertEqual(len(self.effects.published), 1)
-        pending["on_outcome"](PublishOutcome.CONFIRMED)
-        self.assertEqual(sorted(self.effects.acked), [1, 11])
-        self.assertEqual(len(self.effects.published), 1)
-
-
-class RateLimitedFrameTests(SynchronousTestCase):
-    def setUp(self):
-        self.effects = RecordingEffects()
-        self.session = ChargerSession("CP", OCPP16, self.effects, Clock())
-
-    def test_call_refused_not_published(self):
-        self.session.rate_limited(frame(2, "m1", "Heartbeat", {}))
-        self.assertEqual(self.effects.published, [])
-        [answer] = self.effects.sent
-        self.assertEqual(answer[:3], [4, "m1", "GenericError"])
-
-    def test_answer_to_outstanding_call_goes_through(self):
-        self.session.delivery(Delivery(1, frame(2, "c1", "Reset", {"type": "Soft"})))
-        self.session.rate_limited(frame(3, "c1", {"status": "Accepted"}))
-        self.assertEqual(self.effects.published[-1]["routing_key"], "ocpp16.Reset.conf")
-
-    def test_other_frames_dropped(self):
-        self.session.rate_limited(frame(3, "unknown", {}))
-        self.assertEqual((self.effects.published, self.effects.sent), ([], []))
-
-
-class PausedPingTimeoutTests(SynchronousTestCase):
-    """
-    While reading is paused (flow control) a pong timeout does not drop
-    the charger; it is re-armed when reading resumes.
-    """
-
-    def test_timeout_deferred_until_resume(self):
-        from ocppgw.edge import ChargerFactory
-
-        clock = Clock()
-        factory = ChargerFactory(hub=None, reactor=clock, ping_interval=10, ping_timeout=2)
-        edge = factory.protocol()
-        edge.factory = factory
-        edge.transport = None
-        dropped = []
-        edge.dropConnection = lambda abort=False: dropped.append(abort)
-        edge.autoPingPending = b"ping"
-        edge.pause_reading()
-        edge.onAutoPingTimeout()
-        self.assertEqual(dropped, [])
-        edge.resume_reading()
-        clock.advance(1.9)
-        self.assertEqual(dropped, [])
-        clock.advance(0.5)
-        self.assertEqual(dropped, [True])

@@ -1,5 +1,5 @@
 """
-The Makefile's quick start: what `make run` and `make test` install,
+The Makefile's quick start: what `make run`, `make test` and `make docs` install,
 read from `make --dry-run` (nothing is installed or run).
 """
 
@@ -12,7 +12,7 @@ import subprocess
 
 from twisted.trial import unittest
 
-from tests.test_service import REPO
+from tests.support import REPO
 
 
 class MakefileTests(unittest.SynchronousTestCase):
@@ -22,15 +22,18 @@ class MakefileTests(unittest.SynchronousTestCase):
         # a virtualenv that does not exist, so that every step is listed
         self.venv = os.path.abspath(self.mktemp())
 
-    def pip_installs(self, target: str) -> list[list[str]]:
-        """The arguments of every `pip install` that `make TARGET` would run."""
+    def commands(self, target: str) -> list[list[str]]:
+        """The commands `make TARGET` would run, each split into words."""
         result = subprocess.run(
             ["make", "--dry-run", "--no-print-directory", target, f"VENV={self.venv}"],
             cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
         )
+        return [shlex.split(line) for line in result.stdout.splitlines()]
+
+    def pip_installs(self, target: str) -> list[list[str]]:
+        """The arguments of every `pip install` that `make TARGET` would run."""
         installs = []
-        for line in result.stdout.splitlines():
-            words = shlex.split(line)
+        for words in self.commands(target):
             if words[:1] == [f"{self.venv}/bin/pip"] and words[1:2] == ["install"]:
                 installs.append(words[2:])
         return installs
@@ -44,3 +47,19 @@ class MakefileTests(unittest.SynchronousTestCase):
     def test_test_adds_the_test_extras(self):
         installs = self.pip_installs("test")
         self.assertIn(".[test]", [word for words in installs for word in words], installs)
+
+    def test_docs_builds_with_warnings_as_errors(self):
+        """
+        C{make docs} installs the test extras (Sphinx comes with them) and
+        runs Sphinx over docs/ with C{-W}, so a warning fails it.
+        """
+        installs = self.pip_installs("docs")
+        self.assertIn(".[test]", [word for words in installs for word in words], installs)
+        commands = self.commands("docs")
+        builds = [
+            words for words in commands
+            if words[:3] == [f"{self.venv}/bin/python", "-m", "sphinx"]
+        ]
+        self.assertEqual(len(builds), 1, commands)
+        self.assertIn("-W", builds[0])
+        self.assertEqual(builds[0][-2:], ["docs", "docs/_build/html"])

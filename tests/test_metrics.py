@@ -9,7 +9,7 @@ from prometheus_client import generate_latest
 from twisted.trial import unittest
 
 from ocppgw import metrics
-from tests.test_admin import samples, value
+from tests.support import samples, value
 
 
 class MetricsTests(unittest.SynchronousTestCase):

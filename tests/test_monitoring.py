@@ -22,8 +22,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from ocppgw.testing import ChargerClosed, FakeCharger
-from tests.support import GatewayTestCase
-from tests.test_admin import http, samples
+from tests.support import GatewayTestCase, http, samples
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "ocppgw.json"

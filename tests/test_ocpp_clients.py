@@ -3,14 +3,14 @@ End to end with a real OCPP implementation: the mobilityhouse C{ocpp}
 package (asyncio) over C{websockets}, as a charge point, against a running
 gateway and a back end on the real broker.
 
-What is checked is the AMQP side of the contract (DESIGN §3) as a back end
+What is checked is the AMQP side of the contract (docs/amqp-contract.md) as a back end
 sees it when the charger is not ours: routing keys, the exact bytes the
 client sent, every message property, and CSMS commands with direct
 reply-to.
 
-Quirks of the C{ocpp} package that shape these tests (PITFALLS, OCPP
-clients): it validates every payload against the OCPP JSON schemas, so the
-back end's answers must be complete; it sends CALLERRORs with 2.x codes even
+Quirks of the C{ocpp} package that shape these tests (docs/architecture.md,
+"OCPP clients used in tests"): it validates every payload against the OCPP
+JSON schemas, so the back end's answers must be complete; it sends CALLERRORs with 2.x codes even
 in 1.6 and inverts NotImplemented/NotSupported, so error codes from it are
 not asserted. C{websockets} clients ping every 20 s by default: switched off
 so that only the gateway's behaviour is observed.
@@ -36,22 +36,10 @@ from ocpp.v201.enums import Action as Action201
 from twisted.internet import defer
 from websockets.asyncio.client import connect as ws_connect
 
-from tests.support import GatewayTestCase
+from tests.support import STEP_TIMEOUT, GatewayTestCase, as_deferred
 
-#: Bound on every asyncio step, well inside the test timeout.
-STEP_TIMEOUT = 10.0
 
 NOW = "2026-01-01T00:00:00Z"
-
-
-def as_deferred(coro, timeout: float = STEP_TIMEOUT) -> defer.Deferred:
-    """
-    Run a coroutine on the asyncio loop the reactor runs on, bounded by
-    C{timeout}, as a Deferred.
-    """
-    return defer.Deferred.fromFuture(
-        asyncio.ensure_future(asyncio.wait_for(coro, timeout))
-    )
 
 
 def record_sends(connection) -> list:
@@ -180,7 +168,7 @@ class _OcppClientTests(GatewayTestCase):
         action=None,
     ) -> None:
         """
-        C{message} is a charger frame published as DESIGN §3 says.
+        C{message} is a charger frame published as docs/amqp-contract.md says.
         """
         self.assertEqual(message.exchange, self.exchange)
         self.assertEqual(message.routing_key, routing_key)
@@ -261,7 +249,7 @@ class Ocpp16ClientTests(_OcppClientTests):
     def test_boot_notification(self):
         """
         BootNotification is published on C{ocpp16.BootNotification.req}
-        with the client's exact bytes and every property of DESIGN §3, and
+        with the client's exact bytes and every property of docs/amqp-contract.md, and
         the back end's answer reaches the client.
         """
         identity = self.identity()
@@ -419,7 +407,7 @@ class Ocpp201ClientTests(_OcppClientTests):
     def test_boot_notification(self):
         """
         BootNotification is published on C{ocpp201.BootNotification.req}
-        with the client's exact bytes and every property of DESIGN §3, and
+        with the client's exact bytes and every property of docs/amqp-contract.md, and
         the back end's answer reaches the client.
         """
         identity = self.identity()

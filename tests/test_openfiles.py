@@ -18,8 +18,7 @@ from twisted.trial import unittest
 from ocppgw import openfiles
 from ocppgw import service as service_module
 from ocppgw.testing import amqp_url, unique_name
-from tests.support import delete_exchange, start_gateway
-from tests.test_service import REPO, _Collect, _config_file
+from tests.support import REPO, ProcessOutput, config_file, delete_exchange, start_gateway
 
 
 class _Events:
@@ -126,12 +125,12 @@ class TwistdTests(unittest.TestCase):
         """
         exchange = unique_name("openfiles")
         self.addCleanup(delete_exchange, exchange)
-        path = _config_file(
+        path = config_file(
             self,
             "[listener]\ntcp.port = 0\nmax_connections = 1000\n[admin]\ntcp.port = 0\n"
             f"[amqp]\nurl = {amqp_url()}\nexchange = {exchange}\n",
         )
-        child = _Collect(b"max_connections = 1000 exceeds")
+        child = ProcessOutput(b"max_connections = 1000 exceeds")
         reactor.spawnProcess(
             child, sys.executable,
             [sys.executable, "-c", _WITH_LIMIT, "500", "-n", "--pidfile=", "ocppgw",

@@ -140,7 +140,7 @@ class TakeoverBroadcastTests(GatewaysTestCase):
         messages = yield self.watch_control()
         yield self.charger(service, self.identity())
         # what the gateway says next is its announcement, not a takeover
-        service.gateway.bridge._announce()
+        service.gateway.bridge.control.announce()
         message = yield self.next_control(messages)
         self.assertEqual(message["type"], peers.HERE)
 

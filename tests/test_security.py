@@ -11,84 +11,11 @@ import ssl
 from urllib.parse import quote
 
 from twisted.internet import defer, reactor, threads
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 
-from ocppgw import cli
 from ocppgw.testing import FakeCharger, basic_auth
 from tests import rawclient
 from tests.certs import ThrowAwayPKI
-from tests.support import GatewayTestCase
-
-SERVER_NAME = "localhost"
-
-
-def _add_password(path: str, identity: str, password: bytes, *, hex_: bool = False) -> None:
-    import io
-    import sys
-
-    stdin = sys.stdin
-    sys.stdin = io.TextIOWrapper(io.BytesIO((password.hex() if hex_ else password.decode())
-                                            .encode() + b"\n"))
-    stdout = sys.stdout
-    sys.stdout = io.StringIO()
-    try:
-        argv = ["passwd", path, identity, "--stdin"] + (["--hex"] if hex_ else [])
-        if cli.main(argv) != 0:
-            raise AssertionError("ocppgw passwd failed")
-    finally:
-        sys.stdin, sys.stdout = stdin, stdout
-
-
-class SecurityTestCase(GatewayTestCase):
-    """
-    A gateway whose settings are made per test (files in a temporary
-    directory): override L{security_settings}.
-    """
-
-    timeout = 30
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        self.pki = ThrowAwayPKI(os.path.join(self.directory, "pki"))
-        self._identities = []
-        self.settings = self.security_settings()
-        early = self._identities
-        yield super().setUp()
-        # the base class starts a new list; keep the settings' identities
-        # in it so their queues are deleted too
-        self._identities.extend(early)
-
-    def security_settings(self) -> dict:
-        raise NotImplementedError
-
-    def port_of(self, kind: str) -> int:
-        return self.gateway_service.listening_ports[kind].getHost().port
-
-    def path(self, identity: str) -> str:
-        return "/ocpp/" + quote(identity, safe="")
-
-    def wss_url(self, identity: str) -> str:
-        return f"wss://localhost:{self.port_of('ssl')}{self.path(identity)}"
-
-    def client_tls(self, issued=None, pki=None):
-        trust = Certificate.loadPEM(open(self.pki.cafile).read())
-        client = None
-        if issued is not None:
-            client = PrivateCertificate.loadPEM(
-                open(issued.certfile).read() + open(issued.keyfile).read()
-            )
-        return optionsForClientTLS(SERVER_NAME, trustRoot=trust, clientCertificate=client)
-
-    @defer.inlineCallbacks
-    def connect_wss(self, identity, issued=None, headers=None, subprotocols=("ocpp1.6",)):
-        charger = yield FakeCharger.connect(
-            reactor, self.wss_url(identity), subprotocols, headers=headers,
-            tls=self.client_tls(issued),
-        )
-        self.addCleanup(self._close_charger, charger)
-        return charger
+from tests.support import SERVER_NAME, SecurityTestCase, add_password
 
 
 # -- profile 1 ---------------------------------------------------------------
@@ -103,8 +30,8 @@ class Profile1Tests(SecurityTestCase):
         self.identity201 = self.identity("P1x")
         # An OCPP 1.6 AuthorizationKey: 20 raw bytes, not valid UTF-8.
         self.key16 = bytes.fromhex("ff00" * 10)
-        _add_password(self.passwords, self.identity16, self.key16, hex_=True)
-        _add_password(self.passwords, self.identity201, "pässwörd-2.0.1".encode())
+        add_password(self.passwords, self.identity16, self.key16, hex_=True)
+        add_password(self.passwords, self.identity201, "pässwörd-2.0.1".encode())
         return {
             "listener": {"tcp.profile": "1"},
             "auth": {"password_file": self.passwords, "failure_delay": "0.2"},
@@ -176,7 +103,7 @@ class Profile1Tests(SecurityTestCase):
             self.port, self.path(newcomer), headers=rawclient.basic(newcomer, "s3cret-pw")
         )
         self.assertEqual(refused.status, 401)
-        _add_password(self.passwords, newcomer, b"s3cret-pw")
+        add_password(self.passwords, newcomer, b"s3cret-pw")
         charger = yield FakeCharger.connect(
             reactor, self.url(newcomer), ["ocpp1.6"], headers=basic_auth(newcomer, "s3cret-pw")
         )
@@ -202,7 +129,7 @@ class Profile2Tests(SecurityTestCase):
     def security_settings(self):
         self.passwords = os.path.join(self.directory, "passwords")
         self.charger_id = self.identity("P2")
-        _add_password(self.passwords, self.charger_id, b"profile-2-password")
+        add_password(self.passwords, self.charger_id, b"profile-2-password")
         password_file = os.path.join(self.directory, "key-password")
         with open(password_file, "wb") as file:
             file.write(b"key password\n")
@@ -315,7 +242,7 @@ class Profile3Tests(SecurityTestCase):
         self.foreign = self.stranger_pki.issue(self.charger_id)
         # Basic credentials for the charger too, to show they do not help.
         self.passwords = os.path.join(self.directory, "passwords")
-        _add_password(self.passwords, self.other_id, b"other-password")
+        add_password(self.passwords, self.other_id, b"other-password")
         return {
             "listener": {
                 "tcp.enabled": "false",
@@ -534,7 +461,7 @@ class ProxyProtocolTlsTests(SecurityTestCase):
     def security_settings(self):
         self.charger_id = self.identity("PXT")
         self.passwords = os.path.join(self.directory, "passwords")
-        _add_password(self.passwords, self.charger_id, b"pw-pw-pw")
+        add_password(self.passwords, self.charger_id, b"pw-pw-pw")
         server = self.pki.issue(SERVER_NAME, server=True, kind="ec")
         return {
             "listener": {"proxy_protocol": "true", "tcp.enabled": "false",

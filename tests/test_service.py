@@ -11,9 +11,8 @@ import socket
 import sys
 
 from twisted.application.service import IServiceMaker
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.plugin import getPlugins
-from twisted.python import usage
 from twisted.trial import unittest
 
 import ocppgw
@@ -21,9 +20,7 @@ from ocppgw.amqp import BackEndClient
 from ocppgw.service import GatewayService
 from ocppgw.tap import Options
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
-from tests.support import free_port
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO, ProcessOutput, config_file, free_port
 
 
 class PluginTests(unittest.TestCase):
@@ -148,57 +145,6 @@ class MakeServiceTests(unittest.TestCase):
         self.assertIsNone(service.listening_port)
 
 
-class _Collect(protocol.ProcessProtocol):
-    """
-    Collects a child's output (stdout and stderr together); C{ready} fires
-    when C{marker} is printed, L{wait_for} when any other text is.
-    """
-
-    def __init__(self, marker: bytes | None):
-        self.output = b""
-        self.marker = marker
-        self.ready: defer.Deferred = defer.Deferred()
-        self.ended: defer.Deferred = defer.Deferred()
-        self._waiting: list[tuple[bytes, int, defer.Deferred]] = []
-        if marker is not None:
-            self._waiting.append((marker, 0, self.ready))
-
-    def wait_for(self, text: bytes) -> defer.Deferred:
-        """Fires once C{text} appears in output printed from now on."""
-        d: defer.Deferred = defer.Deferred()
-        self._waiting.append((text, len(self.output), d))
-        self._check()
-        return d
-
-    def _check(self) -> None:
-        for entry in list(self._waiting):
-            text, since, d = entry
-            if text in self.output[since:]:
-                self._waiting.remove(entry)
-                d.callback(None)
-
-    def outReceived(self, data):
-        self.output += data
-        self._check()
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        waiting, self._waiting = self._waiting, []
-        for text, _since, d in waiting:
-            d.errback(RuntimeError(
-                f"ended before {text!r} was printed:\n" + self.output.decode(errors="replace")
-            ))
-        self.ended.callback(reason.value)
-
-
-def _config_file(testcase: unittest.TestCase, text: str) -> str:
-    path = os.path.abspath(testcase.mktemp())
-    with open(path, "w") as f:
-        f.write(text)
-    return path
-
-
 class TwistdTests(unittest.TestCase):
     """
     C{twistd -n ocppgw} as a real process.
@@ -206,9 +152,9 @@ class TwistdTests(unittest.TestCase):
 
     timeout = 60
 
-    def twistd(self, config_text: str, marker: bytes | None = None) -> _Collect:
-        path = _config_file(self, config_text)
-        collect = _Collect(marker)
+    def twistd(self, config_text: str, marker: bytes | None = None) -> ProcessOutput:
+        path = config_file(self, config_text)
+        collect = ProcessOutput(marker)
         reactor.spawnProcess(
             collect,
             sys.executable,
@@ -354,11 +300,11 @@ class RunTests(unittest.TestCase):
 
     timeout = 60
 
-    def ocppgw(self, *args: str, marker: bytes | None = None) -> _Collect:
+    def ocppgw(self, *args: str, marker: bytes | None = None) -> ProcessOutput:
         shim = os.path.abspath(self.mktemp())
         os.makedirs(shim)
         os.symlink(os.path.join(REPO, "ocppgw"), os.path.join(shim, "ocppgw"))
-        collect = _Collect(marker)
+        collect = ProcessOutput(marker)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         reactor.spawnProcess(
             collect,
@@ -378,7 +324,7 @@ class RunTests(unittest.TestCase):
         """
         port = free_port()
         exchange = unique_name("run-test")
-        path = _config_file(
+        path = config_file(
             self,
             f"[listener]\ntcp.port = {port}\ndrain_window = 0.5\n[admin]\ntcp.port = 0\n"
             f"[amqp]\nurl = {amqp_url()}\nexchange = {exchange}\n",
@@ -415,7 +361,7 @@ class RunTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_bad_config(self):
-        path = _config_file(self, "[listener]\ntcp.prot = 1\n")
+        path = config_file(self, "[listener]\ntcp.prot = 1\n")
         child = self.ocppgw("run", "--config", path)
         ended = yield child.ended
         self.assertEqual(ended.exitCode, 1)

@@ -11,79 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ocppgw.framing import OCPP16, OCPP21, OCPP201
 from ocppgw.session import ChargerSession, Delivery, PublishOutcome
-
-
-class RecordingEffects:
-    """
-    A L{SessionEffects} that records what the session asks for.
-    """
-
-    def __init__(self):
-        self.sent = []
-        self.published = []
-        self.replies = []
-        self.acked = []
-        self.rejected = []
-        self.requeued = []
-        self.closed = []
-        #: tags of deliveries whose broker connection is gone
-        self.lost = set()
-
-    def send_to_charger(self, frame):
-        self.sent.append(json.loads(frame))
-
-    def publish(
-        self,
-        routing_key,
-        body,
-        correlation_id,
-        action,
-        mandatory,
-        on_outcome,
-        extra_headers=None,
-    ):
-        self.published.append(
-            dict(
-                routing_key=routing_key,
-                body=body,
-                correlation_id=correlation_id,
-                action=action,
-                mandatory=mandatory,
-                on_outcome=on_outcome,
-                extra_headers=extra_headers,
-            )
-        )
-
-    def publish_reply(
-        self, reply_to, correlation_id, body, on_outcome, extra_headers=None
-    ):
-        self.replies.append(
-            dict(
-                reply_to=reply_to,
-                correlation_id=correlation_id,
-                body=body,
-                on_outcome=on_outcome,
-            )
-        )
-
-    def ack(self, delivery):
-        self.acked.append(delivery.tag)
-
-    def reject(self, delivery, reason):
-        self.rejected.append((delivery.tag, reason))
-
-    def requeue(self, delivery):
-        self.requeued.append(delivery.tag)
-
-    def current(self, delivery):
-        return delivery.tag not in self.lost
-
-    def close(self, code, reason):
-        self.closed.append(code)
-
-
-def frame(*elements) -> bytes:
-    return json.dumps(list(elements)).encode()
+from tests.support import RecordingEffects, frame
 
 
 class SessionTestsMixin:
@@ -489,3 +417,128 @@ class LongMessageIdTests(SessionTestsMixin, SynchronousTestCase):
         self.assertEqual(self.effects.sent[0][:2], [4, "-1"])
         self.session.delivery(Delivery(1, frame(2, "c" * 101, "Reset", {"type": "Soft"})))
         self.assertEqual([tag for tag, _ in self.effects.rejected], [1])
+
+
+class SessionPartsTests(SynchronousTestCase):
+    """The session's small parts: its open CALLs and its null stats."""
+
+    def test_open_calls_bounded_oldest_first(self):
+        from ocppgw.session import MAX_OPEN_CHARGER_CALLS, OpenCalls
+
+        calls = OpenCalls()
+        self.assertFalse(hasattr(calls, "__dict__"))
+        for number in range(MAX_OPEN_CHARGER_CALLS + 2):
+            calls.remember(f"m{number}", "Heartbeat")
+        self.assertEqual(len(calls), MAX_OPEN_CHARGER_CALLS)
+        self.assertNotIn("m0", calls)
+        calls.remember("m2", "DataTransfer")  # again: now the newest
+        self.assertEqual(list(calls)[-1], "m2")
+        calls.adopt({"m2": "Reset", "x": "Authorize"})
+        self.assertEqual((calls["m2"], calls["x"]), ("DataTransfer", "Authorize"))
+
+    def test_without_stats_nothing_is_counted(self):
+        from ocppgw.session import NO_STATS
+
+        effects = RecordingEffects()
+        session = ChargerSession("CP", OCPP16, effects, Clock())
+        self.assertIs(session._stats, NO_STATS)
+        session.charger_frame(b'[3,"nobody","x"]')  # a bad frame: counted nowhere
+        session.charger_frame(frame(2, "m1", "Heartbeat", {}))
+        self.assertEqual(len(effects.published), 1)
+
+
+class RedeliveryTests(SynchronousTestCase):
+    """
+    After a broker reconnect the unacknowledged commands come back with
+    C{redelivered}; the charger must not get them twice.
+    """
+
+    def setUp(self):
+        self.effects = RecordingEffects()
+        self.session = ChargerSession("CP", OCPP16, self.effects, Clock())
+
+    def call(self, message_id, tag, redelivered=False):
+        body = frame(2, message_id, "Reset", {"type": "Soft"})
+        self.session.delivery(Delivery(tag, body, redelivered=redelivered))
+
+    def test_outstanding_call_not_resent(self):
+        self.call("c1", 1)
+        self.call("c2", 2)
+        self.session.broker_lost()
+        self.call("c1", 11, redelivered=True)
+        self.call("c2", 12, redelivered=True)
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
+        # the answer settles the new delivery, then c2 goes out
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.effects.published[-1]["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(self.effects.acked, [11])
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1", "c2"])
+
+    def test_unconfirmed_answer_republished_not_resent(self):
+        self.call("c1", 1)
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.effects.published[-1]["on_outcome"](PublishOutcome.FAILED)
+        self.session.broker_lost()
+        self.call("c1", 11, redelivered=True)
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
+        republished = self.effects.published[-1]
+        self.assertEqual(republished["routing_key"], "ocpp16.Reset.conf")
+        self.assertEqual(json.loads(republished["body"]), [3, "c1", {"status": "Accepted"}])
+        republished["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(self.effects.acked, [11])
+
+    def test_confirmed_answer_just_acked(self):
+        self.call("c1", 1)
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.effects.published[-1]["on_outcome"](PublishOutcome.CONFIRMED)
+        published = len(self.effects.published)
+        self.call("c1", 11, redelivered=True)
+        self.assertEqual(self.effects.acked, [1, 11])
+        self.assertEqual(len(self.effects.published), published)
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1"])
+
+    def test_not_redelivered_same_id_sent(self):
+        """
+        Without the broker's C{redelivered} flag a command is new, even
+        with a message id seen before.
+        """
+        self.call("c1", 1)
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        self.effects.published[-1]["on_outcome"](PublishOutcome.CONFIRMED)
+        self.call("c1", 2)
+        self.assertEqual([f[1] for f in self.effects.sent], ["c1", "c1"])
+
+    def test_redelivery_while_answer_pending_waits_for_it(self):
+        """
+        A command redelivered while its answer's publish is in flight is
+        settled by that publish: no second copy of the answer.
+        """
+        self.call("c1", 1)
+        self.session.charger_frame(frame(3, "c1", {"status": "Accepted"}))
+        pending = self.effects.published[-1]
+        self.call("c1", 11, redelivered=True)
+        self.assertEqual(len(self.effects.published), 1)
+        pending["on_outcome"](PublishOutcome.CONFIRMED)
+        self.assertEqual(sorted(self.effects.acked), [1, 11])
+        self.assertEqual(len(self.effects.published), 1)
+
+
+class RateLimitedFrameTests(SynchronousTestCase):
+    def setUp(self):
+        self.effects = RecordingEffects()
+        self.session = ChargerSession("CP", OCPP16, self.effects, Clock())
+
+    def test_call_refused_not_published(self):
+        self.session.rate_limited(frame(2, "m1", "Heartbeat", {}))
+        self.assertEqual(self.effects.published, [])
+        [answer] = self.effects.sent
+        self.assertEqual(answer[:3], [4, "m1", "GenericError"])
+
+    def test_answer_to_outstanding_call_goes_through(self):
+        self.session.delivery(Delivery(1, frame(2, "c1", "Reset", {"type": "Soft"})))
+        self.session.rate_limited(frame(3, "c1", {"status": "Accepted"}))
+        self.assertEqual(self.effects.published[-1]["routing_key"], "ocpp16.Reset.conf")
+
+    def test_other_frames_dropped(self):
+        self.session.rate_limited(frame(3, "unknown", {}))
+        self.assertEqual((self.effects.published, self.effects.sent), ([], []))

@@ -25,7 +25,7 @@ from ocppgw.validation import (
     compile_schemas,
     package_schema_dir,
 )
-from tests.test_session import RecordingEffects
+from tests.support import RecordingEffects
 
 VALIDATION_ERROR = "x-ocppgw-validation-error"
 VALIDATION_CODE = "x-ocppgw-validation-code"
@@ -506,7 +506,7 @@ class _VersionTests:
             dict(self.validation.stats.invalid),
             {(self.version.subprotocol, "charger", "(unknown)"): 50},
         )
-        self.assertEqual(len(self.session._invalid_logged), 1)
+        self.assertEqual(len(self.session._payloads.logged), 1)
 
     def test_exempt_action(self):
         action, _valid, invalid, _kind, _field = self.examples["charger"][1]

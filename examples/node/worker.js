@@ -2,8 +2,8 @@
 /*
  * A CSMS worker for ocppgw in Node.js, with nothing but amqplib: proof that
  * the back end of the gateway is language-neutral. It follows the same AMQP
- * contract as examples/worker.py (README, "AMQP contract for back-end
- * authors").
+ * contract as examples/worker.py (docs/amqp-contract.md, "AMQP contract
+ * for back-end authors").
  *
  *   node worker.js serve [--queue NAME]
  *       Declares a durable queue, binds it to the OCPP exchange for

@@ -4,8 +4,12 @@ ocppgw's AMQP layer: the only package that speaks to pika.
 pika's Twisted adapter is deprecated upstream (pika is pinned below 2), so
 everything pika-specific stays behind this package's small surface:
 
-- L{bridge}: the gateway's side -- the shared connection, its channels,
-  the control exchange (L{AmqpBridge});
+- L{bridge}: the gateway's side -- the shared connection and what each
+  connection is set up with (L{AmqpBridge}), made of
+  L{publishing} (publishes with confirms, flow control),
+  L{queues} (charger queues and their consumers),
+  L{exchanges} (our exchanges, the sentinel, finding them deleted) and
+  L{control} (the control exchange between gateway processes);
 - L{link}: the broker link's state machine -- which connection is
   current, loss, reconnection with back-off (L{BrokerLink});
 - L{connection}: one AMQP connection and the guard that keeps anything

@@ -1,14 +1,14 @@
 """
 The roles the bridge gives its AMQP channels, and a charger's consumer.
 
-- L{_ConfirmChannel}: publishes in confirm mode, tracking its own delivery
+- L{ConfirmChannel}: publishes in confirm mode, tracking its own delivery
   tags (pika's Twisted channel credits a C{basic.return} to the wrong
   publish when acks are batched), matching returns by C{message_id},
   bounded by a window;
-- L{_DeclareChannel}: declares and binds charger queues, many in flight,
+- L{DeclareChannel}: declares and binds charger queues, many in flight,
   apart from everything else because a failing declare closes its
   channel;
-- L{_ConsumerChannel}: carries many chargers' L{Consumer}s, started
+- L{ConsumerChannel}: carries many chargers' L{Consumer}s, started
   without waiting on each other.
 
 Publishes, acks, declarations, binds and consumes are encoded by
@@ -36,6 +36,7 @@ import pika.exceptions
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ocppgw import topology
 from ocppgw.amqp.connection import BrokerConnection, guarded
 from ocppgw.amqp.errors import BrokerUnavailable, ChannelGone
 from ocppgw.amqp.wire import (
@@ -143,15 +144,15 @@ class NackWatch:
         self._routes.clear()
 
 
-class _ConfirmChannel(_Channel):
+class ConfirmChannel(_Channel):
     """
     A publish channel in confirm mode that tracks its own delivery tags.
     """
 
     def __init__(self, conn: BrokerConnection, channel, window: int,
-                 on_closed: Callable[["_ConfirmChannel", object], None],
+                 on_closed: Callable[["ConfirmChannel", object], None],
                  on_full: Optional[Callable[[bool], None]] = None,
-                 on_refusing: Optional[Callable[["_ConfirmChannel", str], None]] = None):
+                 on_refusing: Optional[Callable[["ConfirmChannel", str], None]] = None):
         """
         @param on_refusing: called with the channel and a routing key when
             the broker keeps refusing every publish to it (L{NackWatch}).
@@ -331,7 +332,7 @@ class _ConfirmChannel(_Channel):
             d.callback(None)
 
 
-class _DeclareChannel(_Channel):
+class DeclareChannel(_Channel):
     """
     A channel that only declares and binds charger queues, many at a time.
 
@@ -342,7 +343,7 @@ class _DeclareChannel(_Channel):
     """
 
     def __init__(self, conn: BrokerConnection, channel,
-                 on_closed: Callable[["_DeclareChannel", object], None]):
+                 on_closed: Callable[["DeclareChannel", object], None]):
         self.conn = conn
         self.channel = channel
         # operations sent on this channel and not yet answered, oldest first
@@ -382,19 +383,20 @@ class _DeclareChannel(_Channel):
             d.errback(BrokerUnavailable(why))
 
 
-class _ConsumerChannel(_Channel):
+class ConsumerChannel(_Channel):
     """
     A channel carrying many chargers' consumers.
     """
 
     def __init__(self, conn: BrokerConnection, channel,
-                 on_closed: Callable[["_ConsumerChannel", object], None]):
+                 on_closed: Callable[["ConsumerChannel", object], None]):
         self.conn = conn
         self.channel = channel
         self.consumers: dict[str, "Consumer"] = {}
         # consumer tags: unique on the channel, and telling in the broker's
         # management UI whose consumer it is
-        self._tag_prefix = f"ocppgw.{channel.channel_number}.{os.urandom(3).hex()}."
+        self._tag_prefix = topology.consumer_tag_prefix(
+            channel.channel_number, os.urandom(3).hex())
         self._tags = itertools.count(1)
         self._on_closed = on_closed
         #: the one callback every cancel on this channel passes pika (see
@@ -434,7 +436,7 @@ class _ConsumerChannel(_Channel):
         tag = f"{self._tag_prefix}{next(self._tags)}"
         consumer.tag = tag
         if not self.open:
-            consumer._ready.errback(BrokerUnavailable(self.conn.lost_reason or "channel closed"))
+            consumer.ready.errback(BrokerUnavailable(self.conn.lost_reason or "channel closed"))
             return
         self.consumers[tag] = consumer
         channel._consumers[tag] = guarded(consumer._message, "a delivery")
@@ -442,8 +444,8 @@ class _ConsumerChannel(_Channel):
 
     def consume_ok(self, consumer_tag: str) -> None:
         consumer = self.consumers.get(consumer_tag)
-        if consumer is not None and not consumer._ready.called:
-            consumer._ready.callback(consumer)
+        if consumer is not None and not consumer.ready.called:
+            consumer.ready.callback(consumer)
 
     def deliver_to(self, consumer_tag: str) -> Optional["Consumer"]:
         """
@@ -491,18 +493,19 @@ class Consumer:
         "_on_lost",
         "_cancelling",
         "_requeue_later",
-        "_ready",
+        "ready",
         "cancelled",
     )
 
-    def __init__(self, cc: _ConsumerChannel, on_delivery, on_lost) -> None:
+    def __init__(self, cc: ConsumerChannel, on_delivery, on_lost) -> None:
         self._cc = cc
         self.tag: Optional[str] = None
         self._on_delivery = on_delivery
         self._on_lost = on_lost
         self._cancelling = False
         self._requeue_later: list[int] = []
-        self._ready: defer.Deferred = defer.Deferred()
+        #: fires with this consumer once the broker's consume-ok came
+        self.ready: defer.Deferred = defer.Deferred()
         self.cancelled: Optional[defer.Deferred] = None
 
     def _message(self, _channel, method, properties, body) -> None:
@@ -520,11 +523,11 @@ class Consumer:
             _log.failure("Error handling a command from a charger's queue")
 
     def _lost(self, why: str, connection_gone: bool = False) -> None:
-        if not self._ready.called:
+        if not self.ready.called:
             # consume never got its consume-ok (the queue is gone, or the
             # connection is)
             self._on_lost = None
-            self._ready.errback(
+            self.ready.errback(
                 BrokerUnavailable(why) if connection_gone else ChannelGone(why)
             )
             return

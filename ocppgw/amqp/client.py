@@ -19,9 +19,11 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import deferLater
 from twisted.python import failure
 
+from ocppgw import topology
+from ocppgw.topology import DIRECT_REPLY_TO
 from ocppgw.amqp.connection import endpoint_for
 from ocppgw.amqp.errors import BrokerUnavailable
-from ocppgw.config import mask_url
+from ocppgw.logs import mask_url
 
 
 def _chain(d: defer.Deferred) -> defer.Deferred:
@@ -99,8 +101,8 @@ def check_login(reactor, url: str, username: bytes, password: bytes, timeout: fl
     parameters = pika.URLParameters(url)
     parameters.credentials = pika.PlainCredentials(username, password, erase_on_connect=True)
     parameters.heartbeat = 0
-    parameters.client_properties = {"connection_name": "ocppgw login check",
-                                    "product": "ocppgw"}
+    parameters.client_properties = topology.client_properties(
+        topology.LOGIN_CHECK_CONNECTION_NAME)
     connection = TwistedProtocolConnection(parameters, custom_reactor=reactor)
     open_errors: list = []
     connection._impl.add_on_open_error_callback(
@@ -132,9 +134,6 @@ def check_login(reactor, url: str, username: bytes, password: bytes, timeout: fl
     yield closed
     return True
 
-
-#: RabbitMQ's direct reply-to pseudo-queue.
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 #: AMQP delivery mode of a message the broker keeps across a restart.
 PERSISTENT = 2

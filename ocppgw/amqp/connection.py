@@ -44,7 +44,7 @@ from twisted.logger import Logger
 
 from ocppgw.amqp.errors import BrokerUnavailable
 from ocppgw.amqp.reader import FrameReader
-from ocppgw.config import mask_url
+from ocppgw.logs import mask_url
 
 _log = Logger()
 

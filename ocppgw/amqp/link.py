@@ -42,7 +42,7 @@ from twisted.logger import Logger
 
 from ocppgw.amqp.connection import BrokerConnection, guarded
 from ocppgw.amqp.errors import BrokerUnavailable
-from ocppgw.config import mask_url
+from ocppgw.logs import mask_url
 from ocppgw.states import InvalidTransition, check_transition
 
 __all__ = ["BrokerLink", "InvalidTransition", "LinkState", "TRANSITIONS"]

@@ -32,8 +32,9 @@ from pika import frame as pika_frame
 
 # the frame layout and property flags are the ones ocppgw.amqp.wire writes
 from ocppgw.amqp.wire import (
-    _BODY, _CONTENT_ENCODING, _CONTENT_TYPE, _CORRELATION_ID, _DELIVERY_MODE, _FRAME,
-    _FRAME_END, _HEADER, _HEADERS, _METHOD, _PRIORITY, _REPLY_TO,
+    FLAG_CONTENT_ENCODING, FLAG_CONTENT_TYPE, FLAG_CORRELATION_ID, FLAG_DELIVERY_MODE,
+    FLAG_HEADERS, FLAG_PRIORITY, FLAG_REPLY_TO, FRAME_BODY, FRAME_END, FRAME_HEADER,
+    FRAME_METHOD, FRAME_PREFIX,
 )
 
 _CLASS_METHOD = struct.Struct(">HH")
@@ -42,7 +43,7 @@ _ACK = struct.Struct(">QB")
 _CONTENT_HEADER = struct.Struct(">HHQH")
 _LONG = struct.Struct(">I")
 
-_FRAME_END_OCTET = _FRAME_END[0]
+_FRAME_END_OCTET = FRAME_END[0]
 
 _CONNECTION = 10
 _CONNECTION_CLOSE = 50
@@ -80,22 +81,22 @@ def read_reply_fields(buf, offset: int):
     while more & 1:  # further flag words: no property we read is in them
         more = (buf[offset] << 8) | buf[offset + 1]
         offset += 2
-    if not flags & (_CORRELATION_ID | _REPLY_TO):
+    if not flags & (FLAG_CORRELATION_ID | FLAG_REPLY_TO):
         return None, None
-    if flags & _CONTENT_TYPE:
+    if flags & FLAG_CONTENT_TYPE:
         offset += 1 + buf[offset]
-    if flags & _CONTENT_ENCODING:
+    if flags & FLAG_CONTENT_ENCODING:
         offset += 1 + buf[offset]
-    if flags & _HEADERS:
+    if flags & FLAG_HEADERS:
         offset += 4 + _LONG.unpack_from(buf, offset)[0]
-    if flags & _DELIVERY_MODE:
+    if flags & FLAG_DELIVERY_MODE:
         offset += 1
-    if flags & _PRIORITY:
+    if flags & FLAG_PRIORITY:
         offset += 1
     correlation_id = reply_to = None
-    if flags & _CORRELATION_ID:
+    if flags & FLAG_CORRELATION_ID:
         correlation_id, offset = _shortstr(buf, offset)
-    if flags & _REPLY_TO:
+    if flags & FLAG_REPLY_TO:
         reply_to, offset = _shortstr(buf, offset)
     return correlation_id, reply_to
 
@@ -203,7 +204,7 @@ class FrameReader:
         buf = self._buffer + data if self._buffer else data
         end = len(buf)
         pos = 0
-        unpack_header = _FRAME.unpack_from
+        unpack_header = FRAME_PREFIX.unpack_from
         while end - pos >= 8:
             frame_type, number, size = unpack_header(buf, pos)
             frame_end = pos + 7 + size  # the index of the frame-end octet
@@ -219,7 +220,7 @@ class FrameReader:
             start = pos + 7
             pos = frame_end + 1
             impl.frames_received += 1
-            if frame_type == _METHOD:
+            if frame_type == FRAME_METHOD:
                 class_id, method_id = _CLASS_METHOD.unpack_from(buf, start)
                 if class_id == _CONNECTION:
                     if method_id == _CONNECTION_CLOSE and number == 0:
@@ -235,12 +236,12 @@ class FrameReader:
                     if (method_id == _ACK_METHOD or method_id == _NACK) and \
                             self._confirm(number, buf, start + 4, method_id == _NACK):
                         continue
-            elif frame_type == _HEADER:
+            elif frame_type == FRAME_HEADER:
                 content = self._content.get(number)
                 if content is not None:
                     self._header(number, content, buf, start)
                     continue
-            elif frame_type == _BODY:
+            elif frame_type == FRAME_BODY:
                 content = self._content.get(number)
                 if content is not None:
                     self._body(number, content, buf[start:frame_end])

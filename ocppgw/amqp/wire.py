@@ -31,26 +31,28 @@ import struct
 
 from pika.data import encode_table
 
-_FRAME_END = b"\xce"
-_METHOD, _HEADER, _BODY = 1, 2, 3
-_FRAME = struct.Struct(">BHI")
+# AMQP 0-9-1 §4.2.3: every frame is a type octet, a channel number and a
+# payload size, the payload, then the frame-end octet (shared with the reader)
+FRAME_END = b"\xce"
+FRAME_METHOD, FRAME_HEADER, FRAME_BODY = 1, 2, 3
+FRAME_PREFIX = struct.Struct(">BHI")
 _ACK = struct.Struct(">BHIHHQBB")
 # Basic.Publish: class 60, method 40, ticket 0
 _PUBLISH_PREFIX = b"\x00\x3c\x00\x28\x00\x00"
 
 # property flag bits of the Basic class, in encoding order (the reader
 # skips the ones before reply_to that ocppgw does not publish)
-_CONTENT_TYPE = 1 << 15
-_CONTENT_ENCODING = 1 << 14
-_HEADERS = 1 << 13
-_DELIVERY_MODE = 1 << 12
-_PRIORITY = 1 << 11
-_CORRELATION_ID = 1 << 10
-_REPLY_TO = 1 << 9
-_MESSAGE_ID = 1 << 7
-_TIMESTAMP = 1 << 6
-_TYPE = 1 << 5
-_APP_ID = 1 << 3
+FLAG_CONTENT_TYPE = 1 << 15
+FLAG_CONTENT_ENCODING = 1 << 14
+FLAG_HEADERS = 1 << 13
+FLAG_DELIVERY_MODE = 1 << 12
+FLAG_PRIORITY = 1 << 11
+FLAG_CORRELATION_ID = 1 << 10
+FLAG_REPLY_TO = 1 << 9
+FLAG_MESSAGE_ID = 1 << 7
+FLAG_TIMESTAMP = 1 << 6
+FLAG_TYPE = 1 << 5
+FLAG_APP_ID = 1 << 3
 
 class FixedHeaders(dict):
     """
@@ -118,44 +120,44 @@ def encode_publish(
         + _shortstr(routing_key)
         + (b"\x01" if mandatory else b"\x00")
     )
-    out = [_FRAME.pack(_METHOD, channel, len(payload)), payload, _FRAME_END]
+    out = [FRAME_PREFIX.pack(FRAME_METHOD, channel, len(payload)), payload, FRAME_END]
 
     flags = 0
     props = []
     if content_type is not None:
-        flags |= _CONTENT_TYPE
+        flags |= FLAG_CONTENT_TYPE
         props.append(_shortstr(content_type))
     if headers is not None:
-        flags |= _HEADERS
+        flags |= FLAG_HEADERS
         props.append(_table(headers))
     if persistent:
-        flags |= _DELIVERY_MODE
+        flags |= FLAG_DELIVERY_MODE
         props.append(b"\x02")
     if correlation_id is not None:
-        flags |= _CORRELATION_ID
+        flags |= FLAG_CORRELATION_ID
         props.append(_shortstr(correlation_id))
     if reply_to is not None:
-        flags |= _REPLY_TO
+        flags |= FLAG_REPLY_TO
         props.append(_shortstr(reply_to))
     if message_id is not None:
-        flags |= _MESSAGE_ID
+        flags |= FLAG_MESSAGE_ID
         props.append(_shortstr(message_id))
     if timestamp is not None:
-        flags |= _TIMESTAMP
+        flags |= FLAG_TIMESTAMP
         props.append(struct.pack(">Q", timestamp))
     if type is not None:
-        flags |= _TYPE
+        flags |= FLAG_TYPE
         props.append(_shortstr(type))
     if app_id is not None:
-        flags |= _APP_ID
+        flags |= FLAG_APP_ID
         props.append(_shortstr(app_id))
     header = struct.pack(">HHQH", 60, 0, len(body), flags) + b"".join(props)
-    out += (_FRAME.pack(_HEADER, channel, len(header)), header, _FRAME_END)
+    out += (FRAME_PREFIX.pack(FRAME_HEADER, channel, len(header)), header, FRAME_END)
 
     chunk = frame_max - 8
     for start in range(0, len(body), chunk):
         part = body[start:start + chunk]
-        out += (_FRAME.pack(_BODY, channel, len(part)), part, _FRAME_END)
+        out += (FRAME_PREFIX.pack(FRAME_BODY, channel, len(part)), part, FRAME_END)
     return b"".join(out)
 
 
@@ -163,11 +165,11 @@ def encode_ack(channel: int, delivery_tag: int, multiple: bool = False) -> bytes
     """
     One C{basic.ack} method frame (class 60, method 80).
     """
-    return _ACK.pack(_METHOD, channel, 13, 60, 80, delivery_tag, 1 if multiple else 0, 0xCE)
+    return _ACK.pack(FRAME_METHOD, channel, 13, 60, 80, delivery_tag, 1 if multiple else 0, 0xCE)
 
 
 def _method(channel: int, payload: bytes) -> bytes:
-    return _FRAME.pack(_METHOD, channel, len(payload)) + payload + _FRAME_END
+    return FRAME_PREFIX.pack(FRAME_METHOD, channel, len(payload)) + payload + FRAME_END
 
 
 def encode_queue_declare(channel: int, queue: str, *, durable: bool, nowait: bool,

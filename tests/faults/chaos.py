@@ -122,7 +122,7 @@ class GatewayProcess:
     @defer.inlineCallbacks
     def readyz(self):
         """The status of C{GET /readyz}, or 0 when nothing answers."""
-        from tests.test_admin import http
+        from tests.support import http
 
         try:
             status, _headers, _body = yield http(self.admin_port, "/readyz")

@@ -440,6 +440,13 @@ class RabbitCluster:
         """
         return self._tool("rabbitmq-queues", n, args, check, timeout)
 
+    def diagnostics(self, n: int, *args: str, check: bool = True, timeout: float = 60.0):
+        """
+        C{rabbitmq-diagnostics -q -n <node n> *args} (memory breakdown,
+        status), like L{ctl}.
+        """
+        return self._tool("rabbitmq-diagnostics", n, args, check, timeout)
+
     def _json(self, n: int, *args: str):
         return json.loads(self.ctl(n, *args, "--formatter", "json").stdout)
 

@@ -819,7 +819,9 @@ class FaultProxy:
                   direction=direction, offset=connection.forwarded(direction) + len(data))
         done = connection._deliver_and_cut(direction, data)
         done.addCallback(lambda _: defer.gatherResults([c._abort() for c in others]))
-        done.addCallback(lambda _: d.callback(result))
+        # the cut may have been cancelled (the round it was armed for ended)
+        # while the bytes were on their way: it took place all the same
+        done.addCallback(lambda _: d.called or d.callback(result))
 
     def stall(self) -> None:
         """

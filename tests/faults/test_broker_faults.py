@@ -163,10 +163,16 @@ class OwnBrokerTests(unittest.TestCase):
         yield self.broker.stop_app()
         yield up
         self.assertEqual(self.service.bridge.url, amqp_url())
+        # the link opens before the kept charger's queue is declared on the
+        # new node: a command published in between would be unroutable
+        yield self.service.gateway.consumers_restored()
         shared = yield self.backend(url=amqp_url())
         # the charger's queue exists on the shared broker now: a command
         # published there reaches the charger, which stayed connected
-        yield shared.send_to_charger(identity, [2, "moved", "Reset", {"type": "Soft"}])
+        # (mandatory: were it unroutable, the publish fails instead of the
+        # test waiting for a command that was dropped)
+        yield shared.send_to_charger(identity, [2, "moved", "Reset", {"type": "Soft"}],
+                                     mandatory=True)
         command = yield charger.next_call()
         self.assertEqual(command[1], "moved")
         self.assertFalse(charger.closed.called)

@@ -1,7 +1,7 @@
 """
-The broker link's parts that need no broker: the transition table, the
-guard around pika's callbacks, the heartbeat watchdog (on a Clock), and a
-real connection's behaviour once it is lost (against the real broker).
+One AMQP connection (ocppgw.amqp.connection): the guard around pika's
+callbacks and the heartbeat watchdog, on a Clock, and a real connection's
+behaviour once it is lost (against the real broker).
 """
 
 from __future__ import annotations
@@ -14,47 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import pika
 
-from ocppgw.amqp.channels import NackWatch
 from ocppgw.amqp.connection import BrokerConnection, Watchdog, guarded
 from ocppgw.amqp.errors import BrokerUnavailable
-from ocppgw.amqp.link import TRANSITIONS, BrokerLink, LinkState
-from ocppgw.gateway import CHARGER_TRANSITIONS, ChargerState
-from ocppgw.states import InvalidTransition, check_transition
 from ocppgw.testing import amqp_url
-
-
-class TransitionTableTests(SynchronousTestCase):
-    def test_every_state_has_a_row(self):
-        self.assertEqual(set(TRANSITIONS), set(LinkState))
-        self.assertEqual(set(CHARGER_TRANSITIONS), set(ChargerState))
-
-    def test_a_lost_link_always_reconnects_or_stops(self):
-        self.assertEqual(TRANSITIONS[LinkState.OPEN], {LinkState.LOST, LinkState.CLOSING})
-        self.assertEqual(TRANSITIONS[LinkState.LOST],
-                         {LinkState.RECONNECTING, LinkState.CLOSING})
-        for state in LinkState:
-            if state not in (LinkState.CLOSING, LinkState.CLOSED):
-                self.assertIn(LinkState.CLOSING, TRANSITIONS[state], state)
-
-    def test_a_broker_loss_can_catch_a_charger_in_any_live_state(self):
-        for state in (ChargerState.ATTACHED, ChargerState.CONSUMING, ChargerState.RESTORING):
-            self.assertIn(ChargerState.BROKER_LOST, CHARGER_TRANSITIONS[state])
-        for state in ChargerState:
-            if state not in (ChargerState.REPLACED, ChargerState.CLOSED):
-                self.assertIn(ChargerState.CLOSED, CHARGER_TRANSITIONS[state])
-        self.assertEqual(CHARGER_TRANSITIONS[ChargerState.CLOSED], frozenset())
-
-    def test_move_not_in_the_table_raises(self):
-        check_transition(TRANSITIONS, LinkState.OPEN, LinkState.LOST, "link")
-        with self.assertRaises(InvalidTransition) as caught:
-            check_transition(TRANSITIONS, LinkState.OPEN, LinkState.CONNECTING, "link")
-        self.assertIn("open -> connecting", str(caught.exception))
-
-    def test_link_refuses_an_invalid_move(self):
-        link = BrokerLink(Clock(), [amqp_url()], parameters=pika.URLParameters,
-                          setup=lambda connection: defer.succeed(None))
-        self.assertRaises(InvalidTransition, link._goto, LinkState.OPEN, "test")
-        self.assertIs(link.state, LinkState.IDLE)
 
 
 class GuardTests(SynchronousTestCase):
@@ -197,37 +159,3 @@ class LostConnectionTests(unittest.TestCase):
         self.assertIn("lost", self.losses[0])
         self.assertEqual(
             len(self.flushLoggedErrors(pika.exceptions.ConnectionWrongStateError)), 1)
-
-
-class NackWatchTests(SynchronousTestCase):
-    """
-    A route is given up on after NackWatch.SECONDS of refusals with at
-    least NackWatch.AT_LEAST of them, and no acceptance in between.
-    """
-
-    def setUp(self):
-        self.clock = Clock()
-        self.watch = NackWatch(now=self.clock.seconds)
-
-    def refuse(self, count, every=1.0, route="r"):
-        results = []
-        for _ in range(count):
-            results.append(self.watch.refused(route))
-            self.clock.advance(every)
-        return results
-
-    def test_given_up_after_seconds_and_count(self):
-        self.assertEqual(self.refuse(6), [False] * 5 + [True])
-
-    def test_many_quick_refusals_are_not_enough(self):
-        self.assertEqual(set(self.refuse(100, every=0.01)), {False})
-
-    def test_an_accepted_publish_starts_over(self):
-        self.refuse(5)
-        self.watch.accepted("r")
-        self.assertEqual(self.refuse(5), [False] * 5)
-
-    def test_routes_apart(self):
-        self.refuse(5, route="a")
-        self.watch.accepted("b")
-        self.assertTrue(self.watch.refused("a"))

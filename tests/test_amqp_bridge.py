@@ -1,13 +1,11 @@
 """
 The AMQP bridge against the real broker: confirms, returns, nacks,
-declares, and a connection the broker closes.
+declares, and what it does while not connected.
 """
 
 from __future__ import annotations
 
-import subprocess
-
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from ocppgw.amqp import AmqpBridge, BackEndClient, BrokerUnavailable, DeclareFailed
@@ -15,33 +13,6 @@ from ocppgw.amqp import LinkState
 from ocppgw.amqp.channels import NackWatch
 from ocppgw.session import PublishOutcome
 from ocppgw.testing import amqp_url, unique_name
-from tests.support import GatewayTestCase
-
-
-def close_broker_connections(connection_name: str) -> defer.Deferred:
-    """
-    Close, from the broker's side, every connection named C{connection_name}.
-    """
-
-    def close():
-        # The plain listing (not JSON) prints pids the way
-        # close_connection accepts them.
-        listing = subprocess.run(
-            ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        closed = 0
-        for line in listing.splitlines():
-            pid, _, properties = line.partition("\t")
-            if pid.startswith("<") and connection_name in properties:
-                subprocess.run(
-                    ["rabbitmqctl", "-q", "close_connection", pid, "closed by test"],
-                    check=True, capture_output=True,
-                )
-                closed += 1
-        return closed
-
-    return threads.deferToThread(close)
 
 
 class BridgeTestCase(unittest.TestCase):
@@ -182,116 +153,7 @@ class DeclareTests(BridgeTestCase):
         self.assertEqual([ok for ok, _ in results[1:-1]], [True] * len(good))
 
 
-class BrokerClosesConnectionTests(GatewayTestCase):
-    timeout = 40
-
-    def reconnected(self) -> defer.Deferred:
-        """
-        Fires once the gateway's bridge is connected again.
-        """
-        bridge = self.gateway_service.bridge
-        d: defer.Deferred = defer.Deferred()
-
-        def observe(connected, why):
-            if connected and not d.called:
-                d.callback(None)
-
-        bridge.add_observer(observe)
-        return d
-
-    @defer.inlineCallbacks
-    def test_connection_closed_by_broker(self):
-        """
-        When the broker closes the gateway's connection, connected chargers
-        stay (within the outage grace period), their consumers are restored
-        after the reconnect, and a command that was in flight reaches the
-        charger once: its redelivery is matched to the outstanding CALL.
-        A held command that was never sent is delivered after the answer.
-        """
-        identity = self.identity()
-        charger = yield self.connect(identity)
-        yield self.backend.send_to_charger(identity, [2, "c1", "Reset", {"type": "Soft"}])
-        yield self.backend.send_to_charger(identity, [2, "c2", "Reset", {"type": "Hard"}])
-        first = yield charger.next_call()
-        self.assertEqual(first[1], "c1")
-        reconnected = self.reconnected()
-        closed = yield close_broker_connections(f"ocppgw {self.gateway_service.node}")
-        self.assertEqual(closed, 1)
-        yield reconnected
-        self.assertFalse(charger.closed.called)
-        # the broker requeued c1 and c2; c1 comes back and is not re-sent
-        charger.answer(first, {"status": "Accepted"})
-        answer = yield self.backend.next_message("ocpp16.Reset.conf")
-        self.assertEqual(answer.correlation_id, "c1")
-        second = yield charger.next_call()
-        self.assertEqual(second[1], "c2")
-        charger.answer(second, {"status": "Accepted"})
-        answer = yield self.backend.next_message("ocpp16.Reset.conf")
-        self.assertEqual(answer.correlation_id, "c2")
-        # and the charger's own CALLs reach the back end again
-        self.backend.handle(
-            "Heartbeat", lambda m, p: {"currentTime": "2026-01-01T00:00:00Z"}
-        )
-        reply = yield charger.call("Heartbeat", {})
-        self.assertEqual(reply[0], 3)
-        # nothing was sent to the charger twice
-        self.assertEqual(charger.received_call_ids, ["c1", "c2"])
-
-    @defer.inlineCallbacks
-    def test_chargers_closed_1012_after_grace(self):
-        """
-        With no grace period, chargers are closed with 1012 as soon as the
-        broker connection is lost, and are served again after reconnecting.
-        """
-        self.gateway_service.gateway.outage_grace = 0
-        identity = self.identity()
-        charger = yield self.connect(identity)
-        reconnected = self.reconnected()
-        yield close_broker_connections(f"ocppgw {self.gateway_service.node}")
-        code, _ = yield charger.closed
-        self.assertEqual(code, 1012)
-        yield reconnected
-        self.backend.handle(
-            "Heartbeat", lambda m, p: {"currentTime": "2026-01-01T00:00:00Z"}
-        )
-        again = yield self.connect(identity)
-        answer = yield again.call("Heartbeat", {})
-        self.assertEqual(answer[0], 3)
-
-
-class UnconfirmedCallTests(GatewayTestCase):
-    @defer.inlineCallbacks
-    def test_nacked_call_answered_internal_error(self):
-        """
-        A charger CALL the broker refuses to take is answered with
-        CALLERROR InternalError, so the charger retries.
-        """
-        queue = unique_name("full")
-        yield self.backend.client.declare_queue(
-            queue, ["ocpp16.MeterValues.req"], exclusive=True,
-            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-        )
-        charger = yield self.connect(self.identity())
-        answer = yield charger.call("MeterValues", {"connectorId": 1, "meterValue": []})
-        self.assertEqual(answer[2], "InternalError")
-
-
 class BrokerDownTests(unittest.TestCase):
-    def test_refused_when_not_connected(self):
-        """
-        While the bridge is not connected, a charger is refused with 503
-        before the upgrade.
-        """
-        from ocppgw.edge import Refused
-        from ocppgw.framing import OCPP16
-        from ocppgw.gateway import Gateway
-
-        bridge = AmqpBridge(reactor, amqp_url(), "ocpp", "n")
-        gateway = Gateway(reactor, bridge, node="n", queue_arguments={})
-        d = defer.ensureDeferred(gateway.charger_connecting(None, "CP", OCPP16))
-        failure = self.failureResultOf(d, Refused)
-        self.assertEqual(failure.value.status, 503)
-
     def test_declare_without_connection(self):
         bridge = AmqpBridge(reactor, amqp_url(), "ocpp", "n")
         self.failureResultOf(bridge.declare_queue("q", "q", {}), BrokerUnavailable)

@@ -1,13 +1,17 @@
 """
-Cancelling many consumers on one channel: each cancel completes on its own
-cancel-ok, not on the first one the channel receives.
+The channel roles (ocppgw.amqp.channels): cancelling many consumers on
+one channel, each cancel completing on its own cancel-ok and not on the
+first one the channel receives; and the watch that gives up on a route
+the broker keeps refusing.
 """
 
 from pika import frame, spec
 from pika.callback import CallbackManager
+from twisted.internet.task import Clock
 from twisted.trial import unittest
+from twisted.trial.unittest import SynchronousTestCase
 
-from ocppgw.amqp.channels import Consumer, _ConsumerChannel
+from ocppgw.amqp.channels import Consumer, ConsumerChannel, NackWatch
 
 
 class _Channel:
@@ -56,7 +60,7 @@ class _Connection:
 class CancelTests(unittest.TestCase):
     def test_each_cancel_waits_for_its_own_cancel_ok(self):
         channel = _Channel()
-        cc = _ConsumerChannel(_Connection(), channel, lambda *_: None)
+        cc = ConsumerChannel(_Connection(), channel, lambda *_: None)
         consumers = []
         for n in range(3):
             consumer = Consumer(cc, lambda delivery: None, lambda why: None)
@@ -77,3 +81,37 @@ class CancelTests(unittest.TestCase):
         self.assertEqual(fired, [1, 0, 2])
         self.assertEqual(channel.nacks, [101, 100, 102])
         self.assertEqual(cc.consumers, {})
+
+
+class NackWatchTests(SynchronousTestCase):
+    """
+    A route is given up on after NackWatch.SECONDS of refusals with at
+    least NackWatch.AT_LEAST of them, and no acceptance in between.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.watch = NackWatch(now=self.clock.seconds)
+
+    def refuse(self, count, every=1.0, route="r"):
+        results = []
+        for _ in range(count):
+            results.append(self.watch.refused(route))
+            self.clock.advance(every)
+        return results
+
+    def test_given_up_after_seconds_and_count(self):
+        self.assertEqual(self.refuse(6), [False] * 5 + [True])
+
+    def test_many_quick_refusals_are_not_enough(self):
+        self.assertEqual(set(self.refuse(100, every=0.01)), {False})
+
+    def test_an_accepted_publish_starts_over(self):
+        self.refuse(5)
+        self.watch.accepted("r")
+        self.assertEqual(self.refuse(5), [False] * 5)
+
+    def test_routes_apart(self):
+        self.refuse(5, route="a")
+        self.watch.accepted("b")
+        self.assertTrue(self.watch.refused("a"))
