@@ -152,6 +152,7 @@ class ListenerSettings:
     retry_after_max: int
     drain_window: float
     workers: int
+    worker_affinity: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -1193,6 +1194,12 @@ SECTIONS: tuple[Section, ...] = (
         Option("workers", Integer(1, 256), "1",
                "Gateway processes sharing the listening port (SO_REUSEPORT, Linux), so one "
                "host uses all its cores; each has its own node name. Needs a fixed tcp.port."),
+        Option("worker_affinity", Choice(("none", "source_address")), "none",
+               "With workers above 1: which worker the kernel gives a new connection. none = "
+               "any (spread by address and port); source_address = always the same worker "
+               "for the same client address, so a wss charger that reconnects resumes the "
+               "TLS session its worker issued. Not behind a proxy or balancer that connects "
+               "from a few addresses: all its chargers would go to one worker."),
     )),
     Section("websocket", WebSocketSettings,
             "Limits and keep-alive of each charger's WebSocket connection.", (

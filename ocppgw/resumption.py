@@ -34,7 +34,11 @@ a random ticket key for each TLS context. So:
 - a ticket is resumed by the process that issued it: with
   C{[listener] workers} above 1, a charger that returns to another worker
   (the kernel picks one per connection) makes a full handshake, and so
-  does every charger after a restart of the gateway;
+  does every charger after a restart of the gateway. C{[listener]
+  worker_affinity = source_address} has the kernel pick the worker by the
+  client's address alone (L{ocppgw.workers.source_address_program}), so
+  a charger that reconnects from the same address returns to the worker
+  that holds its ticket's key;
 - SIGHUP builds a new context (new certificates, CA bundle, CRL), which
   rotates the key. L{ocppgw.tls.ServerTLS} keeps the previous context for
   C{ssl.session_timeout}, and L{ResumingTLSProtocol} reads the ticket a

@@ -327,7 +327,9 @@ class GatewayService(service.MultiService, GatewayState):
             if self._reuse_port:
                 from ocppgw.workers import ReusePortEndpoint
 
-                base = ReusePortEndpoint(self._reactor, host, port, CHARGER_BACKLOG)
+                affinity = (listener.workers if listener.worker_affinity == "source_address"
+                            else 0)
+                base = ReusePortEndpoint(self._reactor, host, port, CHARGER_BACKLOG, affinity)
             else:
                 base = _server_endpoint(self._reactor, host, port, CHARGER_BACKLOG)
             self.listening_ports[kind] = yield _listen(

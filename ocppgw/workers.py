@@ -17,9 +17,11 @@ worker to finish its drain.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
+import struct
 import sys
 from typing import Optional
 
@@ -33,10 +35,73 @@ _log = Logger()
 RESTART_DELAY = 1.0
 
 
-def listen_reuse_port(reactor, host: str, port: int, factory, backlog: int = 1024):
+#: C{SO_ATTACH_REUSEPORT_CBPF} (Linux 4.5, C{asm-generic/socket.h}); Python's
+#: socket module does not name it.
+SO_ATTACH_REUSEPORT_CBPF = 51
+
+# Classic BPF opcodes (linux/filter.h) and the offset that makes an absolute
+# load read from the packet's IP header (SKF_NET_OFF, -0x100000).
+_LD_W_ABS, _LD_B_ABS = 0x20, 0x30
+_ALU_RSH_K, _ALU_MUL_K, _ALU_MOD_K = 0x74, 0x24, 0x94
+_JMP_JEQ_K, _JMP_JA, _RET_A = 0x15, 0x05, 0x16
+_NET = 0x100000
+
+
+def _ip_header(offset: int) -> int:
+    """The absolute load offset of byte C{offset} of the IP header."""
+    return (offset - _NET) & 0xFFFFFFFF
+#: Knuth's multiplicative hash constant: spreads neighbouring addresses
+#: (127.0.0.2, .3, ...) and addresses sharing their low bits over the workers.
+_HASH_MULTIPLIER = 2654435761
+
+
+def source_address_program(workers: int) -> bytes:
+    """
+    A classic BPF program for C{SO_ATTACH_REUSEPORT_CBPF} that picks the
+    socket of a C{SO_REUSEPORT} group from the client's address alone: the
+    last 32 bits of its IPv4 or IPv6 source address, hashed, modulo
+    C{workers}. The kernel's own choice hashes address I{and port}, and a
+    reconnecting charger comes from a new port, so it lands on any worker;
+    its TLS session ticket is encrypted with a key only the worker that
+    issued it holds (the TLS binding offers no way to share one), so only
+    the same worker can resume it. An index past the sockets the group has
+    (a worker being restarted) makes the kernel fall back to its own choice.
+    """
+    program = (
+        (_LD_B_ABS, 0, 0, _ip_header(0)),            # A = first byte of the IP header
+        (_ALU_RSH_K, 0, 0, 4),                # A = IP version
+        (_JMP_JEQ_K, 0, 2, 6),                # IPv6? else skip to the IPv4 load
+        (_LD_W_ABS, 0, 0, _ip_header(20)),           # A = last 32 bits of the IPv6 source
+        (_JMP_JA, 0, 0, 1),
+        (_LD_W_ABS, 0, 0, _ip_header(12)),           # A = IPv4 source address
+        (_ALU_MUL_K, 0, 0, _HASH_MULTIPLIER),
+        (_ALU_RSH_K, 0, 0, 16),
+        (_ALU_MOD_K, 0, 0, workers),
+        (_RET_A, 0, 0, 0),
+    )
+    return b"".join(struct.pack("HBBI", *instruction) for instruction in program)
+
+
+def attach_source_affinity(sock: socket.socket, workers: int) -> None:
+    """
+    Have the kernel give C{sock}'s C{SO_REUSEPORT} group its connections
+    by client address (L{source_address_program}). Attached by each worker
+    to its own socket: the group keeps the last one, and all are the same.
+    """
+    code = source_address_program(workers)
+    filters = ctypes.create_string_buffer(code)
+    # struct sock_fprog: unsigned short len; struct sock_filter *filter
+    fprog = struct.pack("HL", len(code) // 8, ctypes.addressof(filters))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def listen_reuse_port(reactor, host: str, port: int, factory, backlog: int = 1024,
+                      affinity_workers: int = 0):
     """
     Listen on C{host:port} with C{SO_REUSEPORT}, so that other processes can
-    listen on the same port and the kernel balances connections over them.
+    listen on the same port and the kernel balances connections over them;
+    with C{affinity_workers}, by client address over that many workers
+    (L{attach_source_affinity}).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -45,6 +110,10 @@ def listen_reuse_port(reactor, host: str, port: int, factory, backlog: int = 102
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
+        # after listen(): a socket joins its group when it starts listening,
+        # and a program attached before would stay with a group of its own
+        if affinity_workers:
+            attach_source_affinity(sock, affinity_workers)
         sock.setblocking(False)
         # adoptStreamPort duplicates the descriptor; ours is closed below
         return reactor.adoptStreamPort(sock.fileno(), family, factory)
@@ -58,15 +127,18 @@ class ReusePortEndpoint:
     like any other, e.g. by the PROXY protocol endpoint).
     """
 
-    def __init__(self, reactor, host: str, port: int, backlog: int = 1024) -> None:
+    def __init__(self, reactor, host: str, port: int, backlog: int = 1024,
+                 affinity_workers: int = 0) -> None:
         self._reactor = reactor
         self._host = host
         self._port = port
         self._backlog = backlog
+        self._affinity_workers = affinity_workers
 
     def listen(self, factory) -> defer.Deferred:
         return defer.maybeDeferred(
-            listen_reuse_port, self._reactor, self._host, self._port, factory, self._backlog
+            listen_reuse_port, self._reactor, self._host, self._port, factory, self._backlog,
+            self._affinity_workers,
         )
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from typing import Optional
 from urllib.parse import quote
 
@@ -541,6 +542,21 @@ class ProcessOutput(protocol.ProcessProtocol):
                 f"ended before {text!r} was printed:\n" + self.output.decode(errors="replace")
             ))
         self.ended.callback(reason.value)
+
+
+def spawn_twistd(config_path: str) -> ProcessOutput:
+    """
+    C{twistd -n ocppgw --config config_path} as a child of the test, run
+    from the checkout; its output collected (see L{ProcessOutput}).
+    """
+    child = ProcessOutput(None)
+    reactor.spawnProcess(
+        child, sys.executable,
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+         "-n", "--pidfile=", "ocppgw", "--config", config_path],
+        env={**os.environ, "PYTHONPATH": REPO}, path=REPO,
+    )
+    return child
 
 
 # -- asyncio clients ----------------------------------------------------------

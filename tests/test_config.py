@@ -44,6 +44,7 @@ max_handshakes = 64
 retry_after_max = 30
 drain_window = 0
 workers = 4
+worker_affinity = source_address
 tcp.enabled = false
 tcp.profile = 1
 ssl.enabled = true
@@ -199,6 +200,7 @@ class DefaultsTests(SynchronousTestCase):
                 retry_after_max=10,
                 drain_window=10.0,
                 workers=1,
+                worker_affinity="none",
                 tcp_enabled=True,
                 tcp_profile=0,
                 ssl_enabled=False,
@@ -358,6 +360,7 @@ class EveryKeyTests(SynchronousTestCase):
                 retry_after_max=30,
                 drain_window=0.0,
                 workers=4,
+                worker_affinity="source_address",
                 tcp_enabled=False,
                 tcp_profile=1,
                 ssl_enabled=True,

@@ -20,7 +20,7 @@ from twisted.trial import unittest
 
 from ocppgw.amqp import BackEndClient
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
-from tests.support import REPO, ProcessOutput, delete_exchange, free_port
+from tests.support import REPO, ProcessOutput, delete_exchange, free_port, spawn_twistd
 
 
 def peak_rss(pid: int) -> int:
@@ -233,13 +233,7 @@ class WorkersTests(FleetTestCase):
                 f"[amqp]\nurl = {amqp_url()}\nexchange = {self.exchange}\n"
                 f"[queue]\nx-expires = 30000\n"
             )
-        child = ProcessOutput(None)
-        reactor.spawnProcess(
-            child, sys.executable,
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "ocppgw", "--config", path],
-            env={**os.environ, "PYTHONPATH": REPO}, path=REPO,
-        )
+        child = spawn_twistd(path)
         self.addCleanup(self._kill, child)
         return child
 
