@@ -307,7 +307,7 @@ class BucketTimer:
     and at most one bucket late. txaio's own batched timer truncates the
     due time to whole seconds (C{int(now + delay)}), so a timeout could
     fire up to a second early and a sub-second pong timeout would drop
-    chargers that did answer.
+    chargers that do answer.
     """
 
     def __init__(self, reactor, bucket_seconds: float = 0.2) -> None:

@@ -419,7 +419,7 @@ class ValidationStats:
     @ivar invalid: C{(subprotocol, direction, action)} -> count of invalid
         payloads seen, in every mode; C{direction} is C{"charger"} for
         frames from chargers, C{"backend"} for frames for them; actions
-        without a schema are counted as L{NO_SCHEMA_ACTION} (the session does
+        without a schema are counted as L{NO_SCHEMA_ACTION} (L{ocppgw.payloads} does
         that: made-up names must not grow the counters).
     @ivar refused: the same, counting those that were refused (enforce).
     """
