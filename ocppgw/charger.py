@@ -296,7 +296,8 @@ class ChargerLink(ChargerEffects):
 
         @param edge: the charger's L{ocppgw.edge.ChargerProtocol}; its
             C{identity} and C{version} are those of the handshake.
-        @param bridge: the L{ocppgw.amqp.AmqpBridge}.
+        @param bridge: what the gateway needs of the broker (L{ocppgw.broker.Bridge}:
+            the L{ocppgw.amqp.AmqpBridge}, or a fake in tests).
         @param audit: an L{ocppgw.audit.AuditTrail}, or C{None}.
         @param metrics: an L{ocppgw.metrics.Metrics}, or C{None}.
         @param on_state: called with the link after each of its moves.

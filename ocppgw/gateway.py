@@ -20,7 +20,7 @@ makes "last connection wins" work:
 Across several gateway processes (sharing one broker) the same rule holds
 through a I{takeover} message: before declaring a charger's queue, the
 process that takes a charger tells every other process (a fanout control
-exchange, see L{AmqpBridge.publish_control}); a process that holds that
+exchange, see L{ocppgw.amqp.AmqpBridge.publish_control}); a process that holds that
 charger detaches and closes it as replaced, requeueing its unanswered
 commands after its consumer is cancelled. With
 C{[queue] x-single-active-consumer} the new consumer gets nothing before
@@ -48,7 +48,9 @@ from typing import Optional
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from ocppgw.amqp import AmqpBridge, BrokerUnavailable, ChannelGone, DeclareFailed
+from ocppgw import topology
+from ocppgw.amqp import BrokerUnavailable, ChannelGone, DeclareFailed
+from ocppgw.broker import Bridge
 from ocppgw.charger import (
     CHARGER_TRANSITIONS,
     CLOSE_INTERNAL,
@@ -75,8 +77,8 @@ CLOSE_REPLACED = (CloseCode.NORMAL, "Replaced by a new connection")
 CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
 #: Close code for a drain or a broker outage: come back (elsewhere) later.
 CLOSE_SERVICE_RESTART = CloseCode.SERVICE_RESTART
-#: Control message type announcing that a process took a charger over.
-CONTROL_TAKEOVER = "takeover"
+#: (kept here for the names importers know; defined in L{ocppgw.topology})
+CONTROL_TAKEOVER = topology.CONTROL_TAKEOVER
 
 __all__ = [
     "CHARGER_TRANSITIONS", "CLOSE_GOING_AWAY", "CLOSE_INTERNAL", "CLOSE_POLICY",
@@ -93,7 +95,7 @@ class Gateway:
     def __init__(
         self,
         reactor,
-        bridge: AmqpBridge,
+        bridge: Bridge,
         *,
         node: str,
         queue_arguments: dict,

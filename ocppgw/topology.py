@@ -164,6 +164,11 @@ def control_exchange(exchange: str) -> str:
     return exchange + ".gateways"
 
 
+#: The C{type} of a control message telling the other gateway processes
+#: that this one took a charger over (they close their connection of it).
+CONTROL_TAKEOVER = "takeover"
+
+
 def sentinel_exchange(exchange: str, token: str) -> str:
     """
     A gateway connection's sentinel for the OCPP exchange C{exchange}.
