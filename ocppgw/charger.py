@@ -66,6 +66,10 @@ _log = Logger(namespace="ocppgw.gateway")
 CLOSE_INTERNAL = CloseCode.INTERNAL_ERROR
 #: Close code for a charger that keeps sending over its rate limit.
 CLOSE_POLICY = CloseCode.POLICY_VIOLATION
+#: Close code and reason for a connection replaced by a newer one.
+CLOSE_REPLACED = (CloseCode.NORMAL, "Replaced by a new connection")
+#: Close code for a drain or a broker outage: come back (elsewhere) later.
+CLOSE_SERVICE_RESTART = CloseCode.SERVICE_RESTART
 
 
 class ChargerState(enum.Enum):

@@ -51,10 +51,13 @@ from twisted.logger import Logger
 from ocppgw import topology
 from ocppgw.amqp import BrokerUnavailable, ChannelGone, DeclareFailed
 from ocppgw.broker import Bridge
+from ocppgw.brokerside import BrokerSide
 from ocppgw.charger import (
     CHARGER_TRANSITIONS,
     CLOSE_INTERNAL,
     CLOSE_POLICY,
+    CLOSE_REPLACED,
+    CLOSE_SERVICE_RESTART,
     HANDSHAKING,
     ChargerLink,
     ChargerSettings,
@@ -71,12 +74,8 @@ from ocppgw.presence import Presence
 
 _log = Logger()
 
-#: Close code and reason for a connection replaced by a newer one.
-CLOSE_REPLACED = (CloseCode.NORMAL, "Replaced by a new connection")
 #: Close code when the gateway shuts down.
 CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
-#: Close code for a drain or a broker outage: come back (elsewhere) later.
-CLOSE_SERVICE_RESTART = CloseCode.SERVICE_RESTART
 #: (kept here for the names importers know; defined in L{ocppgw.topology})
 CONTROL_TAKEOVER = topology.CONTROL_TAKEOVER
 
@@ -136,22 +135,23 @@ class Gateway:
         #: identity -> ChargerLink of attached chargers (ATTACHED and after)
         self.chargers: dict[str, ChargerLink] = {}
         #: the grace of a broker outage, and the chargers awaiting the broker
+        self.broker_side = BrokerSide(self)
         self.outage = BrokerOutage(reactor, outage_grace, outage_keep_chargers,
-                                   self._outage_over)
+                                   self.broker_side.outage_over)
         # one bound method for every link (not one each)
         self._link_moved = self.outage.link_moved
         #: fires once the last re-binding after the exchange was declared
-        #: again (see _topology_restored) is done; None before any
+        #: again (see L{BrokerSide.topology_restored}) is done; None before any
         self.rebinding: Optional[defer.Deferred] = None
         # identity -> the link of the handshake that most recently claimed
         # it, while that handshake is prepared (CLAIMED or DECLARING)
         self._claims: dict[str, ChargerLink] = {}
         self._accepting = True
         self.reading_paused = False
-        bridge.add_observer(self._broker_state)
-        bridge.add_flow_observer(self._flow)
-        bridge.add_control_handler(self._control)
-        bridge.add_topology_observer(self._topology_restored)
+        bridge.add_observer(self.broker_side.link_state)
+        bridge.add_flow_observer(self.broker_side.flow)
+        bridge.add_control_handler(self.broker_side.control)
+        bridge.add_topology_observer(self.broker_side.topology_restored)
 
     @property
     def dead_letter_exchange(self) -> Optional[str]:
@@ -263,7 +263,7 @@ class Gateway:
             version=link.version.subprotocol,
             event="replacing",
         )
-        yield self._detach(previous, replaced=True, code=CLOSE_REPLACED[0],
+        yield self.detach(previous, replaced=True, code=CLOSE_REPLACED[0],
                            reason=CLOSE_REPLACED[1])
         previous.close(*CLOSE_REPLACED)
         link.session.adopt_open_calls(previous.session.handover())
@@ -320,11 +320,15 @@ class Gateway:
             del self.chargers[link.identity]
         if link.detached:
             return  # replaced, or detached by shutdown: already announced
-        self._detach(link, replaced=False, code=code, reason=reason)
+        self.detach(link, replaced=False, code=code, reason=reason)
 
     # -- helpers --------------------------------------------------------------
 
-    def _detach(self, link: ChargerLink, replaced: bool, code=None, reason: str = "") -> defer.Deferred:
+    def detach(self, link: ChargerLink, replaced: bool, code=None, reason: str = "") -> defer.Deferred:
+        """
+        C{link}'s charger leaves the registry (once): its link is detached
+        (consumer cancelled, commands requeued) and its going announced.
+        """
         if link.detached:
             return defer.succeed(None)
         if self.chargers.get(link.identity) is link:
@@ -332,94 +336,6 @@ class Gateway:
         d = link.detach(replaced)
         self.announce.disconnected(link, replaced, code, reason)
         return d
-
-    def _broker_state(self, connected: bool, why: str) -> None:
-        """
-        The broker link opened, or was lost (told once per loss, before
-        anything in flight on the lost connection is settled).
-
-        Lost: every charger is told (its consumer is gone, the broker
-        requeues its unacknowledged commands) but stays for
-        C{outage_grace} seconds -- new ones get 503 meanwhile -- and is
-        then closed with 1012 rather than left talking to nobody.
-        Open: presence messages owed since the loss are published, and
-        every kept charger's queue and consumer is restored.
-        """
-        if connected:
-            self.outage.end()
-            self.presence.flush()
-            links = [link for link in self.chargers.values()
-                     if link.state is ChargerState.BROKER_LOST]
-            if links:
-                _log.info("Restoring {count} chargers' consumers", count=len(links))
-            for link in links:
-                link.restore()
-            return
-        for link in list(self.chargers.values()):
-            link.broker_lost()
-        if self._accepting:  # (shutting down: the drain closes the chargers)
-            self.outage.begin()
-
-    def _outage_over(self) -> None:
-        if self.bridge.connected:
-            return
-        links = list(self.chargers.values())
-        if links:
-            _log.warn(
-                "Broker still unreachable: closing {count} chargers (1012)", count=len(links)
-            )
-        for link in links:
-            self._detach(link, replaced=False, code=CLOSE_SERVICE_RESTART)
-            link.close(CLOSE_SERVICE_RESTART, "Broker unavailable")
-
-    def _topology_restored(self) -> None:
-        """
-        The exchange was deleted under us and declared again: bind every
-        charger's queue again, and publish what is owed.
-        """
-        links = list(self.chargers.values())
-        _log.info("Binding {count} chargers' queues again", count=len(links))
-        self.presence.flush()
-        done = defer.DeferredList([link.rebind() for link in links], consumeErrors=True)
-        done.addCallback(lambda _: _log.info(
-            "Bindings of {count} chargers' queues restored", count=len(links),
-            event="amqp_bindings_restored"))
-        self.rebinding = done
-
-    def _flow(self, paused: bool) -> None:
-        """
-        Stop reading from every charger while publishing is paused.
-        """
-        self.reading_paused = paused
-        for link in list(self.chargers.values()):
-            if paused:
-                link.edge.pause_reading()
-            else:
-                link.edge.resume_reading()
-
-    def _control(self, message: dict) -> None:
-        """
-        A message from another gateway process.
-        """
-        if message.get("type") != CONTROL_TAKEOVER:
-            return
-        identity = message.get("identity")
-        if not isinstance(identity, str):
-            return
-        link = self.chargers.get(identity)
-        if link is None:
-            return
-        _log.info(
-            "{identity} reconnected to gateway {node}: replacing the connection here",
-            identity=identity,
-            node=str(message.get("node"))[:255],
-            peer=link.peer,
-            version=link.version.subprotocol,
-            listener=link.listener,
-            event="replacing",
-        )
-        self._detach(link, replaced=True, code=CLOSE_REPLACED[0], reason=CLOSE_REPLACED[1])
-        link.close(*CLOSE_REPLACED)
 
     # -- shutdown ---------------------------------------------------------------
 
@@ -463,7 +379,7 @@ class Gateway:
         """
         waits = []
         for link in list(self.chargers.values()):
-            waits.append(self._detach(link, replaced=False, code=code))
+            waits.append(self.detach(link, replaced=False, code=code))
             link.close(code, reason)
         return defer.DeferredList(waits, consumeErrors=True)
 
@@ -485,7 +401,7 @@ class Gateway:
         def close_one(link):
             if link.detached:
                 return None
-            d = self._detach(link, replaced=False, code=code)
+            d = self.detach(link, replaced=False, code=code)
             link.close(code, reason)
             return d
 
