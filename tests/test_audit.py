@@ -41,8 +41,11 @@ class AuditTrailTests(GatewayTestCase):
         yield self.audit_client.close()
 
     @defer.inlineCallbacks
-    def read_stream(self, count: int, offset="first"):
-        """The first C{count} messages of the stream, from C{offset}."""
+    def read_stream(self, count: int = 0, offset="first", until=None):
+        """
+        The messages of the stream from C{offset}: the first C{count}, or
+        up to the first for which C{until(message)} is true.
+        """
         reader = yield BackEndClient.connect(reactor, amqp_url(), AUDIT_EXCHANGE)
         try:
             messages = yield reader.consume(
@@ -50,10 +53,12 @@ class AuditTrailTests(GatewayTestCase):
                 arguments={"x-stream-offset": offset},
             )
             found = []
-            for _ in range(count):
+            while not count or len(found) < count:
                 message = yield messages.get()
                 reader.ack(message)
                 found.append(message)
+                if until is not None and until(message):
+                    break
             return found
         finally:
             yield reader.close()
@@ -157,7 +162,14 @@ class AuditTrailTests(GatewayTestCase):
         # the stream offset is a timestamp in whole seconds, at or before
         # the point; the chunk holding it comes whole, hence the filter
         point = datetime.datetime.fromtimestamp(since_ms // 1000, datetime.timezone.utc)
-        replayed = yield self.read_stream(7, offset=point)
+        # how many messages a replay from a time gives depends on where the
+        # stream's chunks begin: read up to the charger's last one
+        last = mine[-1]
+        replayed = yield self.read_stream(
+            offset=point,
+            until=lambda m: (m.headers["x-ocpp-identity"] == identity
+                             and m.body == last.body),
+        )
         window = [
             m for m in replayed
             if m.headers["x-ocpp-identity"] == identity
