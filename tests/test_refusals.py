@@ -24,15 +24,7 @@ from tests.support import GatewayTestCase, LogEvents, SilentClient, samples, val
 class RefusalTestCase(GatewayTestCase):
     def setUp(self):
         self.log = LogEvents(self)
-        started = defer.maybeDeferred(super().setUp)
-        started.addCallback(self._started)
-        return started
-
-    def _started(self, result):
-        # what the start logged is not a refusal's doing (on a host whose
-        # open-files limit is below max_connections it warns, rightly)
-        self.started_at_event = len(self.log.events)
-        return result
+        return super().setUp()
 
     def refused(self, listener: str, reason: str) -> float:
         scraped = samples(generate_latest(self.gateway_service.metrics.registry))
@@ -61,7 +53,7 @@ class RefusalTestCase(GatewayTestCase):
         return self.gateway_service.gateway.chargers[identity].edge.peer
 
     def assertNoErrorsOrWarnings(self):
-        loud = [formatEvent(e) for e in self.log.events[self.started_at_event:]
+        loud = [formatEvent(e) for e in self.log.events
                 if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)]
         self.assertEqual(loud, [])
 
