@@ -149,7 +149,8 @@ def _steady(server, worker, loadgen, chargers: int, args) -> dict:
     # the share of a core over the load itself, not the drain after it
     return {
         "rate": rate, "sent": sum(r["sent"] for r in runs), "answered": answered,
-        "lost": sum(r["lost"] for r in runs), **percentiles(merge_samples(runs, "lat")),
+        "lost": sum(r["lost"] for r in runs),
+        "callerrors": sum(r.get("errors", 0) for r in runs), **percentiles(merge_samples(runs, "lat")),
         "cpu": per_rt(delta, answered),
         "cpu_pct_of_load": {k: 100 * v / args.steady for k, v in delta.items() if k != "t"},
     }
@@ -180,7 +181,7 @@ def report(results) -> None:
             rows += [
                 (f"steady: {'+'.join(STEADY_MIX)} per charger per {ARGS.interval:g} s",
                  f"{st['rate']:.0f} CALLs/s", f"answered {st['answered']} of {st['sent']}",
-                 f"lost {st['lost']}"),
+                 f"lost {st['lost']}", f"CALLERROR {st['callerrors']}"),
                 ("  latency", f"p50 {ms(st['p50'])}", f"p99 {ms(st['p99'])}",
                  f"p99.9 {ms(st['p99.9'])}"),
                 ("  CPU per CALL (share of a core)", cpu_cells(st["cpu"])),

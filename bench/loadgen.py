@@ -37,6 +37,9 @@ METER_VALUES = (b',"MeterValues",{"connectorId":1,"meterValue":[{"timestamp":'
                 b'"measurand":"Energy.Active.Import.Register","unit":"Wh"}]}]}]')
 #: what open_loop can send, by name
 CALLS = {"Heartbeat": HEARTBEAT, "MeterValues": METER_VALUES}
+#: the message type of a CALLERROR: the gateway's answer when nothing on
+#: the broker took the CALL; never counted as an answered round trip
+CALLERROR = 4
 
 
 def encode(payload: bytes, opcode: int = 1) -> bytes:
@@ -315,8 +318,14 @@ class Runner:
             if remaining[0] == 0 and not done.done():
                 done.set_result(None)
 
-        def answered(charger, _latency, _kind):
-            boot_lat.append(time.perf_counter() - charger.t_start)
+        def answered(charger, _latency, kind):
+            if kind == CALLERROR:
+                # not booted: nothing answered it (an unroutable publish,
+                # no CSMS worker on the broker the gateway uses)
+                refused["BootNotification answered CALLERROR"] = \
+                    refused.get("BootNotification answered CALLERROR", 0) + 1
+            else:
+                boot_lat.append(time.perf_counter() - charger.t_start)
             charger.on_answer = None
             charger.on_lost = None
             last[0] = time.time()
@@ -394,14 +403,18 @@ class Runner:
     async def closed_loop(self, seconds, chargers=None):
         """Every charger keeps one Heartbeat CALL outstanding for C{seconds}."""
         lat = array("d")
+        errors = [0]
         stop = [False]
         # spread over all of them (not the first to connect: with several
         # gateway workers those may all be on the one that started first)
         active = self.chargers if chargers is None \
             else self.chargers[::max(1, len(self.chargers) // chargers)][:chargers]
 
-        def answered(charger, latency, _kind):
-            lat.append(latency)
+        def answered(charger, latency, kind):
+            if kind == CALLERROR:
+                errors[0] += 1
+            else:
+                lat.append(latency)
             if not stop[0]:
                 charger.call(HEARTBEAT)
 
@@ -418,7 +431,8 @@ class Runner:
         for charger in active:
             charger.on_answer = None
             charger.pending.clear()
-        return {"count": count, "lat": lat.tobytes(), "cpu": time.process_time() - cpu0}
+        return {"count": count, "errors": errors[0], "lat": lat.tobytes(),
+                "cpu": time.process_time() - cpu0}
 
     async def open_loop(self, rate, seconds, mix=("Heartbeat",)):
         """
@@ -427,10 +441,14 @@ class Runner:
         """
         loop = asyncio.get_running_loop()
         lat = array("d")
+        errors = [0]
         chargers = [c for c in self.chargers if c.is_open]
 
-        def answered(_charger, latency, _kind):
-            lat.append(latency)
+        def answered(_charger, latency, kind):
+            if kind == CALLERROR:
+                errors[0] += 1
+            else:
+                lat.append(latency)
 
         for charger in chargers:
             charger.on_answer = answered
@@ -453,7 +471,8 @@ class Runner:
         for charger in chargers:
             charger.on_answer = None
             charger.pending.clear()
-        return {"sent": sent, "answered": len(lat), "lost": lost, "lat": lat.tobytes(),
+        return {"sent": sent, "answered": len(lat), "errors": errors[0], "lost": lost,
+                "lat": lat.tobytes(),
                 "cpu": time.process_time() - cpu0}
 
     async def reconnect(self, retries=0):
