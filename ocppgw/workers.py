@@ -33,6 +33,23 @@ _log = Logger()
 
 #: Seconds before a worker that died is started again.
 RESTART_DELAY = 1.0
+#: A worker that dies within this many seconds of its start waits twice as
+#: long as the last time before the next start (up to L{MAX_RESTART_DELAY}):
+#: one that cannot start (a port taken, a broker refusing it) is not started
+#: again every second, and its error is not logged every second.
+STABLE_AFTER = 30.0
+MAX_RESTART_DELAY = 60.0
+
+
+def next_restart_delay(previous: Optional[float], lived: float) -> float:
+    """
+    Seconds to wait before starting again a worker that ended after
+    C{lived} seconds, the last wait having been C{previous} (C{None}
+    before any).
+    """
+    if previous is None or lived >= STABLE_AFTER:
+        return RESTART_DELAY
+    return min(previous * 2, MAX_RESTART_DELAY)
 
 
 #: C{SO_ATTACH_REUSEPORT_CBPF} (Linux 4.5, C{asm-generic/socket.h}); Python's
@@ -165,6 +182,10 @@ class WorkersService(service.Service):
         self._count = count
         self._python = python
         self.workers: dict[int, _Worker] = {}
+        # by worker index: when it was started, and the last wait before a start
+        self._started_at: dict[int, float] = {}
+        self._restart_delays: dict[int, float] = {}
+        self._restarts: dict[int, object] = {}
         self._stopping = False
         self._previous_sighup = None
 
@@ -191,8 +212,10 @@ class WorkersService(service.Service):
                 pass  # it is ending; _ended restarts it if needed
 
     def _spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
         if self._stopping:
             return
+        self._started_at[index] = self._reactor.seconds()
         # `ocppgw run` is `twistd -n ocppgw` without plugin discovery, so
         # the workers start in every install mode the supervisor did
         args = [self._python, "-m", "ocppgw.cli", "run", "--worker", str(index)]
@@ -213,11 +236,14 @@ class WorkersService(service.Service):
             del self.workers[worker.index]
         if self._stopping:
             return
+        lived = self._reactor.seconds() - self._started_at.get(worker.index, 0.0)
+        delay = next_restart_delay(self._restart_delays.get(worker.index), lived)
+        self._restart_delays[worker.index] = delay
         _log.error(
-            "Gateway worker {index} ended ({reason}); restarting it in {delay} s",
-            index=worker.index, reason=str(reason), delay=RESTART_DELAY,
+            "Gateway worker {index} ended ({reason}) after {lived:.1f} s; restarting it in {delay:g} s",
+            index=worker.index, reason=str(reason), lived=lived, delay=delay,
         )
-        self._reactor.callLater(RESTART_DELAY, self._spawn, worker.index)
+        self._restarts[worker.index] = self._reactor.callLater(delay, self._spawn, worker.index)
 
     def stopService(self):
         """
@@ -225,6 +251,10 @@ class WorkersService(service.Service):
         """
         super().stopService()
         self._stopping = True
+        for restart in self._restarts.values():
+            if restart.active():
+                restart.cancel()
+        self._restarts.clear()
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None

@@ -11,10 +11,15 @@ import sys
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from ocppgw.testing import FakeBackEnd, amqp_url, unique_name
-from ocppgw.workers import listen_reuse_port
+from ocppgw.workers import (
+    MAX_RESTART_DELAY, RESTART_DELAY, STABLE_AFTER, WorkersService, listen_reuse_port,
+    next_restart_delay,
+)
 from tests import rawclient
 from tests.certs import ThrowAwayPKI
 from tests.support import config_file, delete_from_broker, free_port, spawn_twistd
@@ -168,3 +173,82 @@ class ResumptionAcrossWorkersTests(unittest.TestCase):
             child.transport.signalProcess("TERM")
             yield child.ended
         yield delete_from_broker(exchange, self.identities)
+
+
+class _SpawningClock(task.Clock):
+    """A clock that records the processes it is asked to spawn."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned: list = []
+
+    def spawnProcess(self, process_protocol, executable, args, env=None, childFDs=None):
+        transport = _FakeProcess(1000 + len(self.spawned))
+        process_protocol.makeConnection(transport)
+        self.spawned.append((process_protocol, args))
+        return transport
+
+
+class _FakeProcess:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals: list = []
+
+    def signalProcess(self, signum):
+        self.signals.append(signum)
+
+
+class RestartBackOffTests(unittest.SynchronousTestCase):
+    """
+    The supervisor restarts a dead worker after a second, and waits longer
+    each time for one that keeps dying as soon as it starts.
+    """
+
+    def setUp(self):
+        self.clock = _SpawningClock()
+        self.supervisor = WorkersService(self.clock, None, 1)
+        self.supervisor.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        if self.supervisor.running:
+            self.supervisor.stopService()
+            for worker, _args in self.clock.spawned:
+                if not worker.ended.called:
+                    worker.processEnded(Failure(ProcessDone(0)))
+
+    def die_after(self, seconds):
+        """Let the running worker live C{seconds}, then die; the wait before its restart."""
+        self.clock.advance(seconds)
+        worker, _args = self.clock.spawned[-1]
+        count = len(self.clock.spawned)
+        worker.processEnded(Failure(ProcessTerminated(1)))
+        [restart] = self.clock.getDelayedCalls()
+        delay = restart.getTime() - self.clock.seconds()
+        self.clock.advance(delay)
+        self.assertEqual(len(self.clock.spawned), count + 1)
+        return delay
+
+    def test_a_worker_dying_at_start_waits_longer_each_time(self):
+        delays = [self.die_after(0.5) for _ in range(9)]
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0])
+
+    def test_a_worker_that_ran_a_while_is_restarted_after_a_second(self):
+        self.assertEqual([self.die_after(0.5) for _ in range(3)], [1.0, 2.0, 4.0])
+        self.assertEqual(self.die_after(STABLE_AFTER), RESTART_DELAY)
+        self.assertEqual(self.die_after(1.0), 2.0)
+
+    def test_no_restart_after_stop(self):
+        worker, _args = self.clock.spawned[-1]
+        worker.processEnded(Failure(ProcessTerminated(1)))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.supervisor.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(MAX_RESTART_DELAY)
+        self.assertEqual(len(self.clock.spawned), 1)
+
+    def test_restart_delay_rule(self):
+        self.assertEqual(next_restart_delay(None, 0.1), RESTART_DELAY)
+        self.assertEqual(next_restart_delay(4.0, STABLE_AFTER - 1), 8.0)
+        self.assertEqual(next_restart_delay(4.0, STABLE_AFTER), RESTART_DELAY)
+        self.assertEqual(next_restart_delay(MAX_RESTART_DELAY, 0.0), MAX_RESTART_DELAY)
