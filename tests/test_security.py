@@ -10,6 +10,7 @@ import signal
 import ssl
 from urllib.parse import quote
 
+from autobahn.twisted import websocket as autobahn_twisted
 from twisted.internet import defer, reactor, threads
 
 from ocppgw.testing import FakeCharger, basic_auth
@@ -281,6 +282,25 @@ class Profile3Tests(SecurityTestCase):
         self.assertIn(self.charger_id, self.gateway_service.gateway.chargers)
 
     @defer.inlineCallbacks
+    def test_certificateReadOnceAtTheHandshake(self):
+        """
+        The charger's certificate is checked at the handshake; autobahn
+        does not parse it (nor the TLS channel binding) again when the
+        connection opens.
+        """
+        certificates_read, bindings_read = [], []
+        self.patch(autobahn_twisted, "extract_peer_certificate", certificates_read.append)
+        self.patch(autobahn_twisted, "transport_channel_id",
+                   lambda transport, is_server, kind: bindings_read.append(is_server))
+        charger = yield self.connect_wss(self.charger_id, self.mine)
+        self.assertEqual(charger.subprotocol, "ocpp1.6")
+        edge = self.gateway_service.gateway.chargers[self.charger_id].edge
+        # the test's own (autobahn) client still reads them: the patches hold
+        self.assertEqual(bindings_read, [False])
+        self.assertEqual(len(certificates_read), 1)
+        self.assertIsNot(certificates_read[0], edge.transport)
+
+    @defer.inlineCallbacks
     def test_otherChargersCertificate403(self):
         """
         A valid certificate of another charger is refused, even with that
@@ -433,6 +453,25 @@ class ForwardedCertificateTests(SecurityTestCase):
         response = yield self.handshake(self.mine)
         self.assertEqual(response.status, 101)
         self.assertIn(self.charger_id, self.gateway_service.gateway.chargers)
+
+    @defer.inlineCallbacks
+    def test_certificateReadOnceAtTheHandshake(self):
+        """
+        The charger's certificate is checked at the handshake; autobahn
+        does not parse it (nor the TLS channel binding) again when the
+        connection opens.
+        """
+        certificates_read, bindings_read = [], []
+        self.patch(autobahn_twisted, "extract_peer_certificate", certificates_read.append)
+        self.patch(autobahn_twisted, "transport_channel_id",
+                   lambda transport, is_server, kind: bindings_read.append(is_server))
+        charger = yield self.connect_wss(self.charger_id, self.mine)
+        self.assertEqual(charger.subprotocol, "ocpp1.6")
+        edge = self.gateway_service.gateway.chargers[self.charger_id].edge
+        # the test's own (autobahn) client still reads them: the patches hold
+        self.assertEqual(bindings_read, [False])
+        self.assertEqual(len(certificates_read), 1)
+        self.assertIsNot(certificates_read[0], edge.transport)
 
     @defer.inlineCallbacks
     def test_otherChargersCertificate403(self):
