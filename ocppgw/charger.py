@@ -426,6 +426,14 @@ class ChargerLink(ChargerEffects):
             lambda f: _log.failure("Starting the consumer of {identity}", f,
                                    identity=self.identity))
         self.starting = d
+        d.addBoth(self._consumer_settled, d)
+
+    def _consumer_settled(self, _result, d: defer.Deferred) -> None:
+        # forget the start once it is over: kept, the fired Deferred would
+        # hold the consumer (and, through it, this link) for the charger's
+        # whole life
+        if self.starting is d:
+            self.starting = None
 
     def _consumer_started(self, consumer):
         if self.detached:

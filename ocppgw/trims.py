@@ -48,6 +48,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOfferAccept,
 )
 from autobahn.websocket.protocol import TrafficStats
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 _log = Logger()
@@ -231,6 +232,29 @@ class TrimmedWebSocket:
             self._send_queue = queue
         else:
             self.__dict__.pop("_send_queue", None)
+
+    # autobahn gives every connection two Deferreds, fired when it opens
+    # and when it closes, for whoever waits on them; nothing waits on a
+    # charger's. Kept, they cost two Deferreds per connection, and the
+    # closing one, fired with the connection itself, holds it in a
+    # reference cycle that only a full pass of the garbage collector
+    # frees. Each use gets a throwaway Deferred instead.
+
+    @property
+    def is_open(self) -> Deferred:
+        return Deferred()
+
+    @is_open.setter
+    def is_open(self, _future) -> None:
+        pass
+
+    @property
+    def is_closed(self) -> Deferred:
+        return Deferred()
+
+    @is_closed.setter
+    def is_closed(self, _future) -> None:
+        pass
 
     @property
     def trafficStats(self) -> TrafficStats:

@@ -33,6 +33,13 @@ class FootprintTests(GatewayTestCase):
         for name in ("_valid_events", "_results"):
             self.assertNotIn(name, attributes)
         self.assertIsNone(edge.current_frame_masker)
+        # no open/closed Deferreds of autobahn's (nobody waits on them; the
+        # closed one would hold the connection in a reference cycle), and
+        # no Deferred of the consumer's start once it is up
+        for name in ("is_open", "is_closed"):
+            self.assertNotIn(name, attributes)
+        self.assertIsNone(edge.link.starting)
+        self.assertIsNotNone(edge.link.consumer)
         # the socket is read in small pieces, and a frame of many pieces
         # arrives whole
         self.assertEqual(edge.transport.bufferSize, READ_SIZE)
