@@ -152,8 +152,7 @@ class Gateway:
         self._accepting = True
         self.reading_paused = False
         #: the takeovers to tell the other gateway processes (batched)
-        self.takeovers = TakeoverBatch(
-            reactor, lambda message: self.bridge.publish_control(message), node)
+        self.takeovers = TakeoverBatch(reactor, bridge.publish_control, node)
         bridge.add_observer(self.broker_side.link_state)
         bridge.add_flow_observer(self.broker_side.flow)
         bridge.add_control_handler(self.broker_side.control)
