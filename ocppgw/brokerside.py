@@ -14,8 +14,8 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ocppgw import topology
 from ocppgw.charger import CLOSE_REPLACED, CLOSE_SERVICE_RESTART, ChargerState
-from ocppgw.takeovers import identities_of
 
 # the gateway's own namespace: operators filter its log lines by it
 _log = Logger(namespace="ocppgw.gateway")
@@ -109,11 +109,12 @@ class BrokerSide:
         """
         A message from another gateway process.
         """
-        for identity in identities_of(message):
-            self._taken_over(identity, message)
-
-    def _taken_over(self, identity: str, message: dict) -> None:
         gateway = self._gateway
+        if message.get("type") != topology.CONTROL_TAKEOVER:
+            return
+        identity = message.get("identity")
+        if not isinstance(identity, str):
+            return
         link = gateway.chargers.get(identity)
         if link is None:
             return

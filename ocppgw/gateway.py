@@ -18,11 +18,9 @@ makes "last connection wins" work:
 4. after the upgrade the consumer starts and the charger is announced.
 
 Across several gateway processes (sharing one broker) the same rule holds
-through a I{takeover} message: while declaring a charger's queue, the
+through a I{takeover} message: before declaring a charger's queue, the
 process that takes a charger tells every other process (a fanout control
-exchange, see L{ocppgw.amqp.AmqpBridge.publish_control}; the identities
-connecting within a few milliseconds share one message, see
-L{ocppgw.takeovers}); a process that holds that
+exchange, see L{ocppgw.amqp.AmqpBridge.publish_control}); a process that holds that
 charger detaches and closes it as replaced, requeueing its unanswered
 commands after its consumer is cancelled. With
 C{[queue] x-single-active-consumer} the new consumer gets nothing before
@@ -73,7 +71,6 @@ from ocppgw.closecodes import CloseCode
 from ocppgw.framing import OcppVersion
 from ocppgw.outage import BrokerOutage
 from ocppgw.presence import Presence
-from ocppgw.takeovers import TakeoverBatch
 
 _log = Logger()
 
@@ -151,8 +148,6 @@ class Gateway:
         self._claims: dict[str, ChargerLink] = {}
         self._accepting = True
         self.reading_paused = False
-        #: the takeovers to tell the other gateway processes (batched)
-        self.takeovers = TakeoverBatch(reactor, bridge.publish_control, node)
         bridge.add_observer(self.broker_side.link_state)
         bridge.add_flow_observer(self.broker_side.flow)
         bridge.add_control_handler(self.broker_side.control)
@@ -207,7 +202,9 @@ class Gateway:
         # Other gateway processes that hold this charger let it go while
         # we declare its queue (when there are any: see ocppgw.peers).
         if self.bridge.may_have_peers():
-            self.takeovers.add(identity)
+            self.bridge.publish_control(
+                {"type": CONTROL_TAKEOVER, "identity": identity, "node": self.node}
+            )
         try:
             previous = self.chargers.get(identity)
             if previous is not None:
@@ -349,7 +346,6 @@ class Gateway:
         """
         self._accepting = False
         self.outage.end()
-        self.takeovers.flush()
 
     @property
     def accepting(self) -> bool:

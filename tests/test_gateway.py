@@ -19,7 +19,6 @@ from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from ocppgw.amqp import AmqpBridge, BrokerUnavailable, DeclareFailed
-from ocppgw.takeovers import TAKEOVER_WINDOW
 from ocppgw.testing import amqp_url, unique_name
 from tests.support import GatewayTestCase, InMemoryGateway, close_broker_connections
 
@@ -171,14 +170,6 @@ class TakeoverTests(_GatewayTestCase):
         self.assertNoOfflineAnnounced()
         self.assertIsNone(self.bridge.consumer_of("CP1"))
 
-    def test_one_takeover_message_for_several_chargers(self):
-        cp1, cp2, cp3 = (self.connect(identity) for identity in ("CP1", "CP2", "CP3"))
-        self.bridge.control_message({"type": "takeover", "identities": ["CP1", "CP3", "CP9"],
-                                     "node": "node-2"})
-        self.memory.flush()
-        self.assertEqual((cp1.code, cp2.closed, cp3.code), (1000, False, 1000))
-        self.assertIsNotNone(self.bridge.consumer_of("CP2"))
-
     def test_takeover_of_another_charger_or_other_message_ignored(self):
         charger = self.connect()
         for message in ({"type": "takeover", "identity": "CP2", "node": "node-2"},
@@ -193,25 +184,8 @@ class TakeoverTests(_GatewayTestCase):
         self.assertEqual(self.bridge.controls, [])
         self.bridge.peers = True
         self.connect("CP2")
-        self.memory.advance(TAKEOVER_WINDOW)
         self.assertEqual(self.bridge.controls,
                          [{"type": "takeover", "identity": "CP2", "node": "node-1"}])
-
-    def test_chargers_connecting_together_told_in_one_message(self):
-        self.bridge.peers = True
-        self.connect("CP1")
-        self.connect("CP2")
-        self.assertEqual(self.bridge.controls, [])
-        self.memory.advance(TAKEOVER_WINDOW)
-        self.assertEqual(self.bridge.controls,
-                         [{"type": "takeover", "identities": ["CP1", "CP2"], "node": "node-1"}])
-
-    def test_takeovers_told_before_the_gateway_stops(self):
-        self.bridge.peers = True
-        self.connect("CP1")
-        self.gateway.stop_accepting()
-        self.assertEqual(self.bridge.controls,
-                         [{"type": "takeover", "identity": "CP1", "node": "node-1"}])
 
 
 class OutageTests(_GatewayTestCase):
