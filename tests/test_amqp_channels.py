@@ -115,3 +115,52 @@ class NackWatchTests(SynchronousTestCase):
         self.refuse(5, route="a")
         self.watch.accepted("b")
         self.assertTrue(self.watch.refused("a"))
+
+
+class _WritingConnection(_Connection):
+    def __init__(self):
+        self.written = []
+
+    def write(self, frames):
+        self.written.extend(frames)
+
+
+class PikaDeliveryTests(SynchronousTestCase):
+    """
+    Deliveries pika hands out itself (rather than the frame reader) go
+    through one callback per channel, which finds the consumer by its tag.
+    """
+
+    def setUp(self):
+        self.channel = _Channel()
+        self.channel._consumers = {}
+        self.cc = ConsumerChannel(_WritingConnection(), self.channel, lambda *_: None)
+        self.delivered = {}
+        self.consumers = []
+        for name in ("a", "b"):
+            consumer = Consumer(self.cc, self.delivered.setdefault(name, []).append,
+                                lambda why: None)
+            self.cc.start(consumer, f"queue-{name}")
+            self.consumers.append(consumer)
+
+    def deliver(self, consumer_tag, delivery_tag):
+        callback = self.channel._consumers[self.consumers[0].tag]
+        callback(self.channel,
+                 spec.Basic.Deliver(consumer_tag=consumer_tag, delivery_tag=delivery_tag),
+                 spec.BasicProperties(reply_to="CP1", correlation_id="c1"), b"[2]")
+
+    def test_one_callback_for_every_consumer(self):
+        a, b = self.consumers
+        self.assertIs(self.channel._consumers[a.tag], self.channel._consumers[b.tag])
+
+    def test_delivery_reaches_the_consumer_its_tag_names(self):
+        self.deliver(self.consumers[1].tag, 7)
+        self.assertEqual(self.delivered["a"], [])
+        [delivery] = self.delivered["b"]
+        self.assertEqual((delivery.tag, delivery.body, delivery.reply_to),
+                         ((self.cc, 7), b"[2]", "CP1"))
+
+    def test_delivery_for_a_consumer_no_longer_here_is_requeued(self):
+        self.deliver("gone-tag", 9)
+        self.assertEqual(self.channel.nacks, [9])
+        self.assertEqual((self.delivered["a"], self.delivered["b"]), ([], []))
