@@ -164,6 +164,40 @@ class ChargerSettings:
         return self.validation.checker_for(identity, version)
 
 
+class GoneEdge:
+    """
+    What a link keeps of its charger's connection once that is closed: the
+    names it logs by, and nothing to do for what the broker may still ask
+    of it (a frame to send, a close, flow control), as a closed
+    connection would do nothing.
+
+    A closed link can live on for a while (its consumer's cancel, the
+    confirms of what its session published), and it is freed with its
+    session, which refers back to it, by the garbage collector's full
+    pass only. Kept, the connection (autobahn's protocol, the transport,
+    their buffers) would wait for that pass with it; replaced by this, it
+    is freed as soon as it closes.
+    """
+
+    __slots__ = ("peer", "factory")
+
+    def __init__(self, edge) -> None:
+        self.peer = edge.peer
+        self.factory = edge.factory
+
+    def send_frame(self, frame: bytes) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
 class ChargerEffects:
     """
     The session's L{SessionEffects} over the AMQP bridge and the charger's
@@ -368,6 +402,14 @@ class ChargerLink(ChargerEffects):
         """
         if self.state is ChargerState.CLAIMED:
             self._goto(ChargerState.DECLARING)
+
+    def connection_gone(self) -> None:
+        """
+        The charger's connection is closed (the link is detached or about
+        to be): keep only a L{GoneEdge} of it.
+        """
+        if not isinstance(self.edge, GoneEdge):
+            self.edge = GoneEdge(self.edge)
 
     def superseded(self) -> None:
         """A newer handshake claimed the identity before this one opened."""

@@ -318,9 +318,9 @@ class Gateway:
             return
         if self.chargers.get(link.identity) is link:
             del self.chargers[link.identity]
-        if link.detached:
-            return  # replaced, or detached by shutdown: already announced
-        self.detach(link, replaced=False, code=code, reason=reason)
+        if not link.detached:  # else replaced, or detached by shutdown: already announced
+            self.detach(link, replaced=False, code=code, reason=reason)
+        link.connection_gone()
 
     # -- helpers --------------------------------------------------------------
 

@@ -188,6 +188,39 @@ class TakeoverTests(_GatewayTestCase):
                          [{"type": "takeover", "identity": "CP2", "node": "node-1"}])
 
 
+class ClosedConnectionTests(_GatewayTestCase):
+    def test_link_keeps_only_the_names_of_a_closed_connection(self):
+        """
+        Once a charger's connection is closed its link keeps a stand-in
+        for it: the broker's late requests (an answer to send, a close,
+        flow control) do nothing, and the log still has the peer.
+        """
+        charger = self.connect()
+        link = self.gateway.chargers["CP1"]
+        edge = link.edge
+        peer, listener = link.peer, link.listener
+        charger.sendClose(1000)
+        self.memory.flush()
+        self.assertNotIn("CP1", self.gateway.chargers)
+        self.assertIsNot(link.edge, edge)
+        self.assertIsNone(edge.link)
+        self.assertEqual((link.peer, link.listener), (peer, listener))
+        link.send_to_charger(b'[3,"x",{}]')
+        link.close(1000, "late")
+        link.edge.pause_reading()
+        link.edge.resume_reading()
+        self.assertEqual(charger.received, [])
+
+    def test_replaced_connection_closing_later_keeps_the_stand_in_too(self):
+        old = self.connect()
+        old_link = self.gateway.chargers["CP1"]
+        self.connect()
+        self.memory.flush()
+        self.assertEqual(old.code, 1000)
+        self.assertEqual(old_link.peer, old_link.edge.peer)
+        self.assertFalse(hasattr(old_link.edge, "transport"))
+
+
 class OutageTests(_GatewayTestCase):
     gateway_options = {"outage_grace": 30.0}
 
