@@ -48,7 +48,7 @@ from bench._common import (
     unique, write_json, ws_url,
 )
 from bench.roundtrip import WORKER_KEYS
-from tests.faults.cluster import ClusterError
+from tests.faults.cluster import ClusterError, RabbitCluster
 
 #: The queue types compared, as the gateway's [queue] settings that choose them.
 QUEUE_TYPES = {
@@ -74,8 +74,6 @@ class Broker:
     """A RabbitMQ node or cluster of the benchmark's own, and its figures."""
 
     def __init__(self, nodes: int) -> None:
-        from tests.faults.cluster import RabbitCluster
-
         self.cluster = RabbitCluster(nodes)
         self.cluster.start()
         self.pids = [self.cluster.pid(n) for n in range(nodes)]

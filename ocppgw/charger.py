@@ -406,10 +406,10 @@ class ChargerLink(ChargerEffects):
     def connection_gone(self) -> None:
         """
         The charger's connection is closed (the link is detached or about
-        to be): keep only a L{GoneEdge} of it.
+        to be): keep only a L{GoneEdge} of it. Called once, by the gateway
+        when the edge tells it the connection closed.
         """
-        if not isinstance(self.edge, GoneEdge):
-            self.edge = GoneEdge(self.edge)
+        self.edge = GoneEdge(self.edge)
 
     def superseded(self) -> None:
         """A newer handshake claimed the identity before this one opened."""

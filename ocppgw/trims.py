@@ -238,23 +238,9 @@ class TrimmedWebSocket:
     # charger's. Kept, they cost two Deferreds per connection, and the
     # closing one, fired with the connection itself, holds it in a
     # reference cycle that only a full pass of the garbage collector
-    # frees. Each use gets a throwaway Deferred instead.
-
-    @property
-    def is_open(self) -> Deferred:
-        return Deferred()
-
-    @is_open.setter
-    def is_open(self, _future) -> None:
-        pass
-
-    @property
-    def is_closed(self) -> Deferred:
-        return Deferred()
-
-    @is_closed.setter
-    def is_closed(self, _future) -> None:
-        pass
+    # frees. Each use gets a throwaway Deferred, and what autobahn sets
+    # is not kept.
+    is_open = is_closed = property(lambda self: Deferred(), lambda self, _future: None)
 
     @property
     def trafficStats(self) -> TrafficStats:

@@ -67,6 +67,8 @@ _NET = 0x100000
 def _ip_header(offset: int) -> int:
     """The absolute load offset of byte C{offset} of the IP header."""
     return (offset - _NET) & 0xFFFFFFFF
+
+
 #: Knuth's multiplicative hash constant: spreads neighbouring addresses
 #: (127.0.0.2, .3, ...) and addresses sharing their low bits over the workers.
 _HASH_MULTIPLIER = 2654435761
@@ -160,9 +162,11 @@ class ReusePortEndpoint:
 
 
 class _Worker(protocol.ProcessProtocol):
-    def __init__(self, supervisor: "WorkersService", index: int) -> None:
+    def __init__(self, supervisor: "WorkersService", index: int, started_at: float) -> None:
         self.supervisor = supervisor
         self.index = index
+        #: reactor seconds when it was started
+        self.started_at = started_at
         self.ended: defer.Deferred = defer.Deferred()
 
     def processEnded(self, reason) -> None:
@@ -182,8 +186,7 @@ class WorkersService(service.Service):
         self._count = count
         self._python = python
         self.workers: dict[int, _Worker] = {}
-        # by worker index: when it was started, and the last wait before a start
-        self._started_at: dict[int, float] = {}
+        # by worker index: the last wait before a start, and the pending start
         self._restart_delays: dict[int, float] = {}
         self._restarts: dict[int, object] = {}
         self._stopping = False
@@ -215,13 +218,12 @@ class WorkersService(service.Service):
         self._restarts.pop(index, None)
         if self._stopping:
             return
-        self._started_at[index] = self._reactor.seconds()
         # `ocppgw run` is `twistd -n ocppgw` without plugin discovery, so
         # the workers start in every install mode the supervisor did
         args = [self._python, "-m", "ocppgw.cli", "run", "--worker", str(index)]
         if self._config_path:
             args += ["--config", os.path.abspath(self._config_path)]
-        worker = _Worker(self, index)
+        worker = _Worker(self, index, self._reactor.seconds())
         self.workers[index] = worker
         # the workers log to the supervisor's stdout and stderr
         self._reactor.spawnProcess(
@@ -236,7 +238,7 @@ class WorkersService(service.Service):
             del self.workers[worker.index]
         if self._stopping:
             return
-        lived = self._reactor.seconds() - self._started_at.get(worker.index, 0.0)
+        lived = self._reactor.seconds() - worker.started_at
         delay = next_restart_delay(self._restart_delays.get(worker.index), lived)
         self._restart_delays[worker.index] = delay
         _log.error(
