@@ -162,6 +162,8 @@ class SlowCharger:
         self.served: list[float] = []
         self.refused_beats = 0
         self._running = False
+        #: the Heartbeat loop, until it ends (see L{stop})
+        self._beats: Optional[defer.Deferred] = None
         # (moment, Deferred) fired by the first Heartbeat sent after moment
         # and answered
         self._served_waiters: list = []
@@ -172,10 +174,16 @@ class SlowCharger:
             self._reactor, self.gateway.url(self.identity), (self.subprotocol,))
         self._running = True
         self._answer_loop()
-        self._beat_loop()
+        self._beats = self._beat_loop()
 
-    def stop(self) -> None:
+    def stop(self) -> defer.Deferred:
+        """
+        Stop sending Heartbeats: fires once the loop has ended, its last
+        wait between two Heartbeats included (else a test could end with
+        that timer still pending).
+        """
         self._running = False
+        return self._beats if self._beats is not None else defer.succeed(None)
 
     @property
     def closed(self) -> bool:
@@ -329,6 +337,8 @@ class Scenario:
         self._sequence = 0
         self._streaming = False
         self._probing = False
+        #: the command stream, until it ends (see stop)
+        self._sending: defer.Deferred = defer.succeed(None)
 
     # -- set-up and tear-down ----------------------------------------------------
 
@@ -344,11 +354,11 @@ class Scenario:
     @defer.inlineCallbacks
     def stop(self):
         self._streaming = self._probing = False
-        for charger in self.chargers:
-            charger.stop()
+        beats = [charger.stop() for charger in self.chargers]
         for charger in self.chargers:
             if charger.charger is not None and not charger.closed:
                 charger.charger.drop()
+        yield defer.gatherResults(beats + [self._sending], consumeErrors=True)
         yield defer.gatherResults([gateway.stop() for gateway in self.gateways],
                                   consumeErrors=True)
         if self.backend is not None:
@@ -373,7 +383,7 @@ class Scenario:
 
     def start_commands(self) -> None:
         self._streaming = True
-        self._send_loop()
+        self._sending = self._send_loop()
 
     def stop_commands(self) -> None:
         self._streaming = False
