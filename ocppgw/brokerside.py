@@ -11,6 +11,8 @@ gateway itself keeps to what the chargers' edge asks of it.
 
 from __future__ import annotations
 
+import math
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -108,6 +110,12 @@ class BrokerSide:
     def control(self, message: dict) -> None:
         """
         A message from another gateway process.
+
+        A takeover closes this process's connection of the charger (and
+        refuses a handshake of it still being prepared here) only if that
+        claim is older than the takeover's: a takeover can arrive after
+        the charger has already come back here, and must not close the
+        newest connection (see L{takeover_is_newer}).
         """
         gateway = self._gateway
         if message.get("type") != topology.CONTROL_TAKEOVER:
@@ -115,13 +123,28 @@ class BrokerSide:
         identity = message.get("identity")
         if not isinstance(identity, str):
             return
+        node = str(message.get("node"))[:255]
+        claim = gateway.claim_in_progress(identity)
+        if claim is not None and takeover_is_newer(message, claim.claimed_at, gateway.node):
+            # refused with 409 once its queue is declared
+            claim.superseded()
         link = gateway.chargers.get(identity)
         if link is None:
+            return
+        if not takeover_is_newer(message, link.claimed_at, gateway.node):
+            _log.info(
+                "{identity} stays: gateway {node} took it over before this connection came",
+                identity=identity,
+                node=node,
+                peer=link.peer,
+                listener=link.listener,
+                event="takeover_stale",
+            )
             return
         _log.info(
             "{identity} reconnected to gateway {node}: replacing the connection here",
             identity=identity,
-            node=str(message.get("node"))[:255],
+            node=node,
             peer=link.peer,
             version=link.version.subprotocol,
             listener=link.listener,
@@ -129,3 +152,32 @@ class BrokerSide:
         )
         gateway.detach(link, replaced=True, code=CLOSE_REPLACED[0], reason=CLOSE_REPLACED[1])
         link.close(*CLOSE_REPLACED)
+
+
+#: A takeover claimed more than this many seconds before the claim here is
+#: not taken for a late message but for clocks that disagree: it closes the
+#: connection here, as a newer one would (see L{takeover_is_newer}).
+LATE_TAKEOVER_WINDOW = 10.0
+
+
+def takeover_is_newer(message: dict, claimed_at: float, node: str) -> bool:
+    """
+    Whether the takeover C{message} claimed its charger after this
+    process's claim of it (made at C{claimed_at} by gateway C{node}).
+
+    Claims are ordered by their clock time, then by node name, so that of
+    two processes that each hear of the other's claim exactly one gives
+    its connection up. That is exact for the workers of one host; across
+    hosts it relies on their clocks being synchronised (NTP). With clocks
+    apart, a newer claim can look older; then both connections would
+    stay, the older one until it closes or its pings time out. So only a
+    takeover claimed at most L{LATE_TAKEOVER_WINDOW} seconds before the
+    claim here counts as late (a message that long in flight means a
+    gateway far behind its work); anything older, and a takeover without
+    a claim time (from an older gateway version), counts as newer.
+    """
+    claimed = message.get("claimed")
+    if isinstance(claimed, bool) or not isinstance(claimed, (int, float)) \
+            or not math.isfinite(claimed) or claimed_at - claimed > LATE_TAKEOVER_WINDOW:
+        return True
+    return (claimed, str(message.get("node"))) > (claimed_at, node)

@@ -323,7 +323,7 @@ class ChargerLink(ChargerEffects):
     __slots__ = (
         "settings", "bridge", "audit", "on_state", "edge", "identity", "version",
         "session", "consumer", "starting", "headers", "connected_at", "state",
-        "rate_limit", "stats",
+        "rate_limit", "stats", "claimed_at",
     )
 
     def __init__(self, edge, settings: ChargerSettings, bridge, clock, *, audit=None,
@@ -368,6 +368,9 @@ class ChargerLink(ChargerEffects):
         self.consumer = None
         self.starting: Optional[defer.Deferred] = None
         self.connected_at = 0.0
+        #: when the handshake claimed the identity (the clock's time): what
+        #: orders this claim against another gateway process's takeover
+        self.claimed_at: float = clock.seconds()
         self.state = ChargerState.CLAIMED
         self.rate_limit = settings.rate_limit(clock)
 

@@ -203,7 +203,8 @@ class Gateway:
         # we declare its queue (when there are any: see ocppgw.peers).
         if self.bridge.may_have_peers():
             self.bridge.publish_control(
-                {"type": CONTROL_TAKEOVER, "identity": identity, "node": self.node}
+                {"type": CONTROL_TAKEOVER, "identity": identity, "node": self.node,
+                 "claimed": link.claimed_at}
             )
         try:
             previous = self.chargers.get(identity)
@@ -243,6 +244,13 @@ class Gateway:
         # the edge's handle on its link: what its frames go to once open
         edge.link = link
         return link
+
+    def claim_in_progress(self, identity: str) -> Optional[ChargerLink]:
+        """
+        The link of the handshake of C{identity} being prepared here (its
+        identity claimed, its queue not yet declared), if there is one.
+        """
+        return self._claims.get(identity)
 
     def _end_claim(self, link: ChargerLink) -> None:
         """The handshake of C{link} is over: refused, or its charger went."""

@@ -165,7 +165,9 @@ def control_exchange(exchange: str) -> str:
 
 
 #: The C{type} of a control message telling the other gateway processes
-#: that this one took a charger over (they close their connection of it).
+#: that this one took a charger over (they close their connection of it,
+#: if theirs is older). Its other keys: C{identity}, C{node} (the sender's)
+#: and C{claimed}, the sender's clock time of the claim.
 CONTROL_TAKEOVER = "takeover"
 
 

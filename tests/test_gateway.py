@@ -19,6 +19,7 @@ from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from ocppgw.amqp import AmqpBridge, BrokerUnavailable, DeclareFailed
+from ocppgw.brokerside import LATE_TAKEOVER_WINDOW
 from ocppgw.testing import amqp_url, unique_name
 from tests.support import GatewayTestCase, InMemoryGateway, close_broker_connections
 
@@ -170,6 +171,84 @@ class TakeoverTests(_GatewayTestCase):
         self.assertNoOfflineAnnounced()
         self.assertIsNone(self.bridge.consumer_of("CP1"))
 
+    def takeover(self, claimed, node="node-2", identity="CP1"):
+        self.bridge.control_message({"type": "takeover", "identity": identity,
+                                     "node": node, "claimed": claimed})
+        self.memory.flush()
+
+    def test_takeover_claimed_after_the_connection_here_closes_it(self):
+        self.memory.clock.advance(100)
+        charger = self.connect()
+        self.takeover(claimed=100.5)
+        self.assertEqual(charger.code, 1000)
+        self.assertIsNone(self.bridge.consumer_of("CP1"))
+
+    def test_takeover_claimed_before_the_connection_here_leaves_it(self):
+        """
+        The charger came back here after connecting to another process and
+        that process's takeover arrived late: the newest connection stays.
+        """
+        self.memory.clock.advance(100)
+        charger = self.connect()
+        self.takeover(claimed=99.5)
+        self.assertFalse(charger.closed)
+        self.bridge.send_to_charger("CP1", [2, "c1", "Reset", {"type": "Soft"}])
+        self.memory.flush()
+        self.assertEqual(charger.received, [[2, "c1", "Reset", {"type": "Soft"}]])
+
+    def test_claims_made_at_the_same_time_ordered_by_node_name(self):
+        """
+        Each of two processes hears of the other's claim: exactly one of
+        them gives its connection up.
+        """
+        self.memory.clock.advance(100)
+        charger = self.connect()  # by node-1, at 100
+        self.takeover(claimed=100.0, node="node-0")
+        self.assertFalse(charger.closed)
+        self.takeover(claimed=100.0, node="node-2")
+        self.assertEqual(charger.code, 1000)
+
+    def test_takeover_claimed_long_before_the_connection_here_closes_it(self):
+        """
+        Claimed more than LATE_TAKEOVER_WINDOW before: clocks that
+        disagree, not a late message; the connection here goes, as it did
+        before takeovers carried their claim time.
+        """
+        self.memory.clock.advance(100)
+        charger = self.connect()
+        self.takeover(claimed=100 - LATE_TAKEOVER_WINDOW + 0.5)
+        self.assertFalse(charger.closed)
+        self.takeover(claimed=100 - LATE_TAKEOVER_WINDOW - 0.5)
+        self.assertEqual(charger.code, 1000)
+
+    def test_takeover_without_a_usable_claim_time_closes(self):
+        """An older gateway's takeover (no claim time) wins, as it did."""
+        for claimed in (None, "soon", True, float("nan"), float("inf")):
+            memory = self.memory = InMemoryGateway()
+            self.bridge, self.gateway = memory.bridge, memory.gateway
+            memory.clock.advance(100)
+            charger = self.connect()
+            self.takeover(claimed=claimed)
+            self.assertEqual(charger.code, 1000, claimed)
+
+    def takeover_while_preparing(self, claimed):
+        """A takeover arrives while the queue of CP1's handshake (at 100) is declared."""
+        self.bridge.hold("declare")
+        self.memory.clock.advance(100)
+        charger = self.memory.connect("CP1")
+        self.takeover(claimed=claimed)
+        self.bridge.pending_of("declare")[0].succeed()
+        self.memory.flush()
+        return charger
+
+    def test_handshake_prepared_here_refused_by_a_newer_takeover(self):
+        charger = self.takeover_while_preparing(claimed=100.5)
+        self.assertFalse(charger.opened)
+        self.assertEqual(charger.status, 409)
+
+    def test_handshake_prepared_here_kept_against_an_older_takeover(self):
+        self.assertTrue(self.takeover_while_preparing(claimed=99.5).opened)
+
     def test_takeover_of_another_charger_or_other_message_ignored(self):
         charger = self.connect()
         for message in ({"type": "takeover", "identity": "CP2", "node": "node-2"},
@@ -184,8 +263,13 @@ class TakeoverTests(_GatewayTestCase):
         self.assertEqual(self.bridge.controls, [])
         self.bridge.peers = True
         self.connect("CP2")
+        self.memory.clock.advance(42)
+        self.connect("CP2")
         self.assertEqual(self.bridge.controls,
-                         [{"type": "takeover", "identity": "CP2", "node": "node-1"}])
+                         [{"type": "takeover", "identity": "CP2", "node": "node-1",
+                           "claimed": 0.0},
+                          {"type": "takeover", "identity": "CP2", "node": "node-1",
+                           "claimed": 42.0}])
 
 
 class ClosedConnectionTests(_GatewayTestCase):

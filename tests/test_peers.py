@@ -3,12 +3,11 @@ Gateways knowing of each other: the directory over a clock, and real
 gateways on the broker introducing themselves.
 """
 
-import orjson
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from ocppgw import peers
-from ocppgw.amqp import AmqpBridge, BackEndClient
+from ocppgw.amqp import AmqpBridge
 from ocppgw.peers import PeerDirectory
 from ocppgw.testing import amqp_url, unique_name
 from tests.faults.test_gateways import GatewaysTestCase
@@ -120,20 +119,6 @@ class TakeoverBroadcastTests(GatewaysTestCase):
     """
 
     @defer.inlineCallbacks
-    def watch_control(self):
-        client = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
-        self.addCleanup(client.close)
-        queue = yield client.declare_queue(unique_name("watch"), exclusive=True)
-        yield client._channel.queue_bind(queue, self.exchange + ".gateways")
-        messages = yield client.consume(queue)
-        return messages
-
-    @defer.inlineCallbacks
-    def next_control(self, messages):
-        message = yield messages.get()
-        return orjson.loads(message.body)
-
-    @defer.inlineCallbacks
     def test_alone_no_takeover(self):
         self.patch(peers, "GRACE", 0.0)
         service = yield self.gateway()
@@ -141,7 +126,7 @@ class TakeoverBroadcastTests(GatewaysTestCase):
         yield self.charger(service, self.identity())
         # what the gateway says next is its announcement, not a takeover
         service.gateway.bridge.control.announce()
-        message = yield self.next_control(messages)
+        message, _ = yield self.next_control(messages)
         self.assertEqual(message["type"], peers.HERE)
 
     @defer.inlineCallbacks
@@ -153,5 +138,5 @@ class TakeoverBroadcastTests(GatewaysTestCase):
         messages = yield self.watch_control()
         identity = self.identity()
         yield self.charger(a, identity)
-        message = yield self.next_control(messages)
+        message, _ = yield self.next_control(messages)
         self.assertEqual((message["type"], message["identity"]), ("takeover", identity))

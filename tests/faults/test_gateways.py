@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import time
 
+import orjson
+import pika
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from ocppgw import topology
 from ocppgw.amqp import BackEndClient
 from ocppgw.testing import FakeBackEnd, FakeCharger, amqp_url, unique_name
 from tests.support import deep_merge, start_gateway
@@ -63,6 +66,35 @@ class GatewaysTestCase(unittest.TestCase):
         return backend
 
     @defer.inlineCallbacks
+    def watch_control(self):
+        """
+        A queue of our own on the gateways' control exchange: what they
+        tell each other, as L{ocppgw.amqp.client.Message}s.
+        """
+        client = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
+        self.addCleanup(client.close)
+        queue = yield client.declare_queue(unique_name("watch"), exclusive=True)
+        yield client._channel.queue_bind(queue, topology.control_exchange(self.exchange))
+        messages = yield client.consume(queue)
+        self.control_client = client
+        return messages
+
+    @defer.inlineCallbacks
+    def next_control(self, messages, kind=None):
+        """The next control message (of type C{kind}, if given), decoded."""
+        while True:
+            message = yield messages.get()
+            decoded = orjson.loads(message.body)
+            if kind is None or decoded.get("type") == kind:
+                return decoded, message
+
+    def tell_gateways(self, body: bytes, headers: dict) -> defer.Deferred:
+        """Publish a control message, as a gateway process would."""
+        return self.control_client._channel.basic_publish(
+            topology.control_exchange(self.exchange), "", body,
+            pika.BasicProperties(headers=headers))
+
+    @defer.inlineCallbacks
     def _delete(self):
         admin = yield BackEndClient.connect(reactor, amqp_url(), self.exchange)
         try:
@@ -115,6 +147,45 @@ class CrossProcessTakeoverTests(GatewaysTestCase):
         self.assertEqual(
             [m for m in backend.received if m.routing_key == "ocppgw.disconnected"], []
         )
+
+
+    @defer.inlineCallbacks
+    def test_late_takeover_leaves_the_newest_connection(self):
+        """
+        A charger connects to gateway A, then to gateway B, and A's takeover
+        reaches B only after that (here: A's very message, published again
+        once the charger is on B). B keeps the newest connection, and the
+        charger's commands reach it.
+        """
+        a = yield self.gateway()
+        b = yield self.gateway()
+        yield a.gateway.bridge.peers.wait_for(b.gateway.bridge.node)
+        yield b.gateway.bridge.peers.wait_for(a.gateway.bridge.node)
+        messages = yield self.watch_control()
+        backend = yield self.backend()
+        identity = self.identity()
+        first = yield self.charger(a, identity)
+        takeover, sent_by_a = yield self.next_control(messages, "takeover")
+        self.assertEqual((takeover["identity"], takeover["node"]),
+                         (identity, a.gateway.bridge.node))
+        newest = yield self.charger(b, identity)
+        closed = yield first.closed
+        self.assertEqual(closed, (1000, "Replaced by a new connection"))
+        link = b.gateway.chargers[identity]
+        # A's takeover arrives at B late; then one B must act on, for a
+        # charger of its own: once that one is closed, B has read both
+        marker = self.identity()
+        marked = yield self.charger(b, marker)
+        yield self.tell_gateways(sent_by_a.body, sent_by_a.headers)
+        yield self.tell_gateways(
+            orjson.dumps({"type": "takeover", "identity": marker, "node": "elsewhere",
+                          "claimed": time.time() + 1}),
+            {topology.HEADER_NODE: "elsewhere"})
+        yield marked.closed
+        self.assertIs(b.gateway.chargers.get(identity), link)
+        yield backend.send_to_charger(identity, [2, "c1", "Reset", {"type": "Soft"}])
+        command = yield newest.next_call()
+        self.assertEqual(command[1], "c1")
 
 
 class RateLimitTests(GatewaysTestCase):
