@@ -128,6 +128,8 @@ def main() -> None:
             if args.verbose:
                 for name in sorted(attrs):
                     print(f"  {name} = {attrs[name]!r:.60}")
+                link = next(iter(service.gateway.chargers.values()))
+                _inventory(link, service.gateway)
         reactor.stop()
 
     def failed(failure):
@@ -139,6 +141,60 @@ def main() -> None:
     loadgen.close()
     worker.stop()
     delete_amqp(exchange, ["ocpp." + i for i in identities] if args.target == "gateway" else [])
+
+
+def _inventory(link, gateway) -> None:
+    """
+    Print the objects one charger holds on its own -- reached from its
+    link, its connection and its transport, and referred to by nothing
+    else -- by path, with their sizes.
+    """
+    import sys
+
+    roots = [("link", link), ("edge", link.edge), ("transport", link.edge.transport)]
+    mine = {id(obj) for _, obj in roots}
+    queue = list(roots)
+    total = 0
+    while queue:
+        path, obj = queue.pop(0)
+        size = sys.getsizeof(obj)
+        total += size
+        print(f"  {size:6d} B  {type(obj).__qualname__:28.28s} {path}")
+        if isinstance(obj, (bytes, str, int, float)):
+            continue
+        if isinstance(obj, dict):
+            children = [(f"{path}[{k!r:.24}]", v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            children = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+        else:
+            children = []
+            names = [] if isinstance(obj, type) else list(getattr(obj, "__dict__", None) or {})
+            for klass in type(obj).__mro__:
+                slots = getattr(klass, "__slots__", ())
+                names.extend([slots] if isinstance(slots, str) else slots)
+            for name in names:
+                try:
+                    children.append((f"{path}.{name}", getattr(obj, name)))
+                except AttributeError:
+                    pass
+            if getattr(obj, "__dict__", None) is not None and not isinstance(obj, type):
+                children.append((f"{path}.__dict__", obj.__dict__))
+            if hasattr(obj, "__self__") and hasattr(obj, "__func__"):
+                children.append((f"{path}.__self__", obj.__self__))
+        for child_path, child in children:
+            if id(child) in mine or child is None or isinstance(child, (bool, type)):
+                continue
+            referrers = [r for r in gc.get_referrers(child)
+                         if r is not queue and r is not children and id(r) in mine]
+            if isinstance(child, (str, bytes, int, float)):
+                # not tracked: count it when only this charger can hold it
+                if sys.getrefcount(child) > 3:
+                    continue
+            elif not referrers or len(gc.get_referrers(child)) - 2 > len(referrers):
+                continue
+            mine.add(id(child))
+            queue.append((child_path, child))
+    print(f"  {total} B in all")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ The rules it keeps (docs/architecture.md, "The rules the session keeps"):
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Union
 
 from twisted.logger import Logger
 
@@ -383,8 +383,9 @@ class ChargerSession(FrameFaults):
         self._open_charger_calls = OpenCalls()
         self._outstanding: Optional[_OutstandingCall] = None
         # a list, not a deque: it holds at most prefetch_count commands, and
-        # an empty deque costs 0.7 KB per idle charger
-        self._held: list[tuple[Delivery, Frame]] = []
+        # an empty deque costs 0.7 KB per idle charger; an empty tuple
+        # (shared) while nothing is held
+        self._held: Union[list[tuple[Delivery, Frame]], tuple] = ()
         self._ended = False
         # answers to CSMS CALLs until their commands are acknowledged, and
         # a memory of the last ones (see ocppgw.answers)
@@ -593,8 +594,10 @@ class ChargerSession(FrameFaults):
                 return
             if self._outstanding is None:
                 self._send_call(delivery, frame)
-            else:
+            elif self._held:
                 self._held.append((delivery, frame))
+            else:
+                self._held = [(delivery, frame)]
         elif kind == framing.CALLRESULT or kind == framing.CALLERROR:
             action = self._open_charger_calls.pop(frame.message_id, None)
             if action is None:
@@ -632,7 +635,7 @@ class ChargerSession(FrameFaults):
         again); the outstanding one stays outstanding, to be matched with
         its redelivery, and so do answers the broker has not confirmed.
         """
-        self._held.clear()
+        self._held = ()
         self._answers.broker_lost()
 
     def _send_call(self, delivery: Delivery, frame: Frame) -> None:
@@ -682,6 +685,8 @@ class ChargerSession(FrameFaults):
         )
         if not self._ended and self._held:
             delivery, frame = self._held.pop(0)
+            if not self._held:
+                self._held = ()
             self._send_call(delivery, frame)
 
     # -- the end ----------------------------------------------------------
@@ -700,7 +705,7 @@ class ChargerSession(FrameFaults):
             unanswered.append(self._outstanding.delivery)
             self._outstanding = None
         unanswered.extend(delivery for delivery, _ in self._held)
-        self._held.clear()
+        self._held = ()
         unanswered.extend(self._answers.end())
         return unanswered
 

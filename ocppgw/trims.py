@@ -183,6 +183,11 @@ class TrimmedWebSocket:
     # closing: it is created when first used.
     _send_queue = None
 
+    # the extensions negotiated: a list autobahn fills during the handshake
+    # and never changes after; an open connection without any reads this
+    # empty tuple instead of keeping an empty list
+    websocket_extensions_in_use = ()
+
     def connectionMade(self) -> None:
         reader = socket_transport(self.transport)
         if reader is not None and getattr(reader, "bufferSize", 0) > READ_SIZE:
@@ -278,6 +283,8 @@ class TrimmedWebSocket:
         attributes = self.__dict__
         for name in HANDSHAKE_LEFTOVERS:
             attributes.pop(name, None)
+        if attributes.get("websocket_extensions_in_use", True) == []:
+            del attributes["websocket_extensions_in_use"]
         for name, value in UNTIL_CLOSE.items():
             current = attributes.get(name, attributes)
             if type(current) is type(value) and current == value:
@@ -338,7 +345,8 @@ class BucketTimer:
     def call_later(self, delay: float, func, *args, **kwargs) -> _BucketCall:
         now = self._reactor.seconds()
         due = math.ceil((now + delay) / self._bucket)
-        call = _BucketCall(self, due, func, args, kwargs)
+        # most calls have no keyword arguments: no empty dict kept for them
+        call = _BucketCall(self, due, func, args, kwargs or None)
         bucket = self._buckets.get(due)
         if bucket is None:
             delayed = self._reactor.callLater(
@@ -362,7 +370,10 @@ class BucketTimer:
         for call in calls:
             call.timer = None
             try:
-                call.func(*call.args, **call.kwargs)
+                if call.kwargs is None:
+                    call.func(*call.args)
+                else:
+                    call.func(*call.args, **call.kwargs)
             except Exception:
                 _log.failure("Error in a WebSocket timer")
 

@@ -40,6 +40,15 @@ class FootprintTests(GatewayTestCase):
             self.assertNotIn(name, attributes)
         self.assertIsNone(edge.link.starting)
         self.assertIsNotNone(edge.link.consumer)
+        self.assertIsNone(edge.link.consumer.ready)
+        # nothing kept for what is empty: extensions, commands held back
+        # or requeued at a cancel, the ping timer's keyword arguments
+        self.assertNotIn("websocket_extensions_in_use", attributes)
+        self.assertEqual(edge.websocket_extensions_in_use, ())
+        self.assertIsNone(edge.link.consumer._requeue_later)
+        self.assertEqual(edge.link.session.held_calls, 0)
+        self.assertIs(type(edge.link.session._held), tuple)
+        self.assertIsNone(edge.autoPingPendingCall.kwargs)
         # the socket is read in small pieces, and a frame of many pieces
         # arrives whole
         self.assertEqual(edge.transport.bufferSize, READ_SIZE)

@@ -452,7 +452,7 @@ class ConsumerChannel(_Channel):
         tag = f"{self._tag_prefix}{next(self._tags)}"
         consumer.tag = tag
         if not self.open:
-            consumer.ready.errback(BrokerUnavailable(self.conn.lost_reason or "channel closed"))
+            consumer.settle_start(BrokerUnavailable(self.conn.lost_reason or "channel closed"))
             return
         self.consumers[tag] = consumer
         channel._consumers[tag] = self.delivery_callback
@@ -460,8 +460,8 @@ class ConsumerChannel(_Channel):
 
     def consume_ok(self, consumer_tag: str) -> None:
         consumer = self.consumers.get(consumer_tag)
-        if consumer is not None and not consumer.ready.called:
-            consumer.ready.callback(consumer)
+        if consumer is not None and consumer.ready is not None:
+            consumer.settle_start(consumer)
 
     def deliver_to(self, consumer_tag: str) -> Optional["Consumer"]:
         """
@@ -519,10 +519,21 @@ class Consumer:
         self._on_delivery = on_delivery
         self._on_lost = on_lost
         self._cancelling = False
-        self._requeue_later: list[int] = []
-        #: fires with this consumer once the broker's consume-ok came
-        self.ready: defer.Deferred = defer.Deferred()
+        # tags to requeue once cancelled (made on the first)
+        self._requeue_later: Optional[list[int]] = None
+        #: fires with this consumer once the broker's consume-ok came (or
+        #: fails); C{None} once it has, so that an idle charger's consumer
+        #: does not keep a fired Deferred (~300 bytes)
+        self.ready: Optional[defer.Deferred] = defer.Deferred()
         self.cancelled: Optional[defer.Deferred] = None
+
+    def settle_start(self, result) -> None:
+        """The consume is settled: C{result} is this consumer, or a failure."""
+        ready, self.ready = self.ready, None
+        if isinstance(result, Exception):
+            ready.errback(result)
+        else:
+            ready.callback(result)
 
     def _message(self, _channel, method, properties, body) -> None:
         # a delivery that came through pika rather than the FrameReader
@@ -539,13 +550,11 @@ class Consumer:
             _log.failure("Error handling a command from a charger's queue")
 
     def _lost(self, why: str, connection_gone: bool = False) -> None:
-        if not self.ready.called:
+        if self.ready is not None:
             # consume never got its consume-ok (the queue is gone, or the
             # connection is)
             self._on_lost = None
-            self.ready.errback(
-                BrokerUnavailable(why) if connection_gone else ChannelGone(why)
-            )
+            self.settle_start(BrokerUnavailable(why) if connection_gone else ChannelGone(why))
             return
         if self._cancelling:
             self._finish_cancel()
@@ -581,6 +590,8 @@ class Consumer:
     def requeue(self, delivery: Delivery) -> None:
         cc, tag = delivery.tag
         if cc is self._cc and self._cancelling:
+            if self._requeue_later is None:
+                self._requeue_later = []
             self._requeue_later.append(tag)
         elif cc.open:
             cc.conn.call(cc.channel.basic_nack, tag, requeue=True)
@@ -609,7 +620,7 @@ class Consumer:
     def _finish_cancel(self) -> None:
         cc = self._cc
         cc.consumers.pop(self.tag, None)
-        tags, self._requeue_later = self._requeue_later, []
+        tags, self._requeue_later = self._requeue_later or (), None
         # a lost connection's tags are moot: the broker requeued them
         if cc.open:
             for tag in tags:

@@ -159,8 +159,9 @@ class ChargerQueues:
             return defer.fail(BrokerUnavailable("no consumer channel is open"))
         cc = min(open_channels, key=lambda c: len(c.consumers))
         consumer = Consumer(cc, on_delivery, on_lost)
+        ready = consumer.ready
         cc.start(consumer, queue)
-        return consumer.ready
+        return ready
 
 
 __all__ = ["ChargerQueues"]
