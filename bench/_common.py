@@ -86,7 +86,8 @@ def memory(pid: int) -> dict:
             if line.startswith(("VmRSS:", "VmHWM:")):
                 key, value, _unit = line.split()
                 out[key[:-1]] = int(value) * 1024
-    return {"rss": out["VmRSS"], "hwm": out["VmHWM"]}
+    # a process that has just exited (a zombie) has no memory lines
+    return {"rss": out.get("VmRSS", 0), "hwm": out.get("VmHWM", 0)}
 
 
 def self_cpu() -> float:
