@@ -149,6 +149,7 @@ class ListenerSettings:
     accept_rate: float
     accept_burst: int
     max_handshakes: int
+    max_opening: int
     retry_after_max: int
     drain_window: float
     workers: int
@@ -1185,6 +1186,11 @@ SECTIONS: tuple[Section, ...] = (
         Option("max_handshakes", Integer(0), "0",
                "Handshakes being prepared at the same time (queue declared, consumer set up); "
                "more are refused with HTTP 503 and a Retry-After (0 = no limit)."),
+        Option("max_opening", Integer(0), "1000",
+               "Connections in their opening handshake (TLS, request, queue declared) at "
+               "once in one process; more are accepted but wait, unread, until one of these "
+               "opens or goes. Bounds the memory a reconnection storm leaves behind "
+               "(0 = no limit)."),
         Option("retry_after_max", Integer(1, 3600), "10",
                "A refused charger is told to retry after a random 1 to this many seconds, "
                "so that a refused wave comes back spread out."),

@@ -63,6 +63,7 @@ from autobahn.twisted.websocket import (
 from OpenSSL import SSL
 from autobahn.websocket.protocol import WebSocketProtocol, parseHttpHeader
 from twisted.internet import defer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 
 from ocppgw import refusals
@@ -197,6 +198,9 @@ class ChargerProtocol(TrimmedWebSocket, ConnectionControl, WebSocketServerProtoc
 
     #: response headers for the refusal being sent (see failHandshake)
     _deny_headers = ()
+    #: counted by the factory's L{ocppgw.acceptgate.AcceptGate} until it
+    #: opens or goes
+    _in_gate = False
     #: the request lacked "Connection: Upgrade" and was completed (logged
     #: with the charger's identity once it is known)
     _connection_added = False
@@ -444,7 +448,24 @@ class ChargerProtocol(TrimmedWebSocket, ConnectionControl, WebSocketServerProtoc
         )
         raise ConnectionDeny(500, "Internal Server Error")
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        gate = self.factory.gate
+        if gate is not None:
+            self._in_gate = True
+            gate.connection_made()
+
+    def _leave_gate(self) -> None:
+        if self._in_gate:
+            del self._in_gate
+            self.factory.gate.handshake_over()
+
+    def connectionLost(self, reason=connectionDone) -> None:
+        self._leave_gate()
+        super().connectionLost(reason)
+
     def onOpen(self):
+        self._leave_gate()
         self._count_handshake(101)
         self.trim_open()
         self.factory.hub.charger_opened(self)
@@ -519,6 +540,7 @@ class ChargerFactory(WebSocketServerFactory):
         max_connections: int = 0,
         protocol_class: type = ChargerProtocol,
         admission=None,
+        gate=None,
         retry_after_max: int = 10,
         authenticator=None,
         forwarded_certificates=None,
@@ -545,6 +567,8 @@ class ChargerFactory(WebSocketServerFactory):
             C{default_subprotocol}, named when such a charger is refused.
         @param compress: negotiate permessage-deflate (see
             L{accept_deflate}) when a charger offers it.
+        @param gate: the process's L{ocppgw.acceptgate.AcceptGate}, told of
+            every connection until it opens or goes, or C{None}.
         """
         super().__init__(reactor=reactor)
         self.hub = hub
@@ -570,6 +594,7 @@ class ChargerFactory(WebSocketServerFactory):
         self.max_identity_length = max_identity_length
         #: an L{ocppgw.limits.Admission}, or None for no accept limits
         self.admission = admission
+        self.gate = gate
         self._retry_after_max = max(1, retry_after_max)
         # no version banner anywhere
         self.server = None

@@ -422,6 +422,10 @@ class GatewayState:
         """The L{ocppgw.validation.ValidationStats} of payload checks, or None."""
         return None
 
+    def accept_gate(self):
+        """The L{ocppgw.acceptgate.AcceptGate} of the listeners, or None."""
+        return None
+
 
 #: Every state of the broker link, for a gauge that is 1 for the current one.
 LINK_STATES = ("idle", "connecting", "open", "lost", "reconnecting", "closing", "closed")
@@ -493,6 +497,9 @@ class GatewayCollector:
         stats = state.validation_stats()
         if stats is not None:
             yield from _validation_families(stats)
+        gate = state.accept_gate()
+        if gate is not None:
+            yield from _gate_families(gate)
         info = InfoMetricFamily("ocppgw_build", "ocppgw version.")
         info.add_metric([], {"version": VERSION})
         yield info
@@ -544,6 +551,25 @@ def _broker_families(state):
     link = state.broker_link()
     if link is not None:
         yield from _link_families(link)
+
+
+def _gate_families(gate):
+    """Connections in their opening handshake, and those waiting for it."""
+    yield GaugeMetricFamily(
+        "ocppgw_connections_opening",
+        "Connections in their opening handshake now ([listener] max_opening at most).",
+        value=gate.opening,
+    )
+    yield GaugeMetricFamily(
+        "ocppgw_connections_waiting",
+        "Connections accepted and waiting for their opening handshake to begin.",
+        value=gate.waiting,
+    )
+    yield CounterMetricFamily(
+        "ocppgw_connections_waited",
+        "Connections that waited for their opening handshake to begin.",
+        value=gate.waited,
+    )
 
 
 def _validation_families(stats):

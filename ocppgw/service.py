@@ -47,6 +47,7 @@ from ocppgw.edge import ChargerFactory
 from ocppgw.framing import VERSIONS
 from ocppgw.gateway import Gateway
 from ocppgw.limits import Admission
+from ocppgw.acceptgate import AcceptGate
 from ocppgw.listeners import Security
 from ocppgw.refusals import Refusals
 from ocppgw.validation import Validation
@@ -156,6 +157,10 @@ class GatewayService(service.MultiService, GatewayState):
         self.gateway = self._build_gateway()
         # one admission for every listener: the limits are the process's
         admission = admission_from_settings(settings, reactor)
+        #: lets at most [listener] max_opening connections of this process be
+        #: in their opening handshake, the others wait their turn; or None
+        self._accept_gate = (AcceptGate(settings.listener.max_opening, reactor)
+                            if settings.listener.max_opening else None)
         #: TLS material, checkers and one authenticator per listener
         self.security = Security(settings, reactor, threadpool=threadpool)
         #: connections refused before the handshake, counted and logged
@@ -232,6 +237,7 @@ class GatewayService(service.MultiService, GatewayState):
             authenticator=self.security.authenticator(kind),
             forwarded_certificates=self.security.forwarded_certificates(kind),
             admission=admission,
+            gate=self._accept_gate,
             retry_after_max=listener.retry_after_max,
             listener="ws" if kind == "tcp" else "wss",
             metrics=self.metrics,
@@ -290,6 +296,9 @@ class GatewayService(service.MultiService, GatewayState):
     def validation_stats(self):
         return self.validation.stats
 
+    def accept_gate(self):
+        return self._accept_gate
+
     def readiness(self) -> dict:
         # Not ready from the moment the broker link is lost until every
         # kept charger's consumer is restored: a load balancer should not
@@ -332,8 +341,10 @@ class GatewayService(service.MultiService, GatewayState):
                 base = ReusePortEndpoint(self._reactor, host, port, CHARGER_BACKLOG, affinity)
             else:
                 base = _server_endpoint(self._reactor, host, port, CHARGER_BACKLOG)
-            self.listening_ports[kind] = yield _listen(
-                base, self.security.wrap(kind, factory), f"[listener] {kind}.port")
+            factory = self.security.wrap(kind, factory)
+            if self._accept_gate is not None:
+                factory = self._accept_gate.wrap(factory)
+            self.listening_ports[kind] = yield _listen(base, factory, f"[listener] {kind}.port")
         self.listening_port = next(iter(self.listening_ports.values()))
         if self._reload_signal:
             self._install_sighup()
@@ -437,6 +448,8 @@ class GatewayService(service.MultiService, GatewayState):
         ports, self.listening_ports = self.listening_ports, {}
         for port in ports.values():
             yield port.stopListening()
+        if self._accept_gate is not None:
+            self._accept_gate.close_waiting()
         self.listening_port = None
         window = self.settings.listener.drain_window
         # Bounded: requeues wait for cancel-oks, which a broker that went

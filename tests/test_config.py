@@ -41,6 +41,7 @@ max_identity_length = 20
 accept_rate = 250.5
 accept_burst = 7
 max_handshakes = 64
+max_opening = 250
 retry_after_max = 30
 drain_window = 0
 workers = 4
@@ -197,6 +198,7 @@ class DefaultsTests(SynchronousTestCase):
                 accept_rate=0.0,
                 accept_burst=100,
                 max_handshakes=0,
+                max_opening=1000,
                 retry_after_max=10,
                 drain_window=10.0,
                 workers=1,
@@ -357,6 +359,7 @@ class EveryKeyTests(SynchronousTestCase):
                 accept_rate=250.5,
                 accept_burst=7,
                 max_handshakes=64,
+                max_opening=250,
                 retry_after_max=30,
                 drain_window=0.0,
                 workers=4,
