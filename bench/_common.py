@@ -349,9 +349,15 @@ def start_target(target: str, port: int, exchange: str, *, ping: float = 60,
     else:
         raise ValueError(target)
     proc = Proc(target, argv)
-    wait_listening(port, proc)
-    if target == "bridge":
-        wait_line(proc, "bridge ready")
+    try:
+        wait_listening(port, proc)
+        if target == "bridge":
+            wait_line(proc, "bridge ready")
+    except BaseException:
+        # a gateway that never listened (a bad setting) would otherwise
+        # keep restarting its workers after the run is over
+        proc.stop()
+        raise
     return proc
 
 
