@@ -81,7 +81,13 @@ class AcceptGate:
         """
         self.opening -= 1
         if self._waiting and self.opening < self.limit:
-            self._waiting.popleft().let_in()
+            waiting = self._waiting.popleft()
+            try:
+                waiting.let_in()
+            except Exception:
+                # not left unread for ever: its charger reconnects
+                _log.failure("Letting a waiting connection in")
+                waiting.transport.abortConnection()
 
     def wait(self, waiting: "_Waiting") -> None:
         now = self._clock.seconds()

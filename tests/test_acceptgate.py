@@ -86,6 +86,21 @@ class AcceptGateTests(SynchronousTestCase):
         self.gate.handshake_over()
         self.assertTrue(transport.disconnecting)
 
+    def test_listener_failing_to_build_aborts_the_connection(self):
+        """The next one waiting is not stuck behind it, nor left unread."""
+        self.accept(1)
+        self.accept(2)
+        _, third = self.accept(3)
+
+        def broken(addr):
+            raise RuntimeError("no protocol")
+
+        self.listener.buildProtocol = broken
+        self.gate.handshake_over()
+        self.assertTrue(third.disconnecting)
+        [failure] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(failure.value), "no protocol")
+
     def test_waiting_connections_closed_when_stopping(self):
         self.accept(1)
         self.accept(2)
